@@ -1,0 +1,88 @@
+"""What the trainer and the reconstructor know about a model: nothing but this interface."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class DataInfo:
+    """Shapes and normalisation statistics of the training split, saved in the run dir."""
+
+    image_size: int
+    n_meas: int
+    v_mean: list[float]
+    v_std: list[float]
+    sigma_mean: float
+    sigma_std: float
+
+    @classmethod
+    def from_arrays(cls, sigma: np.ndarray, v: np.ndarray) -> "DataInfo":
+        sigma = np.asarray(sigma, dtype=np.float64)
+        v = np.asarray(v, dtype=np.float64)
+        v_std = v.std(axis=0)
+        # a measurement that never varies (possible on tiny sets) must not divide by zero
+        v_std = np.where(v_std > 1e-12, v_std, 1.0)
+        return cls(
+            image_size=int(sigma.shape[-1]),
+            n_meas=int(v.shape[-1]),
+            v_mean=v.mean(axis=0).tolist(),
+            v_std=v_std.tolist(),
+            sigma_mean=float(sigma.mean()),
+            sigma_std=float(sigma.std() or 1.0),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DataInfo":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+class GenerativeModel(nn.Module):
+    """A reconstructor trained by :mod:`dgm_eit.train`.
+
+    ``batch`` dicts hold raw physical units: ``sigma`` (B,H,W), ``v`` (B,M), ``gn`` (B,H,W).
+    A model normalises internally with buffers it registers, so its saved weights carry
+    the statistics and raw user voltages can be reconstructed.
+    """
+
+    name: ClassVar[str]
+    stages: ClassVar[tuple[str, ...]] = ("main",)
+    uses_ema: ClassVar[bool] = False
+
+    def __init__(self, cfg: dict, info: DataInfo):
+        super().__init__()
+        self.cfg = cfg
+        self.info = info
+        self.register_buffer("v_mean", torch.tensor(info.v_mean, dtype=torch.float32))
+        self.register_buffer("v_std", torch.tensor(info.v_std, dtype=torch.float32))
+
+    def normalise_v(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape[-1] != self.info.n_meas:
+            raise ValueError(f"voltage vector has {v.shape[-1]} values, the model expects {self.info.n_meas}")
+        return (v - self.v_mean) / self.v_std
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def stage_config(self, stage: str) -> dict:
+        """Training settings of one stage: the ``[<model>.<stage>]`` table of the config."""
+        return self.cfg[stage]
+
+    def loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reconstruct(self, batch: dict[str, torch.Tensor], *, n_samples: int = 1,
+                    generator: torch.Generator | None = None, **opts) -> dict:
+        """Return ``{"recon": (B,H,W), "nfe": int}`` and optionally ``"recon_std"``."""
+        raise NotImplementedError
