@@ -1,0 +1,482 @@
+"""Simulate a data set: phantoms -> voltages (fine mesh) + noise -> Gauss-Newton images.
+
+Every sample is a pure function of ``(seed, split, index)``: its generator is
+``numpy.random.default_rng([seed, split_index, index])``, which draws the phantom first
+and the measurement noise second. Which process computes a sample, in which order, and
+how often the run was interrupted therefore cannot change the file; and two data sets that
+differ only in ``data.snr_db`` (or the ``[gn]`` settings) share their phantoms.
+
+The work is cut into chunks of consecutive samples of one split. Chunks run in worker
+processes (``concurrent.futures.ProcessPoolExecutor``, spawn/forkserver; each worker
+builds its meshes and factorisations once) or on a Dask cluster (``scheduler``); the main
+process alone writes them into ``FILE.partial`` (see :mod:`dgm_eit.data.storage`) and
+records each finished chunk, so the same command resumes after a kill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import multiprocessing
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from dgm_eit import __version__
+from dgm_eit.data import storage
+from dgm_eit.data.noise import add_noise
+from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
+from dgm_eit.errors import InputError
+
+# Config sections whose values change the simulated arrays; a file made with equal
+# sections (and seed) is the same data set, whatever the other sections say.
+DATA_SECTIONS = ("mesh", "simulation", "data", "phantom", "gn")
+SPLIT_INDEX = {split: k for k, split in enumerate(storage.SPLITS)}
+DEFAULT_CHUNK_SIZE = 16
+# Below this many samples, default --workers runs in this process: worker start-up (about
+# 1-2 s each) would exceed the time they save (about 40 ms a sample at the smoke profile).
+SMALL_RUN = 100
+
+
+def split_sizes(cfg: dict) -> dict[str, int]:
+    d = cfg["data"]
+    sizes = {"train": int(d["n_train"]), "val": int(d["n_val"]), "test": int(d["n_test"])}
+    for split, n in sizes.items():
+        if n < 0:
+            raise InputError(f"data.n_{split} must be >= 0, got {n}")
+    if sum(sizes.values()) == 0:
+        raise InputError("data.n_train, data.n_val and data.n_test are all 0: nothing to simulate")
+    return sizes
+
+
+def identity_json(cfg: dict, seed: int) -> str:
+    """What makes two data sets equal: the data-changing config sections and the seed."""
+    return json.dumps({"seed": int(seed), **{s: cfg.get(s) for s in DATA_SECTIONS}}, sort_keys=True)
+
+
+def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_differences(va, vb, name + ".")
+        elif va != vb:
+            out.append(name)
+    return out
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), SPLIT_INDEX[split], int(index)])
+
+
+class Simulator:
+    """Everything mesh-dependent for one config, built once per process."""
+
+    def __init__(self, cfg: dict):
+        from dgm_eit.physics import ForwardModel, PixelGrid, disk_mesh, make_protocol
+        from dgm_eit.recon import gn_config
+
+        m, s, d, p = cfg["mesh"], cfg["simulation"], cfg["data"], cfg["phantom"]
+        self.sampler = phantom_sampler(cfg)
+        self.image_size = int(d["image_size"])
+        if self.image_size < 2:
+            raise InputError(f"data.image_size must be >= 2, got {self.image_size}")
+        self.snr_db = float(d["snr_db"])
+        self.supersample = int(p["supersample"])
+        protocol = make_protocol(m["protocol"], n_electrodes=int(m["n_electrodes"]))
+        fine = disk_mesh(n_electrodes=int(m["n_electrodes"]), h0=float(s["h0"]),
+                         electrode_model=s["electrode_model"], electrode_width=float(m["electrode_width"]))
+        self.fine = ForwardModel(fine, protocol, electrode_model=s["electrode_model"],
+                                 contact_impedance=float(m["contact_impedance"]))
+        coarse = disk_mesh(n_electrodes=int(m["n_electrodes"]), h0=float(m["h0"]),
+                           electrode_model=m["electrode_model"], electrode_width=float(m["electrode_width"]))
+        self.coarse = ForwardModel(coarse, protocol, electrode_model=m["electrode_model"],
+                                   contact_impedance=float(m["contact_impedance"]))
+        self.grid = PixelGrid(coarse, size=self.image_size)
+        self.inside = np.asarray(self.grid.inside, dtype=bool)
+        self.quad_points = element_quadrature_points(fine.nodes, fine.elements, int(p["quadrature"]))
+        self.gn_kwargs = gn_config(cfg)
+        self.n_meas = int(self.fine.n_meas)
+
+    def sample(self, seed: int, split: str, index: int) -> dict[str, np.ndarray]:
+        from dgm_eit.recon import gauss_newton
+
+        rng = sample_rng(seed, split, index)
+        phantom = self.sampler.sample(rng)
+        v_clean = np.asarray(self.fine.forward(phantom.on_elements(self.quad_points)), dtype=np.float64)
+        v = add_noise(v_clean, self.snr_db, rng)
+        try:
+            result = gauss_newton(self.coarse, v, **self.gn_kwargs)
+        except InputError as err:
+            # deterministic: re-running would fail on the same sample, so say which one
+            raise InputError(f"Gauss-Newton failed on sample {split}[{index}] (seed {seed}): {err}; "
+                             "change the [gn] settings (e.g. a larger gn.lam)") from None
+        gn = np.asarray(self.grid.to_image(np.asarray(result.sigma)), dtype=np.float64)
+        sigma = phantom.rasterise(self.image_size, self.supersample, inside=self.inside)
+        out = {"sigma": sigma, "v": v, "v_clean": v_clean, "gn": gn}
+        for key, value in out.items():
+            if not np.all(np.isfinite(value)):
+                raise RuntimeError(f"sample {split}[{index}] (seed {seed}): {key} is not finite")
+        return out
+
+    def chunk(self, seed: int, split: str, start: int, stop: int) -> dict[str, np.ndarray]:
+        samples = [self.sample(seed, split, i) for i in range(start, stop)]
+        return {key: np.stack([s[key] for s in samples]).astype(np.float32) for key in storage.ARRAY_KEYS}
+
+
+_SIMULATORS: dict[str, Simulator] = {}
+_SIMULATOR_LOCK = threading.Lock()
+_THREADS_LIMITED = False
+
+
+def simulator_for(cfg_json: str) -> Simulator:
+    """The process's cached :class:`Simulator` for a config (JSON text as the key)."""
+    with _SIMULATOR_LOCK:
+        sim = _SIMULATORS.get(cfg_json)
+        if sim is None:
+            sim = Simulator(json.loads(cfg_json))
+            _SIMULATORS.clear()  # one config per process at a time; meshes are large
+            _SIMULATORS[cfg_json] = sim
+        return sim
+
+
+def _single_threaded() -> None:
+    """BLAS threads change summation order; one thread everywhere keeps samples bit-identical.
+
+    ``runtime.limit_threads`` also sets torch's threads, but importing torch costs a worker
+    about 2 s and the simulator never uses it: call it only when torch is already loaded.
+    """
+    global _THREADS_LIMITED
+    if not _THREADS_LIMITED:
+        if "torch" in sys.modules:
+            from dgm_eit.runtime import limit_threads
+
+            limit_threads(1)
+        else:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(1)
+        _THREADS_LIMITED = True
+
+
+def _worker_init(cfg_json: str, parent_alive=None) -> None:
+    if parent_alive is not None:
+        _exit_with_parent(parent_alive)
+    _single_threaded()
+    simulator_for(cfg_json)
+
+
+def _exit_with_parent(parent_alive) -> None:
+    """End this worker when the main process dies, even by SIGKILL.
+
+    Pool workers block on a task queue whose write end they hold themselves, so they
+    never see the parent go and would idle forever (keeping the forkserver alive too).
+    ``parent_alive`` is the read end of a pipe whose only write end the main process
+    holds: it reads EOF the moment that process is gone.
+    """
+    import os
+
+    def watch():
+        try:
+            parent_alive.recv()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dgm-eit-parent-watch", daemon=True).start()
+
+
+def _compute_chunk(cfg_json: str, seed: int, split: str, start: int, stop: int, timed: bool = False):
+    cpu = time.process_time()
+    arrays = simulator_for(cfg_json).chunk(seed, split, start, stop)
+    return (arrays, time.process_time() - cpu) if timed else arrays
+
+
+def simulate_chunk(cfg_json: str, seed: int, split: str, start: int, stop: int, timed: bool = False):
+    """One chunk of samples (worker entry point for processes and Dask).
+
+    ``timed``: return ``(arrays, cpu_seconds)`` instead, for the benchmark.
+    """
+    _single_threaded()
+    return _compute_chunk(cfg_json, seed, split, start, stop, timed)
+
+
+@dataclass
+class Task:
+    split: str
+    chunk: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def _pool_context():
+    methods = multiprocessing.get_all_start_methods()
+    # fork would copy the parent's BLAS thread pools and open HDF5 handles
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        # workers fork from a server that has imported numpy/scipy/the physics once
+        ctx.set_forkserver_preload(["dgm_eit.data.simulate", "dgm_eit.physics", "dgm_eit.recon"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def run_tasks(cfg_json: str, seed: int, tasks: list[Task], *, workers: int = 1, scheduler: str | None = None,
+              timed: bool = False) -> Iterator[tuple[Task, dict[str, np.ndarray]]]:
+    """Yield ``(task, arrays)`` as chunks finish (any order); ``(task, (arrays, cpu_s))`` if ``timed``."""
+    if not tasks:
+        return
+    if scheduler:
+        yield from _run_dask(cfg_json, seed, tasks, scheduler, timed)
+    elif workers <= 1:
+        from threadpoolctl import threadpool_limits
+
+        # in this process: one BLAS thread while simulating only, the caller keeps its own
+        with threadpool_limits(1):
+            for task in tasks:
+                yield task, _compute_chunk(cfg_json, seed, task.split, task.start, task.stop, timed)
+    else:
+        yield from _run_pool(cfg_json, seed, tasks, workers, timed)
+
+
+def _run_pool(cfg_json, seed, tasks, workers, timed=False):
+    ctx = _pool_context()
+    alive_r, alive_w = ctx.Pipe(duplex=False)
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
+                               initializer=_worker_init, initargs=(cfg_json, alive_r))
+    try:
+        # Keep a bounded number of chunks in flight so results are written as they come
+        # and a failure stops the run quickly.
+        queue = list(reversed(tasks))
+        running = {}
+        limit = 2 * workers
+        while queue or running:
+            while queue and len(running) < limit:
+                task = queue.pop()
+                running[pool.submit(simulate_chunk, cfg_json, seed, task.split, task.start, task.stop,
+                                     timed)] = task
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                task = running.pop(future)
+                yield task, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        alive_r.close()
+        alive_w.close()
+
+
+def _run_dask(cfg_json, seed, tasks, address, timed=False):
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise InputError("--scheduler needs Dask distributed: pip install 'dgm-eit[distributed]'") from None
+    try:
+        client = Client(address, timeout="20s")
+    except (OSError, TimeoutError) as err:
+        raise InputError(f"cannot reach the Dask scheduler at {address!r}: {err}") from None
+    try:
+        import uuid
+
+        run_id = uuid.uuid4().hex[:12]
+        futures, task_of = [], {}
+        for task in tasks:
+            future = client.submit(simulate_chunk, cfg_json, seed, task.split, task.start, task.stop, timed,
+                                   key=f"dgm-eit-simulate-{run_id}-{task.split}-{task.chunk}", pure=False)
+            futures.append(future)
+            task_of[future.key] = task
+        for future in as_completed(futures):
+            arrays = future.result()
+            future.release()
+            yield task_of[future.key], arrays
+    finally:
+        client.close()
+
+
+@dataclass
+class SimulateResult:
+    path: Path
+    status: str  # "done" | "already done"
+    sizes: dict[str, int]
+    seconds: float = 0.0
+    samples_run: int = 0
+    resumed_samples: int = 0
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_config(cfg: dict, seed: int) -> dict[str, int]:
+    """Cheap checks before any process starts: sizes, seed, phantom parameters."""
+    if int(seed) < 0:
+        raise InputError(f"--seed must be >= 0 for simulation, got {seed}")
+    sizes = split_sizes(cfg)
+    sampler = phantom_sampler(cfg)
+    # rejection sampling failing is the practical test of "the anomalies cannot fit"
+    for index in range(3):
+        sampler.sample(sample_rng(seed, "train", index))
+    fine_h0, coarse_h0 = float(cfg["simulation"]["h0"]), float(cfg["mesh"]["h0"])
+    if fine_h0 > coarse_h0:
+        raise InputError(f"simulation.h0 = {fine_h0} is coarser than the inversion mesh's "
+                         f"mesh.h0 = {coarse_h0}; simulate on a finer mesh (no inverse crime)")
+    if fine_h0 == coarse_h0 and cfg["simulation"]["electrode_model"] == cfg["mesh"]["electrode_model"]:
+        warnings.warn("simulation and inversion use the same mesh: Gauss-Newton images will show the "
+                      "inverse crime (optimistic); set simulation.h0 below mesh.h0", stacklevel=2)
+    return sizes
+
+
+def _open_resumable(partial_path: Path, identity: str, overwrite: bool) -> storage.PartialFile | None:
+    """The unfinished run to resume, None to start afresh, or InputError when it is another run's."""
+    if not partial_path.exists():
+        return None
+    try:
+        partial = storage.PartialFile.open(partial_path)
+    except storage.FileLockedError:
+        raise  # never --overwrite a file a running simulation is writing
+    except InputError as err:
+        if overwrite:
+            return None
+        raise InputError(f"cannot resume from {partial_path}: {err}; delete it or pass --overwrite") from None
+    if partial.version != __version__:
+        problem = (f"was started by dgm-eit {partial.version}, this is {__version__}; finish it with that version "
+                   "or pass --overwrite to start again")
+    elif partial.identity != identity:
+        problem = (f"holds an unfinished simulation that {_describe_difference(partial.identity, identity)}; "
+                   "re-run that command to finish it, or pass --overwrite to discard it")
+    else:
+        return partial
+    partial.close()
+    if overwrite:
+        return None
+    raise InputError(f"{partial_path} {problem}")
+
+
+def simulate_dataset(cfg: dict, out: str | Path, *, seed: int = 0, workers: int | None = None,
+                     overwrite: bool = False, scheduler: str | None = None, chunk_size: int | None = None,
+                     progress: bool = True, log: Callable[[str], None] = _log) -> SimulateResult:
+    """Simulate the data set of ``cfg`` into ``out`` (resumable; see the module docstring).
+
+    ``workers``: local processes (None: all usable cores, or this process alone for fewer
+    than ``SMALL_RUN`` samples); ``scheduler``: a Dask scheduler address instead.
+    ``overwrite`` replaces an output or unfinished run made with another config (an
+    unfinished run with the same config is resumed). Returns a :class:`SimulateResult`
+    whose ``status`` is ``"done"`` or ``"already done"`` (same config and seed).
+    """
+    from dgm_eit.runtime import cpu_count
+
+    out = Path(out)
+    sizes = check_config(cfg, seed)
+    cfg_json = json.dumps(cfg, sort_keys=True)
+    identity = identity_json(cfg, seed)
+    partial_path = storage.partial_path(out)
+    auto_workers = not workers
+    workers = max(1, int(workers or cpu_count()))
+
+    if out.exists():
+        existing = _existing_identity(out)
+        if existing == identity and not overwrite:
+            return SimulateResult(out, "already done", sizes)
+        if not overwrite:
+            reason = _describe_difference(existing, identity) if existing else "is not a finished dgm-eit data set"
+            raise InputError(f"{out} exists and {reason}; pass --overwrite to replace it")
+
+    partial = _open_resumable(partial_path, identity, overwrite)
+    if partial is None:
+        # the inversion mesh fixes M and the grid fixes H x W: ask a simulator in this process
+        with _report_slow(log, "building meshes"):
+            sim = simulator_for(cfg_json)
+        partial = storage.PartialFile.create(
+            partial_path, config_json=cfg_json, identity=identity, seed=int(seed), sizes=sizes,
+            image_size=sim.image_size, n_meas=sim.n_meas, chunk_size=int(chunk_size or DEFAULT_CHUNK_SIZE))
+    try:
+        pending = [Task(*item) for item in partial.pending()]
+        total = sum(sizes.values())
+        remaining = sum(t.size for t in pending)
+        resumed = total - remaining
+        if auto_workers and remaining < SMALL_RUN:
+            workers = 1  # starting worker processes would cost more than they save
+        if workers > 1 or scheduler:
+            _SIMULATORS.clear()  # the main process only writes from now on
+        if resumed:
+            log(f"resuming {partial_path}: {resumed} of {total} samples already done")
+        started = time.perf_counter()
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=resumed, unit="sample", desc=f"simulate {out.name}",
+                   file=sys.stderr, disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        try:
+            for task, arrays in run_tasks(cfg_json, seed, pending, workers=workers, scheduler=scheduler):
+                partial.write_chunk(task.split, task.chunk, arrays)
+                bar.update(task.size)
+        except BrokenProcessPool as err:
+            # a worker killed from outside (out of memory, SIGKILL): finished chunks are kept
+            raise OSError(f"a simulation worker process died ({err}); re-run the same command to resume") from None
+        finally:
+            bar.close()
+        storage.finalise(partial, out)
+    finally:
+        partial.close()
+    partial_path.unlink(missing_ok=True)
+    return SimulateResult(out, "done", sizes, seconds=time.perf_counter() - started,
+                          samples_run=remaining, resumed_samples=resumed)
+
+
+@contextlib.contextmanager
+def _report_slow(log: Callable[[str], None], what: str):
+    """Say what took the time when a setup step is slow (meshes at paper size)."""
+    started = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - started
+    if seconds > 5:
+        log(f"{what}: {seconds:.1f} s")
+
+
+def _existing_identity(path: Path) -> str | None:
+    try:
+        with storage.open_dataset(path) as f:
+            config = json.loads(f.attrs["config"])
+            seed = int(f.attrs["seed"]) if "seed" in f.attrs else None
+    except InputError:
+        return None
+    if seed is None:
+        return None
+    return identity_json(config, seed)
+
+
+def _describe_difference(old_identity: str, new_identity: str) -> str:
+    old, new = json.loads(old_identity), json.loads(new_identity)
+    keys = _config_differences(old, new)
+    shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+    return f"was simulated with another config (differs in: {shown})"
+
+
+def resolve_simulation_config(cfg: dict, *, anomalies: int | None = None, snr_db: float | None = None) -> dict:
+    """Apply the ``simulate`` command's shortcuts (``--anomalies``, ``--snr-db``) with type checks."""
+    from dgm_eit.config import set_key
+
+    cfg = copy.deepcopy(cfg)
+    if anomalies is not None:
+        set_key(cfg, "data.anomalies", int(anomalies))
+    if snr_db is not None:
+        set_key(cfg, "data.snr_db", float(snr_db))
+    return cfg
+
+
+def default_output(cfg: dict, seed: int) -> Path:
+    d = cfg["data"]
+    profile = str(cfg.get("profile", "custom")).replace("+", "_").replace("/", "_")
+    return Path("data") / f"{profile}-a{d['anomalies']}-snr{float(d['snr_db']):g}-seed{seed}.h5"
+

@@ -1,0 +1,134 @@
+import hashlib
+import json
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dgm_eit.data import storage
+from dgm_eit.data.dataset import EITDataset
+from dgm_eit.errors import InputError
+
+
+def test_read_split_and_config(tiny_dataset):
+    data = storage.read_split(tiny_dataset, "train")
+    assert set(data) == {"sigma", "v", "gn"}
+    assert data["sigma"].shape == (24, 16, 16) and data["sigma"].dtype == np.float32
+    assert data["v"].shape == (24, 208)
+    assert storage.dataset_config(tiny_dataset)["data"]["image_size"] == 16
+    picked = storage.read_split(tiny_dataset, "val", ("v",), indices=[5, 1, 5])
+    full = storage.read_split(tiny_dataset, "val", ("v",))
+    np.testing.assert_array_equal(picked["v"], full["v"][[5, 1, 5]])
+    with pytest.raises(InputError, match="unknown split 'dev'"):
+        storage.read_split(tiny_dataset, "dev")
+    with pytest.raises(InputError, match="unknown data-set array"):
+        storage.read_split(tiny_dataset, "train", ("sigma", "volts"))
+    with pytest.raises(InputError, match="out of range"):
+        storage.read_split(tiny_dataset, "val", ("v",), indices=[8])
+
+
+def _edit(path, fn):
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda f: f.attrs.__setitem__("complete", False), "incomplete"),
+    (lambda f: f.attrs.__setitem__("format_version", 7), "format_version 7"),
+    (lambda f: f.__delitem__("test"), "no 'test' group"),
+    (lambda f: f["val"].__delitem__("gn"), "no 'gn' array"),
+    (lambda f: f.attrs.__delitem__("config"), "not a dgm-eit data set"),
+])
+def test_damaged_files_are_named(tiny_dataset, damage, match):
+    _edit(tiny_dataset, damage)
+    with pytest.raises(InputError, match=match):
+        storage.open_dataset(tiny_dataset)
+
+
+def test_truncated_and_missing_files(tiny_dataset, tmp_path):
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(tiny_dataset.read_bytes()[:4000])
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        storage.read_split(cut, "train")
+    with pytest.raises(InputError, match="does not exist; make one"):
+        storage.open_dataset(tmp_path / "none.h5")
+    storage.partial_path(tmp_path / "half.h5").write_bytes(b"")
+    with pytest.raises(InputError, match="unfinished simulation"):
+        storage.open_dataset(tmp_path / "half.h5")
+
+
+def test_eit_dataset_is_lazy_and_worker_safe(tiny_dataset):
+    ds = EITDataset(tiny_dataset, "train", keys=("sigma", "v", "gn", "v_clean"))
+    assert len(ds) == 24 and ds._file is None
+    item = ds[3]
+    assert item["sigma"].dtype == torch.float32 and item["sigma"].shape == (16, 16)
+    assert item["v_clean"].shape == (208,)
+    # pickling (what a DataLoader worker gets) carries no open handle
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._file is None
+    torch.testing.assert_close(clone[3]["v"], item["v"])
+    with pytest.raises(IndexError):
+        ds[24]
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, shuffle=False)
+    batches = list(loader)
+    assert len(batches) == 3
+    expected = storage.read_split(tiny_dataset, "train", ("sigma",))["sigma"]
+    np.testing.assert_array_equal(torch.cat([b["sigma"] for b in batches]).numpy(), expected)
+    ds.close()
+    clone.close()
+    _edit(tiny_dataset, lambda f: f.attrs.__setitem__("complete", False))
+    with pytest.raises(InputError, match="incomplete"):
+        EITDataset(tiny_dataset, "test")
+
+
+def _chunk(split, start, stop, size=4, n_meas=6):
+    idx = np.arange(start, stop, dtype=np.float32)[:, None]
+    base = idx + {"train": 0, "val": 100, "test": 200}[split]
+    return {"sigma": np.broadcast_to(base[:, :, None], (stop - start, size, size)) + 0.5,
+            "gn": np.broadcast_to(base[:, :, None], (stop - start, size, size)) + 0.25,
+            "v": np.broadcast_to(base, (stop - start, n_meas)) + 0.1,
+            "v_clean": np.broadcast_to(base, (stop - start, n_meas)) * 1.0}
+
+
+def _make_partial(path, sizes):
+    return storage.PartialFile.create(path, config_json=json.dumps({"data": {"image_size": 4}}), identity="abc",
+                                      seed=5, sizes=sizes, image_size=4, n_meas=6, chunk_size=3)
+
+
+def test_partial_file_resumes_and_finalises_identically(tmp_path):
+    sizes = {"train": 7, "val": 3, "test": 0}
+    # one run writes chunks in order, another in reverse with a reopen in between
+    outputs = []
+    for order, name in ((1, "a"), (-1, "b")):
+        part = _make_partial(tmp_path / f"{name}.h5.partial", sizes)
+        tasks = part.pending()[::order]
+        assert [(t[0], t[2], t[3]) for t in sorted(tasks)] == [("train", 0, 3), ("train", 3, 6), ("train", 6, 7),
+                                                               ("val", 0, 3)]
+        for split, chunk, start, stop in tasks[:2]:
+            part.write_chunk(split, chunk, _chunk(split, start, stop))
+        part.close()
+        part = storage.PartialFile.open(tmp_path / f"{name}.h5.partial")
+        assert part.identity == "abc" and part.chunk_size == 3
+        assert len(part.pending()) == 2
+        with pytest.raises(RuntimeError, match="unfinished chunks"):
+            storage.finalise(part, tmp_path / f"{name}.h5")
+        for split, chunk, start, stop in part.pending():
+            part.write_chunk(split, chunk, _chunk(split, start, stop))
+        storage.finalise(part, tmp_path / f"{name}.h5")
+        part.close()
+        outputs.append(tmp_path / f"{name}.h5")
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in outputs}
+    assert len(digests) == 1
+    data = storage.read_split(outputs[0], "train", storage.ARRAY_KEYS)
+    np.testing.assert_array_equal(data["v"][:, 0], np.arange(7, dtype=np.float32) + np.float32(0.1))
+    assert storage.read_split(outputs[0], "test", ("sigma",))["sigma"].shape == (0, 4, 4)
+    assert not storage.tmp_path(outputs[0]).exists()
+
+
+def test_partial_file_is_not_a_data_set(tmp_path):
+    part = _make_partial(tmp_path / "x.h5.partial", {"train": 3, "val": 3, "test": 3})
+    part.close()
+    with pytest.raises(InputError, match="incomplete"):
+        storage.open_dataset(tmp_path / "x.h5.partial")
