@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dgm_eit.errors import InputError
+
 
 @dataclass
 class DataInfo:
@@ -58,6 +60,10 @@ class GenerativeModel(nn.Module):
     name: ClassVar[str]
     stages: ClassVar[tuple[str, ...]] = ("main",)
     uses_ema: ClassVar[bool] = False
+    # reconstruct() reads batch["gn"]; for user voltages the reconstructor computes it
+    needs_gn: ClassVar[bool] = False
+    # split arrays the trainer loads into batches (drop the ones a model never reads)
+    data_keys: ClassVar[tuple[str, ...]] = ("sigma", "v", "gn")
 
     def __init__(self, cfg: dict, info: DataInfo):
         super().__init__()
@@ -68,7 +74,7 @@ class GenerativeModel(nn.Module):
 
     def normalise_v(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape[-1] != self.info.n_meas:
-            raise ValueError(f"voltage vector has {v.shape[-1]} values, the model expects {self.info.n_meas}")
+            raise InputError(f"voltage vector has {v.shape[-1]} values, the model expects {self.info.n_meas}")
         return (v - self.v_mean) / self.v_std
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
@@ -77,6 +83,13 @@ class GenerativeModel(nn.Module):
     def stage_config(self, stage: str) -> dict:
         """Training settings of one stage: the ``[<model>.<stage>]`` table of the config."""
         return self.cfg[stage]
+
+    def set_train_mode(self, stage: str) -> None:
+        """Called by the trainer before each training epoch of ``stage``.
+
+        Override to keep frozen sub-networks in eval mode (BatchNorm statistics, dropout).
+        """
+        self.train()
 
     def loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         raise NotImplementedError

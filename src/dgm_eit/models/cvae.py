@@ -1,0 +1,188 @@
+"""Two-stage conditional VAE after Seo et al. 2019 (REFERENCE.md section 2).
+
+Stage ``vae``: a convolutional VAE learns a low-dimensional manifold of conductivity
+images. Stage ``regressor``: with the VAE frozen, an MLP maps normalised voltages to
+the VAE's latent code. Reconstruction is ``decoder(MLP(v))``: one deterministic pass.
+
+The paper architecture (128 x 128, channels 16-32-64-128, 16-d latent) has about
+0.94 M VAE parameters; smaller images use fewer channel levels (config ``channels``)
+so the bottleneck keeps a few pixels per side.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from dgm_eit.errors import InputError
+from dgm_eit.models.base import DataInfo, GenerativeModel
+
+TARGETS = ("mean", "sample")
+
+
+class VAE(nn.Module):
+    """Conv encoder [conv k5 s2 -> LeakyReLU -> BatchNorm] x L, linear heads to (mu, logvar);
+    decoder mirrors it with transposed convolutions (no bias before BatchNorm, as the
+    reference). Works on normalised images; the caller maps back to physical units."""
+
+    def __init__(self, image_size: int, channels: list[int], latent_dim: int, kernel_size: int = 5):
+        super().__init__()
+        levels = len(channels)
+        if levels < 1:
+            raise InputError("cvae.channels must list at least one channel count")
+        if image_size % (2**levels):
+            raise InputError(f"cvae: image size {image_size} is not divisible by 2^{levels} "
+                             f"({levels} down-sampling levels from cvae.channels); use fewer channels")
+        if kernel_size % 2 == 0:
+            raise InputError(f"cvae.kernel_size must be odd, got {kernel_size}")
+        pad = kernel_size // 2
+        self.bottom_channels = channels[-1]
+        self.bottom_size = image_size // 2**levels
+        flat = channels[-1] * self.bottom_size**2
+
+        enc: list[nn.Module] = []
+        c_in = 1
+        for c in channels:
+            enc += [nn.Conv2d(c_in, c, kernel_size, stride=2, padding=pad), nn.LeakyReLU(), nn.BatchNorm2d(c)]
+            c_in = c
+        self.encoder = nn.Sequential(*enc, nn.Flatten())
+        self.fc_mu = nn.Linear(flat, latent_dim)
+        self.fc_logvar = nn.Linear(flat, latent_dim)
+        self.fc_up = nn.Linear(latent_dim, flat)
+
+        dec: list[nn.Module] = []
+        rev = list(reversed(channels))
+        for c_from, c_to in zip(rev[:-1], rev[1:]):
+            dec += [nn.ConvTranspose2d(c_from, c_to, kernel_size, stride=2, padding=pad, output_padding=1, bias=False),
+                    nn.ReLU(), nn.BatchNorm2d(c_to)]
+        dec.append(nn.ConvTranspose2d(rev[-1], 1, kernel_size, stride=2, padding=pad, output_padding=1))
+        self.decoder = nn.Sequential(*dec)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x[:, None])
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc_up(z).view(-1, self.bottom_channels, self.bottom_size, self.bottom_size)
+        return self.decoder(h)[:, 0]
+
+
+class LatentRegressor(nn.Module):
+    """MLP voltages -> latent: Linear+LeakyReLU layers, then Linear, dropout and
+    ``bound * tanh`` (the reference code bounds the latent at +-5)."""
+
+    def __init__(self, n_meas: int, hidden: list[int], latent_dim: int, dropout: float, bound: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_meas
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.LeakyReLU()]
+            width = h
+        layers += [nn.Linear(width, latent_dim), nn.Dropout(dropout)]
+        self.net = nn.Sequential(*layers)
+        self.bound = float(bound)
+
+    def forward(self, v_normalised: torch.Tensor) -> torch.Tensor:
+        return self.bound * torch.tanh(self.net(v_normalised))
+
+
+class CVAE(GenerativeModel):
+    name: ClassVar[str] = "cvae"
+    stages: ClassVar[tuple[str, ...]] = ("vae", "regressor")
+    uses_ema: ClassVar[bool] = False
+    needs_gn: ClassVar[bool] = False
+    data_keys: ClassVar[tuple[str, ...]] = ("sigma", "v")
+
+    def __init__(self, cfg: dict, info: DataInfo):
+        super().__init__(cfg, info)
+        target = cfg["target"]
+        if target not in TARGETS:
+            raise InputError(f"cvae.target must be one of {', '.join(TARGETS)}, got {target!r}")
+        self.target = target
+        self.beta = float(cfg["beta"])
+        self.vae = VAE(info.image_size, list(cfg["channels"]), int(cfg["latent_dim"]), int(cfg["kernel_size"]))
+        self.regressor = LatentRegressor(info.n_meas, list(cfg["mlp_hidden"]), int(cfg["latent_dim"]),
+                                         float(cfg["mlp_dropout"]), float(cfg["latent_bound"]))
+        self.register_buffer("img_mean", torch.tensor(info.sigma_mean, dtype=torch.float32))
+        self.register_buffer("img_std", torch.tensor(info.sigma_std, dtype=torch.float32))
+
+    # -- helpers -------------------------------------------------------------------
+    def _to_image(self, decoded: torch.Tensor) -> torch.Tensor:
+        # the reference decoder ends in ReLU on physical conductivities (>= 0)
+        return torch.relu(decoded * self.img_std + self.img_mean)
+
+    def _check_image(self, sigma: torch.Tensor) -> None:
+        size = self.info.image_size
+        if sigma.shape[-2:] != (size, size):
+            raise InputError(f"image of shape {tuple(sigma.shape[-2:])}, the model expects {size}x{size}")
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        if stage == "vae":
+            return list(self.vae.parameters())
+        if stage == "regressor":
+            return list(self.regressor.parameters())
+        raise InputError(f"cvae has no training stage {stage!r}; stages: {', '.join(self.stages)}")
+
+    def set_train_mode(self, stage: str) -> None:
+        self.train()
+        if stage == "regressor":
+            # frozen VAE: its BatchNorm statistics must not drift while the MLP learns
+            self.vae.eval()
+
+    # -- training ------------------------------------------------------------------
+    def vae_loss(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Summed squared error (physical units) + beta * KL, averaged over the batch."""
+        self._check_image(sigma)
+        mu, logvar = self.vae.encode((sigma - self.img_mean) / self.img_std)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        recon = self._to_image(self.vae.decode(z))
+        sse = (recon - sigma).pow(2).flatten(1).sum(1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
+        return (sse + self.beta * kl).mean()
+
+    @torch.no_grad()
+    def latent_target(self, sigma: torch.Tensor) -> torch.Tensor:
+        was_training = self.vae.training
+        self.vae.eval()
+        mu, logvar = self.vae.encode((sigma - self.img_mean) / self.img_std)
+        self.vae.train(was_training)
+        if self.target == "mean":
+            return mu
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def loss(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        if stage == "vae":
+            return self.vae_loss(batch["sigma"])
+        if stage == "regressor":
+            target = self.latent_target(batch["sigma"])
+            z = self.regressor(self.normalise_v(batch["v"]))
+            return (z - target).pow(2).sum(1).mean()
+        raise InputError(f"cvae has no training stage {stage!r}; stages: {', '.join(self.stages)}")
+
+    # -- inference -----------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct(self, batch: dict[str, torch.Tensor], *, n_samples: int = 1,
+                    generator: torch.Generator | None = None, **opts) -> dict:
+        """``decoder(MLP(v))`` in eval mode: deterministic, so ``n_samples`` and
+        ``generator`` do not change the result."""
+        was_training = self.training
+        self.eval()
+        try:
+            z = self.regressor(self.normalise_v(batch["v"]))
+            recon = self._to_image(self.vae.decode(z))
+        finally:
+            self.train(was_training)
+        return {"recon": recon, "nfe": 1}
+
+    @torch.no_grad()
+    def autoencode(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Decoder(encoder mean): the VAE's own reconstruction, an upper bound on quality."""
+        was_training = self.training
+        self.eval()
+        try:
+            mu, _ = self.vae.encode((sigma - self.img_mean) / self.img_std)
+            return self._to_image(self.vae.decode(mu))
+        finally:
+            self.train(was_training)

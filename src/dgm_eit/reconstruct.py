@@ -1,0 +1,247 @@
+"""Reconstruct with a trained run: a data-set split, or a user's own voltages.
+
+Every model is served through ``GenerativeModel.reconstruct(batch, n_samples=...,
+generator=..., **opts)``; options such as ``sampler=`` pass through untouched, so the
+score model's samplers are reachable from the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dgm_eit.errors import InputError
+from dgm_eit.train import load_run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reconstruct_arrays(model, v: np.ndarray, gn: np.ndarray | None = None, *, n_samples: int | None = None,
+                       seed: int = 0, batch_size: int = 64, progress: bool = False, **opts) -> dict:
+    """Run ``model.reconstruct`` over ``v`` (N,M) in batches.
+
+    Returns ``{"recon": (N,H,W) f32, "recon_std"?: (N,H,W) f32, "nfe": int,
+    "seconds_per_image": float}``; the time counts the model calls only."""
+    v = np.asarray(v, dtype=np.float32)
+    if v.ndim != 2:
+        raise InputError(f"voltages must have shape (N, M), got {v.shape}")
+    n_meas = model.info.n_meas
+    if v.shape[1] != n_meas:
+        raise InputError(f"voltage vectors have {v.shape[1]} values, the model was trained on {n_meas}")
+    if not np.all(np.isfinite(v)):
+        raise InputError("voltages contain NaN or infinite values")
+    if model.needs_gn and gn is None:
+        raise InputError(f"model {model.name!r} needs the Gauss-Newton image 'gn' for each voltage vector")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    if n_samples is not None:
+        if n_samples < 1:
+            raise InputError(f"--samples must be >= 1, got {n_samples}")
+        # None leaves the model's own default (e.g. the CNF's number of posterior samples)
+        opts["n_samples"] = int(n_samples)
+    device = next(iter(model.buffers())).device
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    recon, stds, nfe = [], [], 0
+    seconds = 0.0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(v), desc=f"reconstruct {model.name}", unit="img")
+    for start in range(0, len(v), batch_size):
+        batch = {"v": torch.from_numpy(v[start:start + batch_size]).to(device)}
+        if gn is not None:
+            batch["gn"] = torch.from_numpy(np.asarray(gn[start:start + batch_size], dtype=np.float32)).to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.reconstruct(batch, generator=generator, **opts)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        recon.append(out["recon"].float().cpu().numpy())
+        if out.get("recon_std") is not None:
+            stds.append(out["recon_std"].float().cpu().numpy())
+        nfe = max(nfe, int(out.get("nfe", 0)))
+        if bar is not None:
+            bar.update(len(batch["v"]))
+    if bar is not None:
+        bar.close()
+    result = {"recon": np.concatenate(recon).astype(np.float32), "nfe": nfe,
+              "seconds_per_image": seconds / max(1, len(v))}
+    if stds:
+        result["recon_std"] = np.concatenate(stds).astype(np.float32)
+    return result
+
+
+def write_recon_file(path, result: dict, attrs: dict) -> Path:
+    """The reconstruction file of docs/DESIGN.md, written to ``PATH.tmp`` then renamed."""
+    import h5py
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("recon", data=result["recon"])
+        if "recon_std" in result:
+            f.create_dataset("recon_std", data=result["recon_std"])
+        f.attrs["seconds_per_image"] = float(result["seconds_per_image"])
+        f.attrs["nfe"] = int(result["nfe"])
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    os.replace(tmp, path)
+    return path
+
+
+def _has_array(path, split: str, key: str) -> bool:
+    from dgm_eit.data.storage import open_dataset
+
+    with open_dataset(path) as f:
+        return split in f and key in f[split]
+
+
+def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_samples: int | None = None,
+                      sampler: str | None = None, seed: int = 0, device: str = "auto",
+                      batch_size: int = 64, weights: str = "model", limit: int | None = None,
+                      progress: bool = False, **opts) -> dict:
+    """Reconstruct a split of a data-set file; write ``out`` (HDF5) when given."""
+    from dgm_eit import runtime
+    from dgm_eit.data.storage import read_split
+
+    model, cfg, info = load_run(run_dir, runtime.resolve_device(device), weights=weights)
+    # the score model reads [csd], [mesh] (guided sampling) and tuned_csd.json from these
+    opts.setdefault("config", cfg)
+    opts.setdefault("run_dir", str(run_dir))
+    keys = ["v"]
+    if model.needs_gn or _has_array(data_path, split, "gn"):
+        keys.append("gn")
+    arrays = read_split(data_path, split, keys=tuple(keys))
+    if limit is not None:
+        arrays = {k: a[:limit] for k, a in arrays.items()}
+    if arrays["v"].shape[1] != info.n_meas:
+        raise InputError(f"{data_path} has {arrays['v'].shape[1]} measurements per sample, "
+                         f"the run was trained on {info.n_meas}")
+    if "gn" in arrays and arrays["gn"].shape[-1] != info.image_size:
+        raise InputError(f"{data_path} has {arrays['gn'].shape[-1]}-pixel images, "
+                         f"the run was trained on {info.image_size}")
+    if sampler is not None:
+        opts["sampler"] = sampler
+    result = reconstruct_arrays(model, arrays["v"], arrays.get("gn"), n_samples=n_samples, seed=seed,
+                                batch_size=batch_size, progress=progress, **opts)
+    if out is not None:
+        attrs = {"method": model.name, "split": split, "seed": int(seed), "data": str(Path(data_path).resolve()),
+                 "run": str(Path(run_dir).resolve())}
+        if n_samples is not None:
+            attrs["n_samples"] = int(n_samples)
+        if sampler is not None:
+            attrs["sampler"] = sampler
+        write_recon_file(out, result, attrs)
+    return result
+
+
+def gn_images(cfg: dict, v: np.ndarray, image_size: int) -> np.ndarray:
+    """Gauss-Newton images (N,H,W) for voltages (N,M) on the run's ``[mesh]``/``[gn]`` config,
+    the same way the simulator makes a data set's ``gn`` arrays."""
+    from dgm_eit.physics import ForwardModel, PixelGrid, disk_mesh, make_protocol
+    from dgm_eit.recon import gauss_newton, gn_config
+
+    m = cfg["mesh"]
+    protocol = make_protocol(m["protocol"], n_electrodes=int(m["n_electrodes"]))
+    mesh = disk_mesh(n_electrodes=int(m["n_electrodes"]), h0=float(m["h0"]),
+                     electrode_model=m["electrode_model"], electrode_width=float(m["electrode_width"]))
+    fm = ForwardModel(mesh, protocol, electrode_model=m["electrode_model"],
+                      contact_impedance=float(m["contact_impedance"]))
+    if fm.n_meas != v.shape[1]:
+        raise InputError(f"the run's [mesh] protocol gives {fm.n_meas} measurements, the voltages have {v.shape[1]}")
+    grid = PixelGrid(mesh, size=image_size)
+    kwargs = gn_config(cfg)
+    images = [np.asarray(grid.to_image(np.asarray(gauss_newton(fm, row.astype(np.float64), **kwargs).sigma)))
+              for row in v]
+    return np.stack(images).astype(np.float32)
+
+
+def load_voltages(path) -> tuple[np.ndarray, bool]:
+    """``(v (N,M) float32, was_one_vector)`` from a ``.npy`` file holding (M,) or (N,M)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"voltage file {path} does not exist")
+    try:
+        v = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise InputError(f"{path} is not a readable .npy array ({err})") from None
+    if v.dtype.kind not in "fiu":
+        raise InputError(f"{path} holds {v.dtype} values, expected real numbers")
+    if v.ndim == 1:
+        return v[None].astype(np.float32), True
+    if v.ndim == 2:
+        return v.astype(np.float32), False
+    raise InputError(f"{path} has shape {v.shape}; expected (M,) or (N, M) voltages")
+
+
+def reconstruct_voltages(run_dir, v: np.ndarray, *, n_samples: int | None = None, sampler: str | None = None,
+                         seed: int = 0, device: str = "auto", batch_size: int = 64, weights: str = "model",
+                         **opts) -> dict:
+    """Reconstruct raw voltages (N,M); computes the GN images when the model needs them."""
+    from dgm_eit import runtime
+
+    model, cfg, info = load_run(run_dir, runtime.resolve_device(device), weights=weights)
+    v = np.asarray(v, dtype=np.float32)
+    if v.ndim == 1:
+        v = v[None]
+    if v.ndim != 2 or v.shape[1] != info.n_meas:
+        raise InputError(f"voltages of shape {v.shape}: the run was trained on {info.n_meas} measurements "
+                         f"per vector, so give (M,) or (N, M) with M = {info.n_meas}")
+    gn = gn_images(cfg, v, info.image_size) if model.needs_gn else None
+    opts.setdefault("config", cfg)
+    opts.setdefault("run_dir", str(run_dir))
+    if sampler is not None:
+        opts["sampler"] = sampler
+    return reconstruct_arrays(model, v, gn, n_samples=n_samples, seed=seed, batch_size=batch_size, **opts)
+
+
+def save_user_output(path, result: dict, single: bool) -> Path:
+    """``.npy``: the recon array ((H,W) for one vector, else (N,H,W)); ``.png``: a figure."""
+    path = Path(path)
+    recon = result["recon"][0] if single else result["recon"]
+    suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if suffix == ".npy":
+        with open(tmp, "wb") as f:
+            np.save(f, recon)
+    elif suffix == ".png":
+        _save_png(tmp, result)
+    else:
+        raise InputError(f"--out {path}: use a .npy or .png file for --voltages (or .h5 with --data)")
+    os.replace(tmp, path)
+    return path
+
+
+def _save_png(path: Path, result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    images = result["recon"][:16]
+    rows = [("reconstruction", images)]
+    if "recon_std" in result:
+        rows.append(("std", result["recon_std"][:16]))
+    n = len(images)
+    fig, axes = plt.subplots(len(rows), n, figsize=(2.4 * n + 0.8, 2.4 * len(rows)), squeeze=False)
+    for r, (label, stack) in enumerate(rows):
+        vmax = float(np.max(stack)) if stack.size else 1.0
+        for i in range(n):
+            ax = axes[r][i]
+            im = ax.imshow(stack[i], vmin=0.0, vmax=vmax, cmap="viridis")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(label)
+        fig.colorbar(im, ax=list(axes[r]), fraction=0.03)
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)

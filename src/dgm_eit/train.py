@@ -1,0 +1,768 @@
+"""One training loop for every model.
+
+The trainer knows a model only through :class:`~dgm_eit.models.base.GenerativeModel`:
+its stages, the parameters each stage trains, the stage's settings and its loss. It
+owns everything else: the run directory, data order, optimiser, learning-rate warm-up
+and schedule, gradient clipping, EMA, early stopping, checkpoints and resume, and
+DistributedDataParallel when started by ``torchrun``.
+
+Run directory::
+
+    config.json          {"model", "data", "seed", "config"}: what the run was made with
+    data_info.json       shapes and normalisation statistics of the training split
+    checkpoints/last.pt  everything needed to continue (written atomically)
+    metrics.csv          one row per epoch
+    best.safetensors     weights with the best validation loss of the latest stage
+    model.safetensors    final weights (EMA where the stage uses it)
+    done                 marker: training finished
+
+Resume is exact on CPU: the data order comes from a ``torch.Generator`` whose state at
+the start of the current epoch is checkpointed (the permutation is regenerated and the
+finished batches skipped), and the global torch RNG, which models use for their noise,
+is checkpointed too. Validation runs under a forked RNG seeded from the run seed, so it
+neither depends on nor disturbs the training noise.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dgm_eit.config import flatten
+from dgm_eit.errors import InputError
+from dgm_eit.models import MODELS
+from dgm_eit.models.base import DataInfo, GenerativeModel
+
+STAGE_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "grad_clip", "warmup_steps", "ema",
+              "schedule", "patience")
+SCHEDULES = ("constant", "cosine", "plateau")
+METRIC_FIELDS = ("stage", "epoch", "step", "train_loss", "val_loss", "lr", "wall_s")
+CHECKPOINT_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------
+# small utilities
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Model state as safetensors, written atomically (tensors copied: safetensors refuses shared storage)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise InputError(f"{path} does not exist")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises several error types for a damaged file
+        raise InputError(f"{path} is not a readable safetensors file ({err})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise InputError(f"{path} does not match the model in this run: {_state_dict_error(err)}") from None
+
+
+def _state_dict_error(err: RuntimeError) -> str:
+    """The informative part of torch's multi-line load_state_dict error."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    detail = lines[1:] or lines
+    return "; ".join(detail[:2])[:300]
+
+
+def read_split_arrays(path: Path, split: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    from dgm_eit.data.storage import read_split
+
+    return read_split(path, split, keys=keys)
+
+
+def _config_differences(old: dict, new: dict, limit: int = 6) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    if len(diffs) > limit:
+        diffs = diffs[:limit] + [f"... ({len(diffs) - limit} more)"]
+    return diffs
+
+
+# ---------------------------------------------------------------------------------
+# distributed set-up
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device_type: str) -> "Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as td
+
+        rank = int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        here = False
+        if not td.is_initialized():
+            td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+            here = True
+        return cls(rank=rank, world=world, local_rank=local_rank, initialised_here=here)
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as td
+            td.barrier()
+
+    def any_flag(self, flag: bool, device) -> bool:
+        """True on every rank when any rank raised the flag (stop decisions must agree)."""
+        if not self.active:
+            return flag
+        import torch.distributed as td
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def mean(self, value: float, device) -> float:
+        if not self.active:
+            return value
+        import torch.distributed as td
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        td.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def close(self) -> None:
+        if self.initialised_here:
+            import torch.distributed as td
+            td.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------
+# learning rate, EMA
+
+
+def stage_settings(model: GenerativeModel, stage: str) -> dict:
+    try:
+        sc = dict(model.stage_config(stage))
+    except KeyError:
+        raise InputError(f"config has no [{model.name}.{stage}] table with the training settings") from None
+    missing = [k for k in STAGE_KEYS if k not in sc]
+    if missing:
+        raise InputError(f"[{model.name}.{stage}] lacks {', '.join(missing)}")
+    if sc["schedule"] not in SCHEDULES:
+        raise InputError(f"{model.name}.{stage}.schedule must be one of {', '.join(SCHEDULES)}, got {sc['schedule']!r}")
+    for key in ("epochs", "batch_size"):
+        if int(sc[key]) < 1:
+            raise InputError(f"{model.name}.{stage}.{key} must be >= 1, got {sc[key]}")
+    if not 0.0 <= float(sc["ema"]) < 1.0:
+        raise InputError(f"{model.name}.{stage}.ema must be a decay in [0, 1), got {sc['ema']}")
+    if float(sc["lr"]) <= 0:
+        raise InputError(f"{model.name}.{stage}.lr must be positive, got {sc['lr']}")
+    return sc
+
+
+def learning_rate(sc: dict, stage_step: int, total_steps: int, plateau_scale: float, min_lr: float) -> float:
+    """Linear warm-up over ``warmup_steps``, then the stage's schedule."""
+    base = float(sc["lr"])
+    warm = int(sc["warmup_steps"])
+    factor = min(1.0, (stage_step + 1) / warm) if warm > 0 else 1.0
+    if sc["schedule"] == "cosine":
+        span = max(1, total_steps - warm)
+        progress = min(1.0, max(0, stage_step - warm) / span)
+        factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif sc["schedule"] == "plateau":
+        return max(min_lr, base * plateau_scale) * factor
+    return base * factor
+
+
+class EMA:
+    """Exponential moving average of parameters.
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so that
+    short runs are not dominated by the initial weights."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params = params
+        self.decay = float(decay)
+        self.shadow = [p.detach().clone() for p in params]
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = self.current_decay()
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - d)
+        self.updates += 1
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and averaged weights (call twice to undo)."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.cpu() for s in self.shadow], "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise InputError("checkpoint EMA does not match the model's parameters")
+        for s, saved in zip(self.shadow, state["shadow"]):
+            if s.shape != saved.shape:
+                raise InputError("checkpoint EMA does not match the model's parameters")
+            s.copy_(saved)
+        self.updates = int(state["updates"])
+
+
+# ---------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a checkpoint must restore (besides tensors)."""
+
+    stage_index: int = 0
+    epoch: int = 0              # finished epochs of the current stage
+    batch: int = 0              # next batch of the current epoch
+    step: int = 0               # optimiser steps over all stages
+    stage_step: int = 0
+    loss_sum: float = 0.0       # running sums of the current epoch
+    loss_count: int = 0
+    best_val: float = math.inf
+    bad_epochs: int = 0
+    plateau_scale: float = 1.0
+    plateau_best: float = math.inf
+    plateau_bad: int = 0
+    wall_s: float = 0.0
+    stage_finished: bool = False   # early stop decided; the stage only has to be closed
+    metrics: list = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    completed: bool
+    step: int
+    stopped_by: str | None = None   # "max_minutes" | "stop_after_steps" | None
+
+
+class _StageLoss(torch.nn.Module):
+    """Gives DDP a forward() that is the model's loss for one stage."""
+
+    def __init__(self, model: GenerativeModel, stage: str):
+        super().__init__()
+        self.model = model
+        self.stage = stage
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.loss(batch, self.stage)
+
+
+class _Stop(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def run_meta(model_name: str, data_path: Path, seed: int, cfg: dict) -> dict:
+    return {"model": model_name, "data": str(Path(data_path).resolve()), "seed": int(seed), "config": cfg}
+
+
+# trainer settings that change how a run proceeds but not what it computes
+_RESUME_FREE_KEYS = ("threads", "progress", "checkpoint_minutes")
+
+
+def _training_relevant(cfg: dict, model_name: str) -> dict:
+    """The config sections a resumed run must share with the original: the model's own
+    section and the trainer's numerics (other models' sections may change freely)."""
+    train_cfg = {k: v for k, v in cfg.get("train", {}).items() if k not in _RESUME_FREE_KEYS}
+    return {model_name: cfg.get(model_name, {}), "train": train_cfg}
+
+
+def _prepare_run_dir(out: Path, meta: dict, dist: Dist) -> bool:
+    """Create or validate the run directory; True when it already holds a finished run."""
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(f"{cfg_path} is not valid JSON ({err}); use a new --out") from None
+        if old.get("model") != meta["model"]:
+            raise InputError(f"{out} holds a {old.get('model')!r} run, not {meta['model']!r}; use a new --out")
+        if old.get("data") != meta["data"]:
+            raise InputError(f"{out} was trained on {old.get('data')}, not {meta['data']}; use a new --out")
+        if old.get("seed") != meta["seed"]:
+            raise InputError(f"{out} was trained with --seed {old.get('seed')}, not {meta['seed']}; use a new --out")
+        name = meta["model"]
+        diffs = _config_differences(_training_relevant(old.get("config", {}), name),
+                                    _training_relevant(meta["config"], name))
+        if diffs:
+            raise InputError(f"{out} was made with a different config ({'; '.join(diffs)}); "
+                             "re-run with the same settings to resume, or use a new --out")
+        return (out / "done").is_file()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out} exists and is not a dgm-eit run directory (no config.json); use a new --out")
+    if dist.main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg_path, json.dumps(meta, indent=2, sort_keys=True))
+    return False
+
+
+def _write_metrics(out: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
+def _batches(arrays: dict[str, torch.Tensor], idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    return {k: v[idx.to(v.device)].to(device, non_blocking=True) for k, v in arrays.items()}
+
+
+class Trainer:
+    def __init__(self, model_name: str, data_path, out_dir, cfg: dict, *, seed: int = 0,
+                 device: str = "auto", max_minutes: float | None = None,
+                 stop_after_steps: int | None = None, progress: bool | None = None):
+        from dgm_eit import runtime
+
+        self.model_cls = MODELS[model_name]
+        self.model_name = model_name
+        self.data_path = Path(data_path)
+        self.out = Path(out_dir)
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.max_seconds = None if max_minutes is None else float(max_minutes) * 60.0
+        if self.max_seconds is not None and self.max_seconds < 0:
+            raise InputError(f"--max-minutes must be >= 0, got {max_minutes}")
+        self.stop_after_steps = stop_after_steps
+        tcfg = cfg["train"]
+        self.tcfg = tcfg
+        self.progress = bool(tcfg["progress"]) if progress is None else progress
+        if model_name not in cfg:
+            raise InputError(f"config has no [{model_name}] section")
+
+        requested = runtime.resolve_device(device)
+        self.dist = Dist.from_env(requested.type)
+        if requested.type == "cuda" and self.dist.active:
+            requested = torch.device("cuda", self.dist.local_rank)
+        if requested.type == "cuda":
+            torch.cuda.set_device(requested)
+        self.device = requested
+        threads = int(tcfg["threads"]) or runtime.cpu_count()
+        if self.device.type == "cpu" and self.dist.active:
+            threads = max(1, threads // self.dist.world)
+        runtime.limit_threads(threads)
+        self.amp = bool(tcfg["amp"]) and self.device.type == "cuda"
+
+    # -- set-up --------------------------------------------------------------------
+    def _load_data(self) -> None:
+        keys = tuple(self.model_cls.data_keys)
+        need = tuple(dict.fromkeys(("sigma", "v") + keys))   # DataInfo needs sigma and v
+        train = read_split_arrays(self.data_path, "train", need)
+        self.info = DataInfo.from_arrays(train["sigma"], train["v"])
+        val = read_split_arrays(self.data_path, "val", keys)
+        self.train_arrays = {k: torch.from_numpy(np.ascontiguousarray(train[k], dtype=np.float32)) for k in keys}
+        self.val_arrays = {k: torch.from_numpy(np.ascontiguousarray(val[k], dtype=np.float32)) for k in keys}
+        if self.device.type == "cuda":
+            size = sum(t.numel() * t.element_size() for t in (*self.train_arrays.values(), *self.val_arrays.values()))
+            if size < 8 * 2**30:   # the paper's splits are ~3 GB: keep them on the GPU, no per-step copies
+                self.train_arrays = {k: t.to(self.device) for k, t in self.train_arrays.items()}
+                self.val_arrays = {k: t.to(self.device) for k, t in self.val_arrays.items()}
+        self.n_train = len(self.train_arrays[keys[0]])
+        self.n_val = len(self.val_arrays[keys[0]])
+        if self.n_train < 1:
+            raise InputError(f"data file {self.data_path} has an empty train split")
+
+    def _build_model(self) -> GenerativeModel:
+        torch.manual_seed(self.seed)   # same initial weights on every rank and every run
+        model = self.model_cls(self.cfg[self.model_name], self.info)
+        return model.to(self.device)
+
+    # -- checkpoints ---------------------------------------------------------------
+    def _checkpoint_path(self) -> Path:
+        return self.out / "checkpoints" / "last.pt"
+
+    def _save_checkpoint(self, st: TrainState, optimizer, ema: EMA | None, epoch_gen_state) -> None:
+        if not self.dist.main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model_name": self.model_name,
+            "train_state": st.__dict__.copy(),
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "data_generator": epoch_gen_state,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None,
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self._checkpoint_path(), buf.getvalue())
+        _write_metrics(self.out, st.metrics)
+
+    def _load_checkpoint(self) -> dict | None:
+        path = self._checkpoint_path()
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises many types on damaged files
+            raise InputError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
+                             "delete it to start the run again") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT \
+                or state.get("model_name") != self.model_name:
+            raise InputError(f"checkpoint {path} was not written by this trainer for model "
+                             f"{self.model_name!r}; delete it to start the run again")
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+        except RuntimeError as err:
+            raise InputError(f"checkpoint {path} does not match the model ({_state_dict_error(err)}); "
+                             "delete it to start again") from None
+        return state
+
+    # -- the loop ------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            self.dist.close()
+
+    def _run(self) -> TrainResult:
+        meta = run_meta(self.model_name, self.data_path, self.seed, self.cfg)
+        if not self.data_path.is_file():
+            raise InputError(f"data file {self.data_path} does not exist")
+        # rank 0 creates the directory first, so the others find a complete config.json
+        if self.dist.main:
+            finished = _prepare_run_dir(self.out, meta, self.dist)
+        self.dist.barrier()
+        if not self.dist.main:
+            finished = _prepare_run_dir(self.out, meta, self.dist)
+        if finished:
+            return TrainResult(self.out, True, -1, None)
+        self._load_data()
+        self.model = self._build_model()
+        if self.dist.main:
+            self.info.save(self.out / "data_info.json")
+
+        saved = self._load_checkpoint()
+        st = TrainState()
+        if saved is not None:
+            try:
+                st = TrainState(**saved["train_state"])
+            except (TypeError, KeyError) as err:
+                raise InputError(f"checkpoint {self._checkpoint_path()} has an unknown layout ({err}); "
+                                 "delete it to start the run again") from None
+        self.started = time.perf_counter()
+        self.steps_this_call = 0
+        self.wall_at_start = st.wall_s
+        # per-rank noise streams; rank 0 keeps the single-process stream
+        torch.manual_seed(self.seed + 7919 * self.dist.rank)
+        if saved is not None and not self.dist.active:
+            torch.set_rng_state(saved["torch_rng"])
+            if saved.get("cuda_rng") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state_all(saved["cuda_rng"])
+
+        stages = self.model.stages
+        while st.stage_index < len(stages):
+            stopped = self._run_stage(st, stages[st.stage_index], saved)
+            saved = None
+            if stopped:
+                self.dist.barrier()
+                return TrainResult(self.out, False, st.step, stopped)
+        if self.dist.main:
+            save_weights(self.model, self.out / "model.safetensors")
+            atomic_write_text(self.out / "done", json.dumps({"step": st.step, "wall_s": round(st.wall_s, 3)}))
+        self.dist.barrier()
+        return TrainResult(self.out, True, st.step, None)
+
+    def _wall(self) -> float:
+        return self.wall_at_start + (time.perf_counter() - self.started)
+
+    def _run_stage(self, st: TrainState, stage: str, saved: dict | None) -> str | None:
+        model = self.model
+        sc = stage_settings(model, stage)
+        params = model.stage_parameters(stage)
+        if not params:
+            raise InputError(f"{model.name} stage {stage!r} has no parameters to train")
+        trainable = {id(p) for p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+        optimizer = torch.optim.Adam(params, lr=float(sc["lr"]), weight_decay=float(sc["weight_decay"]))
+        ema = EMA(params, float(sc["ema"])) if float(sc["ema"]) > 0 else None
+        data_gen = torch.Generator().manual_seed(self.seed * 1000 + st.stage_index)
+        if saved is not None:
+            if saved["optimizer"] is not None:
+                try:
+                    optimizer.load_state_dict(saved["optimizer"])
+                except (ValueError, KeyError) as err:
+                    raise InputError(f"checkpoint optimiser state does not match ({err}); delete "
+                                     f"{self._checkpoint_path()} to start again") from None
+            if ema is not None:
+                if saved["ema"] is None:
+                    raise InputError("checkpoint has no EMA state but the stage uses EMA; delete it to start again")
+                ema.load_state_dict(saved["ema"])
+            try:
+                data_gen.set_state(saved["data_generator"])
+            except (RuntimeError, TypeError) as err:
+                raise InputError(f"checkpoint data-order state is damaged ({err}); delete "
+                                 f"{self._checkpoint_path()} to start again") from None
+
+        loss_module = _StageLoss(model, stage)
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            loss_module = DDP(loss_module, device_ids=ids)
+
+        batch_size = int(sc["batch_size"])
+        per_rank = self.n_train // self.dist.world
+        if per_rank < 1:
+            raise InputError(f"train split has {self.n_train} examples, fewer than {self.dist.world} ranks")
+        # BatchNorm cannot train on a batch of one; drop a short last batch when there are full ones
+        steps_per_epoch = per_rank // batch_size if per_rank >= batch_size else 1
+        eff_batch = min(batch_size, per_rank)
+        total_steps = steps_per_epoch * int(sc["epochs"])
+        min_lr = float(self.tcfg["min_lr"])
+        checkpoint_every = float(self.tcfg["checkpoint_minutes"]) * 60.0
+        last_checkpoint = time.perf_counter()
+
+        bar = None
+        if self.progress and self.dist.main:
+            from tqdm import tqdm
+            bar = tqdm(total=total_steps, initial=st.stage_step, desc=f"{model.name}/{stage}",
+                       unit="step", dynamic_ncols=True, file=sys.stderr, leave=True)
+
+        def lr_now() -> float:
+            return learning_rate(sc, st.stage_step, total_steps, st.plateau_scale, min_lr)
+
+        try:
+            while st.epoch < int(sc["epochs"]) and not st.stage_finished:
+                epoch_gen_state = data_gen.get_state()
+                perm = torch.randperm(self.n_train, generator=data_gen)
+                mine = perm[self.dist.rank::self.dist.world][:per_rank]
+                model.set_train_mode(stage)
+                try:
+                    while st.batch < steps_per_epoch:
+                        idx = mine[st.batch * eff_batch:(st.batch + 1) * eff_batch]
+                        batch = _batches(self.train_arrays, idx, self.device)
+                        lr = lr_now()
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                            loss = loss_module(batch)
+                        if not torch.isfinite(loss):
+                            raise InputError(f"{model.name} stage {stage!r}: loss is {loss.item()} at step "
+                                             f"{st.step}; lower {model.name}.{stage}.lr or set grad_clip")
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        if float(sc["grad_clip"]) > 0:
+                            torch.nn.utils.clip_grad_norm_(params, float(sc["grad_clip"]))
+                        optimizer.step()
+                        if ema is not None:
+                            ema.update()
+                        value = float(loss.detach())
+                        st.loss_sum += value
+                        st.loss_count += 1
+                        st.batch += 1
+                        st.step += 1
+                        st.stage_step += 1
+                        self.steps_this_call += 1
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(epoch=f"{st.epoch + 1}/{sc['epochs']}",
+                                            loss=f"{st.loss_sum / st.loss_count:.4g}", lr=f"{lr:.2g}")
+                        reason = None
+                        if self.max_seconds is not None and time.perf_counter() - self.started >= self.max_seconds:
+                            reason = "max_minutes"
+                        if self.stop_after_steps is not None and self.steps_this_call >= self.stop_after_steps:
+                            reason = "stop_after_steps"
+                        if self.dist.any_flag(reason is not None, self._flag_device()):
+                            raise _Stop(reason or "max_minutes")
+                        if time.perf_counter() - last_checkpoint >= checkpoint_every and st.batch < steps_per_epoch:
+                            st.wall_s = self._wall()
+                            self._save_checkpoint(st, optimizer, ema, epoch_gen_state)
+                            last_checkpoint = time.perf_counter()
+                except (_Stop, KeyboardInterrupt):
+                    st.wall_s = self._wall()
+                    self._save_checkpoint(st, optimizer, ema, epoch_gen_state)
+                    raise
+
+                st.stage_finished = self._end_epoch(st, stage, sc, ema, lr_now())
+                st.wall_s = self._wall()
+                self._save_checkpoint(st, optimizer, ema, data_gen.get_state())
+                last_checkpoint = time.perf_counter()
+                if st.stage_finished:
+                    break
+        except _Stop as stop:
+            if bar is not None:
+                bar.close()
+            return stop.reason
+        if bar is not None:
+            bar.close()
+
+        if ema is not None:
+            ema.swap()   # the stage ends with its averaged weights; later stages build on them
+        st.stage_index += 1
+        st.epoch = st.batch = st.stage_step = st.loss_count = 0
+        st.stage_finished = False
+        st.loss_sum = 0.0
+        st.best_val, st.bad_epochs = math.inf, 0
+        st.plateau_scale, st.plateau_best, st.plateau_bad = 1.0, math.inf, 0
+        st.wall_s = self._wall()
+        next_gen = torch.Generator().manual_seed(self.seed * 1000 + st.stage_index).get_state()
+        self._save_checkpoint(st, None, None, next_gen)
+        return None
+
+    def _flag_device(self):
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _end_epoch(self, st: TrainState, stage: str, sc: dict, ema: EMA | None, lr: float) -> bool:
+        train_loss = self.dist.mean(st.loss_sum / max(1, st.loss_count), self._flag_device())
+        if ema is not None:
+            ema.swap()
+        try:
+            val_loss = self.validate(stage, int(sc["batch_size"]))
+            score = val_loss if math.isfinite(val_loss) else train_loss
+            improved = score < st.best_val
+            if improved:
+                st.best_val = score
+                st.bad_epochs = 0
+                if self.dist.main:
+                    save_weights(self.model, self.out / "best.safetensors")
+            else:
+                st.bad_epochs += 1
+        finally:
+            if ema is not None:
+                ema.swap()
+        if sc["schedule"] == "plateau":
+            if score < st.plateau_best * (1 - 1e-4):
+                st.plateau_best, st.plateau_bad = score, 0
+            else:
+                st.plateau_bad += 1
+                if st.plateau_bad > int(self.tcfg["plateau_patience"]):
+                    st.plateau_scale *= float(self.tcfg["plateau_factor"])
+                    st.plateau_bad = 0
+        st.epoch += 1
+        st.metrics.append({
+            "stage": stage, "epoch": st.epoch, "step": st.step,
+            "train_loss": f"{train_loss:.6g}", "val_loss": f"{val_loss:.6g}", "lr": f"{lr:.6g}",
+            "wall_s": f"{self._wall():.2f}",
+        })
+        st.batch = st.loss_count = 0
+        st.loss_sum = 0.0
+        patience = int(sc["patience"])
+        return patience > 0 and st.bad_epochs >= patience
+
+    @torch.no_grad()
+    def validate(self, stage: str, batch_size: int) -> float:
+        """Mean validation loss; noise drawn from a fixed seed so epochs compare fairly."""
+        if self.n_val == 0:
+            return math.nan
+        model = self.model
+        model.eval()
+        size = max(batch_size, int(self.tcfg["val_batch_size"]))
+        devices = [self.device] if self.device.type == "cuda" else []
+        total, count = 0.0, 0
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + 104729)
+            for start in range(0, self.n_val, size):
+                idx = torch.arange(start, min(start + size, self.n_val))
+                batch = _batches(self.val_arrays, idx, self.device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                    loss = model.loss(batch, stage)
+                total += float(loss) * len(idx)
+                count += len(idx)
+        return total / count
+
+
+def train(model_name: str, data_path, out_dir, cfg: dict, *, seed: int = 0, device: str = "auto",
+          max_minutes: float | None = None, stop_after_steps: int | None = None,
+          progress: bool | None = None) -> TrainResult:
+    """Train ``model_name`` on ``data_path`` into ``out_dir``; resumes a run made with the same
+    arguments. ``stop_after_steps`` interrupts after that many optimiser steps (as a kill
+    would, but with a checkpoint); tests use it to check resume."""
+    return Trainer(model_name, data_path, out_dir, cfg, seed=seed, device=device, max_minutes=max_minutes,
+                   stop_after_steps=stop_after_steps, progress=progress).run()
+
+
+def load_run(run_dir, device="cpu", weights: str = "model") -> tuple[GenerativeModel, dict, DataInfo]:
+    """Load a trained run: ``(model in eval mode, full config, DataInfo)``.
+
+    ``weights`` is ``"model"`` (final) or ``"best"`` (best validation loss)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise InputError(f"run directory {run} does not exist")
+    cfg_path, info_path = run / "config.json", run / "data_info.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{run} is not a dgm-eit run directory (no config.json)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+        name, cfg = meta["model"], meta["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise InputError(f"{cfg_path} is damaged ({err})") from None
+    if not info_path.is_file():
+        raise InputError(f"{run} has no data_info.json; the run never started training")
+    try:
+        info = DataInfo.load(info_path)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise InputError(f"{info_path} is damaged ({err})") from None
+    if weights not in ("model", "best"):
+        raise InputError(f"weights must be 'model' or 'best', got {weights!r}")
+    path = run / f"{weights}.safetensors"
+    if not path.is_file():
+        hint = " (training has not finished: re-run the same dgm-eit train command to resume)" \
+            if weights == "model" else ""
+        raise InputError(f"{run} has no {path.name}{hint}")
+    from dgm_eit import runtime
+
+    model = MODELS[name](cfg[name], info)
+    load_weights(model, path)
+    model.to(runtime.resolve_device(device) if isinstance(device, str) else device)
+    model.eval()
+    return model, cfg, info
