@@ -46,6 +46,8 @@ def reconstruct_arrays(model, v: np.ndarray, gn: np.ndarray | None = None, *, n_
             raise InputError(f"--samples must be >= 1, got {n_samples}")
         # None leaves the model's own default (e.g. the CNF's number of posterior samples)
         opts["n_samples"] = int(n_samples)
+    if not -2**63 <= int(seed) < 2**64:
+        raise InputError(f"--seed must fit in 64 bits, got {seed}")
     device = next(iter(model.buffers())).device
     generator = torch.Generator(device=device).manual_seed(int(seed))
     recon, stds, nfe = [], [], 0
@@ -175,6 +177,9 @@ def load_voltages(path) -> tuple[np.ndarray, bool]:
         raise InputError(f"{path} is not a readable .npy array ({err})") from None
     if v.dtype.kind not in "fiu":
         raise InputError(f"{path} holds {v.dtype} values, expected real numbers")
+    if v.ndim in (1, 2) and not np.all(np.isfinite(v)):
+        row, col = np.argwhere(~np.isfinite(np.atleast_2d(v)))[0]
+        raise InputError(f"{path} contains NaN or infinite voltages (first at row {row}, column {col})")
     if v.ndim == 1:
         return v[None].astype(np.float32), True
     if v.ndim == 2:
@@ -195,6 +200,9 @@ def reconstruct_voltages(run_dir, v: np.ndarray, *, n_samples: int | None = None
     if v.ndim != 2 or v.shape[1] != info.n_meas:
         raise InputError(f"voltages of shape {v.shape}: the run was trained on {info.n_meas} measurements "
                          f"per vector, so give (M,) or (N, M) with M = {info.n_meas}")
+    if not np.all(np.isfinite(v)):
+        # checked before the Gauss-Newton images, whose own error would not say which input was bad
+        raise InputError("voltages contain NaN or infinite values")
     gn = gn_images(cfg, v, info.image_size) if model.needs_gn else None
     opts.setdefault("config", cfg)
     opts.setdefault("run_dir", str(run_dir))

@@ -376,6 +376,10 @@ class Trainer:
         self.out = Path(out_dir)
         self.cfg = cfg
         self.seed = int(seed)
+        if abs(self.seed) >= 2**48:
+            # derived seeds (seed * 1000 + stage) must fit torch's 64-bit seed; checked before
+            # the run directory exists
+            raise InputError(f"--seed must lie in (-2**48, 2**48), got {seed}")
         self.max_seconds = None if max_minutes is None else float(max_minutes) * 60.0
         if self.max_seconds is not None and self.max_seconds < 0:
             raise InputError(f"--max-minutes must be >= 0, got {max_minutes}")
@@ -477,6 +481,10 @@ class Trainer:
         meta = run_meta(self.model_name, self.data_path, self.seed, self.cfg)
         if not self.data_path.is_file():
             raise InputError(f"data file {self.data_path} does not exist")
+        # a truncated or unfinished data file is refused before the run directory exists, so a
+        # failed start leaves no config.json that would tie --out to this data path
+        from dgm_eit.data.storage import open_dataset
+        open_dataset(self.data_path).close()
         # rank 0 creates the directory first, so the others find a complete config.json
         if self.dist.main:
             finished = _prepare_run_dir(self.out, meta, self.dist)

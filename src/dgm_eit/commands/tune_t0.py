@@ -1,0 +1,181 @@
+"""``dgm-eit tune-t0 --run RUN_DIR --data FILE``: choose CSD*'s insertion time and step count.
+
+The paper picks the step at which the Gauss-Newton image enters the reverse process by
+trial; this sweeps ``t0`` x ``n_steps`` (x insertion mode) on the validation split, scores
+each setting by MSE against the ground truth, and records the table and the best setting
+in ``RUN_DIR/tuned_csd.json``, which ``dgm-eit reconstruct`` then uses for the score model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dgm_eit.commands.common import add_device_arg, add_seed_arg
+
+HELP = "sweep CSD*'s insertion time t0 and step count on the validation split; record the best in the run dir"
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, metavar="RUN_DIR", help="a trained score run (dgm-eit train score)")
+    parser.add_argument("--data", required=True, metavar="FILE", help="data set file with a val split")
+    parser.add_argument("--t0", type=_float_list, default=None, metavar="LIST",
+                        help="insertion times, e.g. 0.3,0.4,0.5 (default: 6 values from the config's t0 - 0.3 to t0 + 0.2)")
+    parser.add_argument("--steps", type=_int_list, default=None, metavar="LIST",
+                        help="reverse step counts, e.g. 25,50,100 (default: the config's n_steps)")
+    parser.add_argument("--modes", type=_str_list, default=None, metavar="LIST",
+                        help="insertion modes: replace, ccdf, or replace,ccdf for both (default: the config's mode)")
+    parser.add_argument("--solver", default=None, choices=("pc", "ode"), help="inner sampler (default: the config's)")
+    parser.add_argument("--corrector-steps", type=int, default=None, metavar="C",
+                        help="Langevin steps per predictor step (default: the config's)")
+    parser.add_argument("--n-val", type=int, default=64, metavar="K",
+                        help="validation images used (default: %(default)s; 0 = all)")
+    parser.add_argument("--tolerance", type=float, default=0.0, metavar="TOL",
+                        help="best = the cheapest setting whose MSE is within (1 + TOL) of the lowest "
+                             "(default: %(default)s, the lowest)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per batch (default: %(default)s)")
+    parser.add_argument("--weights", default="model", choices=("model", "best"),
+                        help="final weights or best-on-validation (default: %(default)s)")
+    add_seed_arg(parser)
+    add_device_arg(parser)
+
+
+def default_t0_grid(t0: float) -> list[float]:
+    return sorted({round(min(0.95, max(0.05, t0 + d)), 3) for d in (-0.3, -0.2, -0.1, 0.0, 0.1, 0.2)})
+
+
+def sweep(model, cfg: dict, arrays: dict, *, t0s, steps, modes, solver, corrector_steps, seed: int,
+          batch_size: int = 64, log=None) -> list[dict]:
+    """One row per (mode, t0, n_steps): MSE and SSIM means over ``arrays`` (sigma, gn, v), NFE, time.
+
+    Every setting reuses the same seed, so differences come from the setting, not the noise."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from dgm_eit.metrics import per_sample
+
+    device = next(iter(model.buffers())).device
+    rows = []
+    for mode in modes:
+        for n_steps in steps:
+            for t0 in t0s:
+                generator = torch.Generator(device=device).manual_seed(int(seed))
+                recon, nfe, seconds = [], 0, 0.0
+                for start in range(0, len(arrays["gn"]), batch_size):
+                    batch = {k: torch.from_numpy(a[start:start + batch_size]).to(device) for k, a in arrays.items()
+                             if k != "sigma"}
+                    tic = time.perf_counter()
+                    out = model.reconstruct(batch, n_samples=1, generator=generator, config=cfg, sampler="csd",
+                                            t0=t0, n_steps=n_steps, mode=mode, solver=solver,
+                                            corrector_steps=corrector_steps)
+                    seconds += time.perf_counter() - tic
+                    recon.append(out["recon"].float().cpu().numpy())
+                    nfe = max(nfe, int(out["nfe"]))
+                metrics = per_sample(np.concatenate(recon), arrays["sigma"])
+                row = {"mode": mode, "solver": solver, "t0": float(t0), "n_steps": int(n_steps),
+                       "corrector_steps": int(corrector_steps), "nfe": nfe,
+                       "mse": float(np.mean(metrics["MSE"])), "ssim": float(np.mean(metrics["SSIM"])),
+                       "seconds_per_image": seconds / len(arrays["gn"])}
+                rows.append(row)
+                if log is not None:
+                    log(f"  {mode:8s} t0={t0:<6g} steps={n_steps:<5d} nfe={nfe:<5d} "
+                        f"MSE={row['mse']:.5f} SSIM={row['ssim']:.4f} {row['seconds_per_image'] * 1e3:.0f} ms/img")
+    return rows
+
+
+def pick_best(rows: list[dict], tolerance: float = 0.0) -> dict:
+    """The cheapest row (fewest NFE, then lowest MSE) whose MSE is within (1 + tolerance) of the lowest."""
+    lowest = min(r["mse"] for r in rows)
+    ok = [r for r in rows if r["mse"] <= lowest * (1 + tolerance)]
+    return min(ok, key=lambda r: (r["nfe"], r["mse"]))
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    import numpy as np
+
+    from dgm_eit import runtime
+    from dgm_eit.data.storage import read_split
+    from dgm_eit.errors import InputError
+    from dgm_eit.metrics import per_sample
+    from dgm_eit.models.score import TUNED_FILE
+    from dgm_eit.train import load_run
+
+    if args.n_val < 0:
+        raise InputError(f"--n-val must be >= 0, got {args.n_val}")
+    if args.tolerance < 0:
+        raise InputError(f"--tolerance must be >= 0, got {args.tolerance}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not -2**63 <= args.seed < 2**63:   # torch's seed range; beyond it torch says only "Overflow"
+        raise InputError(f"--seed must fit in 64 bits, got {args.seed}")
+    runtime.seed_everything(args.seed)
+    model, cfg, info = load_run(args.run, runtime.resolve_device(args.device), weights=args.weights)
+    if model.name != "score":
+        raise InputError(f"{args.run} holds a {model.name!r} run; tune-t0 needs a score run")
+    csd = cfg["csd"]
+    t0s = args.t0 or default_t0_grid(float(csd["t0"]))
+    steps = args.steps or [int(csd["n_steps"])]
+    modes = args.modes or [csd["mode"]]
+    solver = args.solver or csd["solver"]
+    corrector = int(csd["corrector_steps"]) if args.corrector_steps is None else args.corrector_steps
+    bad = [t for t in t0s if not 0 <= t <= 1]
+    if bad:
+        raise InputError(f"--t0 values must lie in [0, 1], got {bad}")
+    if any(s < 1 for s in steps):
+        raise InputError(f"--steps values must be >= 1, got {steps}")
+    if any(m not in ("replace", "ccdf") for m in modes):
+        raise InputError(f"--modes must be replace and/or ccdf, got {modes}")
+
+    arrays = read_split(args.data, "val", keys=("sigma", "gn", "v"))
+    if args.n_val:
+        arrays = {k: a[:args.n_val] for k, a in arrays.items()}
+    if arrays["gn"].shape[-1] != info.image_size:
+        raise InputError(f"{args.data} has {arrays['gn'].shape[-1]}-pixel images, the run was trained on {info.image_size}")
+    arrays = {k: np.ascontiguousarray(a, dtype=np.float32) for k, a in arrays.items()}
+    n = len(arrays["gn"])
+    gn_metrics = per_sample(arrays["gn"], arrays["sigma"])
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log(f"tune-t0: {len(t0s) * len(steps) * len(modes)} settings on {n} validation images; "
+        f"GN: MSE={np.mean(gn_metrics['MSE']):.5f} SSIM={np.mean(gn_metrics['SSIM']):.4f}")
+    rows = sweep(model, cfg, arrays, t0s=t0s, steps=steps, modes=modes, solver=solver,
+                 corrector_steps=corrector, seed=args.seed, batch_size=args.batch_size, log=log)
+    best = pick_best(rows, args.tolerance)
+    result = {
+        "metric": "mse", "split": "val", "n_val": n, "seed": int(args.seed),
+        "data": str(Path(args.data).resolve()), "tolerance": float(args.tolerance),
+        "gn": {"mse": float(np.mean(gn_metrics["MSE"])), "ssim": float(np.mean(gn_metrics["SSIM"]))},
+        "table": rows,
+        "best": {k: best[k] for k in ("t0", "n_steps", "mode", "solver", "corrector_steps")},
+        "best_scores": {k: best[k] for k in ("mse", "ssim", "nfe")},
+    }
+    path = Path(args.run) / TUNED_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+    print(f"{path}: best t0={best['t0']:g} n_steps={best['n_steps']} mode={best['mode']} "
+          f"(NFE {best['nfe']}, val MSE {best['mse']:.5f}, SSIM {best['ssim']:.4f})")
+    return 0
