@@ -106,6 +106,18 @@ def _has_array(path, split: str, key: str) -> bool:
         return split in f and key in f[split]
 
 
+def _check_finite(arrays: dict, data_path, split: str) -> None:
+    """Name the file, array and sample of a NaN in a data set (the model would only see 'voltages').
+
+    A float64 row sum is non-finite exactly when the row holds a NaN or inf (float32 values
+    cannot overflow it), and it needs no full-size boolean copy of a large split."""
+    for key, a in arrays.items():
+        bad = ~np.isfinite(a.reshape(len(a), -1).sum(axis=1, dtype=np.float64))
+        if bad.any():
+            raise InputError(f"{data_path}: {split}/{key} contains NaN or infinite values "
+                             f"(first in sample {int(np.flatnonzero(bad)[0])})")
+
+
 def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_samples: int | None = None,
                       sampler: str | None = None, seed: int = 0, device: str = "auto",
                       batch_size: int = 64, weights: str = "model", limit: int | None = None,
@@ -124,6 +136,7 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
     arrays = read_split(data_path, split, keys=tuple(keys))
     if limit is not None:
         arrays = {k: a[:limit] for k, a in arrays.items()}
+    _check_finite(arrays, data_path, split)
     if arrays["v"].shape[1] != info.n_meas:
         raise InputError(f"{data_path} has {arrays['v'].shape[1]} measurements per sample, "
                          f"the run was trained on {info.n_meas}")

@@ -410,6 +410,13 @@ class Trainer:
         train = read_split_arrays(self.data_path, "train", need)
         self.info = DataInfo.from_arrays(train["sigma"], train["v"])
         val = read_split_arrays(self.data_path, "val", keys)
+        # a NaN in the data would surface later as a NaN loss with advice to lower the lr
+        for split, arrays in (("train", train), ("val", val)):
+            for key, a in arrays.items():
+                bad = ~np.isfinite(a.reshape(len(a), -1).sum(axis=1, dtype=np.float64))
+                if bad.any():
+                    raise InputError(f"{self.data_path}: {split}/{key} contains NaN or infinite values "
+                                     f"(first in sample {int(np.flatnonzero(bad)[0])})")
         self.train_arrays = {k: torch.from_numpy(np.ascontiguousarray(train[k], dtype=np.float32)) for k in keys}
         self.val_arrays = {k: torch.from_numpy(np.ascontiguousarray(val[k], dtype=np.float32)) for k in keys}
         if self.device.type == "cuda":
@@ -651,6 +658,11 @@ class Trainer:
             if bar is not None:
                 bar.close()
             return stop.reason
+        except KeyboardInterrupt:
+            # close the bar first, so the CLI's "interrupted" line starts on a line of its own
+            if bar is not None:
+                bar.close()
+            raise
         if bar is not None:
             bar.close()
 

@@ -86,6 +86,8 @@ def run_fem(args) -> int:
 
     if args.repeat < 1 or args.pyeit_repeat < 1:
         raise InputError("--repeat and --pyeit-repeat must be at least 1")
+    if args.seed < 0:   # numpy's own message does not name the option
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
     threads = args.threads or cpu_count()
     threadpool_limits(threads)
     rng = np.random.default_rng(args.seed)

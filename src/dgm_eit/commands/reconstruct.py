@@ -36,6 +36,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if args.sampler is not None:
+        model_name = _run_model_name(args.run)
+        # only the score model has samplers; the others ignore the option, and the output
+        # would name a sampler that never ran
+        if model_name not in (None, "score"):
+            raise InputError(f"--sampler {args.sampler} applies to score runs only; "
+                             f"{args.run} holds a {model_name!r} run")
     common = dict(n_samples=args.samples, sampler=args.sampler, seed=args.seed, device=args.device,
                   batch_size=args.batch_size, weights=args.weights)
     if args.data:
@@ -55,3 +62,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.out}: {n} image(s), {result['seconds_per_image'] * 1000:.2f} ms per image, "
           f"{result['nfe']} network evaluation(s) each", file=sys.stderr)
     return 0
+
+
+def _run_model_name(run_dir) -> str | None:
+    """The model named in RUN_DIR/config.json, or None when unreadable (load_run then says why)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -323,6 +323,9 @@ def check_config(cfg: dict, seed: int) -> dict[str, int]:
     """Cheap checks before any process starts: sizes, seed, phantom parameters."""
     if int(seed) < 0:
         raise InputError(f"--seed must be >= 0 for simulation, got {seed}")
+    if int(seed) >= 2**63:
+        # the seed is stored as an int64 HDF5 attribute; a larger one failed mid-write
+        raise InputError(f"--seed must be < 2**63 for simulation, got {seed}")
     sizes = split_sizes(cfg)
     sampler = phantom_sampler(cfg)
     # rejection sampling failing is the practical test of "the anomalies cannot fit"
