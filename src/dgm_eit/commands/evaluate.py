@@ -1,0 +1,39 @@
+"""``dgm-eit evaluate``: score any reconstruction file against a data set with the report's metrics."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "score reconstructions (HDF5 'recon' or .npy (N,H,W)) against a data set: MSE, PSNR, SSIM, RE, AE, DR"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pred", required=True, metavar="FILE",
+                        help="reconstructions: an HDF5 file with a 'recon' array, or a .npy array (N,H,W)")
+    parser.add_argument("--data", required=True, metavar="FILE", help="data-set file (dgm-eit simulate)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"),
+                        help="split whose ground truth is compared (default: %(default)s)")
+    parser.add_argument("--name", default=None, help="method name shown in the table (default: the file name)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from dgm_eit.metrics import METRICS, evaluate_file
+    from dgm_eit.report import metrics_table
+
+    summaries, _ = evaluate_file(args.pred, args.data, args.split)
+    name = args.name or Path(args.pred).stem
+    if args.json:
+        print(json.dumps({
+            "name": name, "pred": str(args.pred), "data": str(args.data), "split": args.split,
+            "n": next(iter(summaries.values())).n,
+            "metrics": {m: {"mean": summaries[m].mean, "std": summaries[m].std} for m in METRICS},
+        }, indent=2))
+    else:
+        print(metrics_table({name: summaries}))
+        print(f"\n{next(iter(summaries.values())).n} images of the {args.split!r} split; mean ± std. "
+              f"Lower is better for MSE, RE, AE; higher for PSNR, SSIM; DR closest to 1.")
+    return 0

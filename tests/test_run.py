@@ -1,0 +1,145 @@
+"""``dgm-eit run --profile smoke`` end to end, once per test session (about a minute or two)."""
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dgm_eit.cli import main
+from dgm_eit.config import load_config
+from dgm_eit.data.storage import read_split
+from dgm_eit.experiments import METHOD_NAMES, METHODS, Experiment, settings_for
+from dgm_eit.metrics import METRICS, evaluate, evaluate_file
+from dgm_eit.report import CSV_COLUMNS, PAPER_RESULTS, paper_mse_change
+
+ARGS = ["--profile", "smoke", "--seed", "0", "--set", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke_run") / "run"
+    code = main(["run", "--out", str(out), *ARGS])
+    return out, code
+
+
+def _csv_rows(out: Path) -> list[dict]:
+    with open(out / "metrics.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        return list(reader)
+
+
+def test_smoke_run_makes_every_row_table_and_figure(smoke_run):
+    out, code = smoke_run
+    assert code == 0
+    cfg = load_config("smoke")
+    settings = settings_for(cfg)
+    assert len(settings) == 6
+    rows = _csv_rows(out)
+    assert len(rows) == len(settings) * len(METHODS) * len(METRICS)
+    seen = {(r["test"], r["train_set"], r["test_set"], r["method"], r["metric"]) for r in rows}
+    assert len(seen) == len(rows)
+    for r in rows:
+        assert int(r["n"]) == cfg["data"]["n_test"]
+        assert np.isfinite(float(r["mean"])) and np.isfinite(float(r["std"]))
+    # CSD* in Test 2 uses the prior trained on the 40 dB set; CVAE/CNF their own 25 dB set
+    t2 = {r["method"]: r["train_set"] for r in rows if r["test"] == "T2" and r["test_set"] == "2a_25dB"}
+    assert t2 == {"GN": "none", "CVAE": "2a_25dB", "CNF": "2a_25dB", "CSD*": "2a_40dB", "CSD-guided": "2a_40dB"}
+    t3 = {r["method"]: r["train_set"] for r in rows if r["test"] == "T3" and r["test_set"] == "2a_25dB"}
+    assert t3["CVAE"] == t3["CNF"] == t3["CSD*"] == "4a_40dB"
+
+    report = (out / "report.md").read_text()
+    header = "| Method | MSE | PSNR | SSIM | RE | AE | DR | MSE vs GN | paper MSE vs GN |"
+    assert report.count(header) == 6
+    for method in METHODS:
+        assert len(re.findall(rf"^\| {re.escape(METHOD_NAMES[method])}( \(\w+\))? \|", report, re.M)) >= 6
+    assert "## Efficiency" in report and "| CSD* | 2a_40dB |" in report
+    figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", report)
+    assert len(figures) == 6
+    for rel in figures:
+        assert (out / rel).stat().st_size > 5000
+    assert "did not complete" not in report
+
+
+def test_csv_numbers_are_the_metrics_of_the_written_reconstructions(smoke_run):
+    out, _ = smoke_run
+    rows = {(r["test"], r["test_set"], r["method"], r["metric"]): r for r in _csv_rows(out)}
+    data = out / "data" / "2a_40dB.h5"
+    arrays = read_split(data, "test", keys=("sigma", "gn"))
+    gn = evaluate(arrays["gn"], arrays["sigma"])
+    cnf, _ = evaluate_file(out / "recon" / "cnf_2a_40dB_on_2a_40dB.h5", data, "test")
+    for metric in METRICS:
+        assert float(rows[("T1", "2a_40dB", "GN", metric)]["mean"]) == pytest.approx(gn[metric].mean)
+        assert float(rows[("T1", "2a_40dB", "CNF", metric)]["std"]) == pytest.approx(cnf[metric].std)
+    with open(out / "metrics_per_sample.csv", newline="") as f:
+        per_image = [r for r in csv.DictReader(f) if r["test"] == "T1" and r["test_set"] == "2a_40dB"
+                     and r["method"] == "CNF"]
+    assert len(per_image) == len(arrays["sigma"])
+    assert np.mean([float(r["SSIM"]) for r in per_image]) == pytest.approx(cnf["SSIM"].mean)
+    # Test 3's GN row is the same reconstruction as Test 1's
+    assert rows[("T3", "2a_40dB", "GN", "MSE")]["mean"] == rows[("T1", "2a_40dB", "GN", "MSE")]["mean"]
+
+
+def test_noise_levels_share_phantoms(smoke_run):
+    out, _ = smoke_run
+    hi = read_split(out / "data" / "4a_40dB.h5", "train", keys=("sigma", "v"))
+    lo = read_split(out / "data" / "4a_25dB.h5", "train", keys=("sigma", "v"))
+    np.testing.assert_array_equal(hi["sigma"], lo["sigma"])
+    assert not np.allclose(hi["v"], lo["v"])
+
+
+def test_rerun_reuses_stages_and_a_lost_stage_is_redone_identically(smoke_run, capsys):
+    out, _ = smoke_run
+    before = (out / "metrics.csv").read_text()
+    lost = out / "recon" / "csd_4a_40dB_on_2a_25dB.h5"
+    lost.unlink()
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), *ARGS]) == 0
+    log = capsys.readouterr().err
+    ran = [line[8:] for line in log.splitlines() if line.startswith(("[run]", "[queue]"))]
+    assert ran == ["reconstruct csd (4a_40dB) on 2a_25dB"]
+    assert "[reuse] train score on 4a_40dB" in log
+    assert lost.exists()
+    assert (out / "metrics.csv").read_text() == before
+
+
+def test_a_different_config_is_refused_for_the_same_directory(smoke_run, capsys):
+    out, _ = smoke_run
+    assert main(["run", "--out", str(out), *ARGS, "--set", "data.n_train=40"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.n_train: 48 -> 40" in err[0]
+    other_seed = [a if a != "0" else "1" for a in ARGS]
+    assert main(["run", "--out", str(out), *other_seed]) == 2
+    assert "made with --seed 0, not 1" in capsys.readouterr().err
+
+
+def test_paper_reference_table_is_complete():
+    assert set(PAPER_RESULTS) == {1, 2, 3, 4, 5, 6}
+    for table, rows in PAPER_RESULTS.items():
+        assert {"CVAE", "CNF", "CSD*"} <= set(rows)
+        for values in rows.values():
+            assert set(values) == set(METRICS)
+    # the paper's text: CNF is 65.6% better than GN in Table 1 (0.0011 vs 0.0032)
+    assert paper_mse_change(1, "CNF") == pytest.approx(-65.6, abs=0.1)
+    assert paper_mse_change(5, "GN") is None
+
+
+def test_unknown_test_or_method_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="run.tests"):
+        Experiment(load_config("smoke", ["run.tests=[\"T9\"]"]), tmp_path)
+    with pytest.raises(ValueError, match="run.methods"):
+        Experiment(load_config("smoke", ["run.methods=[\"gn\", \"gan\"]"]), tmp_path)
+
+
+def test_plan_trains_conditional_models_per_set_and_one_prior_per_anomaly_count(tmp_path):
+    full = Experiment(load_config("smoke"), tmp_path)
+    assert [d.label for d in full.datasets()] == ["2a_40dB", "2a_25dB", "4a_40dB", "4a_25dB"]
+    runs = {(m, d.label) for m, d in full.training_runs()}
+    assert runs == {(m, d) for m in ("cvae", "cnf") for d in ("2a_40dB", "2a_25dB", "4a_40dB", "4a_25dB")} | {
+        ("score", "2a_40dB"), ("score", "4a_40dB")}
+    assert len(full.reconstructions()) == 4 * 6
+    only_t1 = Experiment(load_config("smoke", ['run.tests=["T1"]', 'run.methods=["gn", "csd"]']), tmp_path)
+    assert [d.label for d in only_t1.datasets()] == ["2a_40dB", "4a_40dB"]
+    assert {(m, d.label) for m, d in only_t1.training_runs()} == {("score", "2a_40dB"), ("score", "4a_40dB")}
