@@ -272,7 +272,11 @@ def _solver(sde, solver, n_steps, predictor, corrector, snr, corrector_steps):
 def pc_sampler(sde: SDE, n_steps: int = 1000, predictor: str = "reverse_diffusion",
                corrector: str = "langevin", snr: float = 0.16, corrector_steps: int = 1, **_):
     """Unconditional predictor-corrector sampling from the prior at t = 1."""
-    run = _solver(sde, "pc", n_steps, predictor, corrector, snr, corrector_steps)
+    return _from_prior(sde, _solver(sde, "pc", n_steps, predictor, corrector, snr, corrector_steps))
+
+
+def _from_prior(sde: SDE, run):
+    """A sampler that draws x_1 from the prior and hands it to ``run`` (a ``_solver``)."""
 
     @torch.no_grad()
     def sample(score_fn, shape, *, generator=None, init=None, likelihood=None, device=None,
@@ -286,15 +290,7 @@ def pc_sampler(sde: SDE, n_steps: int = 1000, predictor: str = "reverse_diffusio
 @register(SAMPLERS, "ode")
 def ode_sampler(sde: SDE, n_steps: int = 18, **_):
     """Few-step deterministic sampling: probability-flow ODE, Heun, EDM time steps."""
-    run = _solver(sde, "ode", n_steps, "none", "none", 0.0, 0)
-
-    @torch.no_grad()
-    def sample(score_fn, shape, *, generator=None, init=None, likelihood=None, device=None,
-               dtype=torch.float32):
-        x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
-        return run(score_fn, x, 1.0, generator)
-
-    return sample
+    return _from_prior(sde, _solver(sde, "ode", n_steps, "none", "none", 0.0, 0))
 
 
 @register(SAMPLERS, "csd")
