@@ -659,3 +659,13 @@ def test_ctrl_c_stops_train_with_a_checkpoint_that_resumes(work, tmp_path):
     epochs = [int(line.split(",")[1]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
     assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 1
 
+
+
+@pytest.mark.parametrize("seed", [-1, 2**48, 1.5, True])
+def test_one_seed_rule_for_every_command(seed):
+    from dgm_eit.errors import InputError
+    from dgm_eit.runtime import check_seed
+
+    with pytest.raises(InputError, match=r"--seed must be an integer in \[0, 2\*\*48\)"):
+        check_seed(seed)
+    assert check_seed(2**48 - 1) == 2**48 - 1

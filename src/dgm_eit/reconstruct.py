@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dgm_eit.errors import InputError
+from dgm_eit.runtime import check_seed
 from dgm_eit.train import load_run
 
 
@@ -46,8 +47,7 @@ def reconstruct_arrays(model, v: np.ndarray, gn: np.ndarray | None = None, *, n_
             raise InputError(f"--samples must be >= 1, got {n_samples}")
         # None leaves the model's own default (e.g. the CNF's number of posterior samples)
         opts["n_samples"] = int(n_samples)
-    if not -2**63 <= int(seed) < 2**64:
-        raise InputError(f"--seed must fit in 64 bits, got {seed}")
+    check_seed(seed)
     device = next(iter(model.buffers())).device
     generator = torch.Generator(device=device).manual_seed(int(seed))
     recon, stds, nfe = [], [], 0

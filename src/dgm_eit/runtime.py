@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 
+from dgm_eit.errors import InputError
+
 
 def cpu_count() -> int:
     try:
@@ -39,6 +41,19 @@ def resolve_device(name: str = "auto"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+MAX_SEED = 2**48
+
+
+def check_seed(seed) -> int:
+    """The one seed rule of every command: an integer in [0, 2**48).
+
+    The bound leaves room for derived seeds (``1000 * seed + k``) inside the 64-bit range of
+    numpy and torch, and HDF5 stores the seed as int64."""
+    if isinstance(seed, bool) or int(seed) != seed or not 0 <= int(seed) < MAX_SEED:
+        raise InputError(f"--seed must be an integer in [0, 2**48), got {seed}")
+    return int(seed)
 
 
 def seed_everything(seed: int) -> None:

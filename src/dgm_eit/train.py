@@ -40,6 +40,7 @@ import torch
 
 from dgm_eit.config import flatten
 from dgm_eit.errors import InputError
+from dgm_eit.runtime import check_seed
 from dgm_eit.models import MODELS
 from dgm_eit.models.base import DataInfo, GenerativeModel
 
@@ -375,11 +376,7 @@ class Trainer:
         self.data_path = Path(data_path)
         self.out = Path(out_dir)
         self.cfg = cfg
-        self.seed = int(seed)
-        if abs(self.seed) >= 2**48:
-            # derived seeds (seed * 1000 + stage) must fit torch's 64-bit seed; checked before
-            # the run directory exists
-            raise InputError(f"--seed must lie in (-2**48, 2**48), got {seed}")
+        self.seed = check_seed(seed)   # before the run directory exists
         self.max_seconds = None if max_minutes is None else float(max_minutes) * 60.0
         if self.max_seconds is not None and self.max_seconds < 0:
             raise InputError(f"--max-minutes must be >= 0, got {max_minutes}")

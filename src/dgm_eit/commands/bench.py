@@ -82,12 +82,11 @@ def run_fem(args) -> int:
     from dgm_eit.errors import InputError
     from dgm_eit.physics import ForwardModel, disk_mesh, make_protocol, pyeit_like_mesh
     from dgm_eit.recon import gauss_newton
-    from dgm_eit.runtime import cpu_count
+    from dgm_eit.runtime import check_seed, cpu_count
 
     if args.repeat < 1 or args.pyeit_repeat < 1:
         raise InputError("--repeat and --pyeit-repeat must be at least 1")
-    if args.seed < 0:   # numpy's own message does not name the option
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    check_seed(args.seed)
     threads = args.threads or cpu_count()
     threadpool_limits(threads)
     rng = np.random.default_rng(args.seed)

@@ -130,8 +130,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--tolerance must be >= 0, got {args.tolerance}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not -2**63 <= args.seed < 2**63:   # torch's seed range; beyond it torch says only "Overflow"
-        raise InputError(f"--seed must fit in 64 bits, got {args.seed}")
+    runtime.check_seed(args.seed)
     runtime.seed_everything(args.seed)
     model, cfg, info = load_run(args.run, runtime.resolve_device(args.device), weights=args.weights)
     if model.name != "score":
