@@ -669,3 +669,18 @@ def test_one_seed_rule_for_every_command(seed):
     with pytest.raises(InputError, match=r"--seed must be an integer in \[0, 2\*\*48\)"):
         check_seed(seed)
     assert check_seed(2**48 - 1) == 2**48 - 1
+
+
+def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):
+    from dgm_eit.files import atomic_path
+
+    target = tmp_path / "out" / "fig.png"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert list((tmp_path / "out").iterdir()) == []
+    with atomic_path(target) as tmp:
+        assert tmp.suffix == ".png"
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and list((tmp_path / "out").iterdir()) == [target]

@@ -34,7 +34,7 @@ def test_split_reconstruction_file(trained, tmp_path):
         assert f.attrs["method"] == "cvae" and f.attrs["split"] == "test" and f.attrs["seed"] == 4
         assert f.attrs["nfe"] == 1 and f.attrs["seconds_per_image"] > 0
         assert f.attrs["data"].endswith("tiny.h5")
-    assert not (tmp_path / "recon.h5.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp*"))
     # the same images as the model itself, up to float rounding of other batch sizes
     model, _, _ = load_run(run)
     with h5py.File(data, "r") as d:

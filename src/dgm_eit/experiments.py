@@ -40,6 +40,7 @@ import numpy as np
 
 from dgm_eit.config import flatten
 from dgm_eit.errors import InputError
+from dgm_eit.files import write_text
 from dgm_eit.runtime import check_seed
 from dgm_eit.metrics import METRICS, Summary, per_sample, summarize
 
@@ -351,18 +352,14 @@ class Experiment:
                                  f"{', ...' if len(changed) > 5 else ''}); use another --out")
         else:
             self.layout.root.mkdir(parents=True, exist_ok=True)
-            from dgm_eit.report import write_text_atomic
-
-            write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))
+            write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
 
     def _load_stage_records(self) -> None:
         path = self.layout.stages
         self.stage_records = json.loads(path.read_text()) if path.exists() else {}
 
     def _save_stage_records(self) -> None:
-        from dgm_eit.report import write_text_atomic
-
-        write_text_atomic(self.layout.stages, json.dumps(self.stage_records, indent=2))
+        write_text(self.layout.stages, json.dumps(self.stage_records, indent=2))
 
     def _reused(self, name: str) -> None:
         if self.stage_records.get(name, {}).get("status") != "done":

@@ -7,7 +7,6 @@ score model's samplers are reachable from the command line.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 from dgm_eit.errors import InputError
+from dgm_eit.files import atomic_path
 from dgm_eit.runtime import check_seed
 from dgm_eit.train import load_run
 
@@ -85,9 +85,7 @@ def write_recon_file(path, result: dict, attrs: dict) -> Path:
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("recon", data=result["recon"])
         if "recon_std" in result:
             f.create_dataset("recon_std", data=result["recon_std"])
@@ -95,7 +93,6 @@ def write_recon_file(path, result: dict, attrs: dict) -> Path:
         f.attrs["nfe"] = int(result["nfe"])
         for key, value in attrs.items():
             f.attrs[key] = value
-    os.replace(tmp, path)
     return path
 
 
@@ -229,16 +226,14 @@ def save_user_output(path, result: dict, single: bool) -> Path:
     path = Path(path)
     recon = result["recon"][0] if single else result["recon"]
     suffix = path.suffix.lower()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if suffix == ".npy":
-        with open(tmp, "wb") as f:
-            np.save(f, recon)
-    elif suffix == ".png":
-        _save_png(tmp, result)
-    else:
+    if suffix not in (".npy", ".png"):
         raise InputError(f"--out {path}: use a .npy or .png file for --voltages (or .h5 with --data)")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, recon)
+        else:
+            _save_png(tmp, result)
     return path
 
 

@@ -18,6 +18,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from dgm_eit.files import atomic_path, write_text
 from dgm_eit.metrics import LOWER_IS_BETTER, METRICS, Summary
 
 # decimals per metric in tables: enough to separate methods at the paper's scale
@@ -137,23 +138,13 @@ def markdown_table(header: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_metrics_csv(path: str | Path, records: Iterable[Mapping], columns: tuple[str, ...] = CSV_COLUMNS) -> None:
     """CSV with ``columns`` (default: the long format of :data:`CSV_COLUMNS`, one row per metric)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for record in records:
             writer.writerow({k: record[k] for k in columns})
-    os.replace(tmp, path)
 
 
 def comparison_figure(path: str | Path, truth: np.ndarray, recons: Mapping[str, np.ndarray],
@@ -192,11 +183,11 @@ def comparison_figure(path: str | Path, truth: np.ndarray, recons: Mapping[str, 
         fig.colorbar(value_image, cax=fig.add_axes((0.91, 0.52, 0.015, 0.36)), label="σ")
     if std_image is not None:
         fig.colorbar(std_image, cax=fig.add_axes((0.91, 0.1, 0.015, 0.36)), label="std")
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=80)
+    finally:
+        plt.close(fig)
 
 
 def _seconds(value: float | None) -> str:
@@ -348,5 +339,5 @@ def write_outputs(result) -> dict[str, Path]:
              "per_sample": out / "metrics_per_sample.csv"}
     write_metrics_csv(paths["metrics"], result.records())
     write_metrics_csv(paths["per_sample"], result.per_sample_records(), PER_SAMPLE_COLUMNS)
-    write_text_atomic(paths["report"], render_report(result))
+    write_text(paths["report"], render_report(result))
     return paths

@@ -40,6 +40,7 @@ import torch
 
 from dgm_eit.config import flatten
 from dgm_eit.errors import InputError
+from dgm_eit.files import write_bytes, write_text
 from dgm_eit.runtime import check_seed
 from dgm_eit.models import MODELS
 from dgm_eit.models.base import DataInfo, GenerativeModel
@@ -55,25 +56,12 @@ CHECKPOINT_FORMAT = 1
 # small utilities
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Model state as safetensors, written atomically (tensors copied: safetensors refuses shared storage)."""
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
+    write_bytes(path, save(state, metadata={"format": "pt"}))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -349,7 +337,7 @@ def _prepare_run_dir(out: Path, meta: dict, dist: Dist) -> bool:
         raise InputError(f"{out} exists and is not a dgm-eit run directory (no config.json); use a new --out")
     if dist.main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cfg_path, json.dumps(meta, indent=2, sort_keys=True))
+        write_text(cfg_path, json.dumps(meta, indent=2, sort_keys=True))
     return False
 
 
@@ -358,7 +346,7 @@ def _write_metrics(out: Path, rows: list[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "metrics.csv", buf.getvalue())
+    write_text(out / "metrics.csv", buf.getvalue())
 
 
 def _batches(arrays: dict[str, torch.Tensor], idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
@@ -451,7 +439,7 @@ class Trainer:
         }
         buf = io.BytesIO()
         torch.save(state, buf)
-        atomic_write_bytes(self._checkpoint_path(), buf.getvalue())
+        write_bytes(self._checkpoint_path(), buf.getvalue())
         _write_metrics(self.out, st.metrics)
 
     def _load_checkpoint(self) -> dict | None:
@@ -529,7 +517,7 @@ class Trainer:
                 return TrainResult(self.out, False, st.step, stopped)
         if self.dist.main:
             save_weights(self.model, self.out / "model.safetensors")
-            atomic_write_text(self.out / "done", json.dumps({"step": st.step, "wall_s": round(st.wall_s, 3)}))
+            write_text(self.out / "done", json.dumps({"step": st.step, "wall_s": round(st.wall_s, 3)}))
         self.dist.barrier()
         return TrainResult(self.out, True, st.step, None)
 

@@ -16,7 +16,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def draw_sample(sample: dict, title: str, out) -> None:
     """Three panels: truth and GN image on one colour scale, noisy and clean voltages."""
-    import os
     from pathlib import Path
 
     import matplotlib
@@ -24,6 +23,8 @@ def draw_sample(sample: dict, title: str, out) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
+    from dgm_eit.files import atomic_path
 
     out = Path(out)
     size = sample["sigma"].shape[-1]
@@ -50,10 +51,11 @@ def draw_sample(sample: dict, title: str, out) -> None:
     axes[2].legend(loc="upper right")
     axes[2].set_title("boundary voltages")
     fig.suptitle(title)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format=out.suffix.lstrip(".") or "png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:

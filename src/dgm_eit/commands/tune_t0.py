@@ -112,7 +112,6 @@ def pick_best(rows: list[dict], tolerance: float = 0.0) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import os
     from pathlib import Path
 
     import numpy as np
@@ -120,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from dgm_eit import runtime
     from dgm_eit.data.storage import read_split
     from dgm_eit.errors import InputError
+    from dgm_eit.files import write_text
     from dgm_eit.metrics import per_sample
     from dgm_eit.models.score import TUNED_FILE
     from dgm_eit.train import load_run
@@ -172,9 +172,7 @@ def run(args: argparse.Namespace) -> int:
         "best_scores": {k: best[k] for k in ("mse", "ssim", "nfe")},
     }
     path = Path(args.run) / TUNED_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(result, indent=2))
     print(f"{path}: best t0={best['t0']:g} n_steps={best['n_steps']} mode={best['mode']} "
           f"(NFE {best['nfe']}, val MSE {best['mse']:.5f}, SSIM {best['ssim']:.4f})")
     return 0
