@@ -139,3 +139,14 @@ def test_regressor_stage_leaves_the_vae_untouched(tiny_dataset, tmp_path):
     assert any("running_mean" in k for k in vae_keys)   # BatchNorm statistics frozen too
     assert all(torch.equal(final[k], after_vae[k]) for k in vae_keys)
     assert not all(torch.equal(final[k], after_vae[k]) for k in final if k.startswith("regressor."))
+
+
+def test_reconstruction_is_zero_outside_the_disk():
+    from dgm_eit.models.base import disk_mask
+
+    torch.manual_seed(0)
+    model = CVAE(load_config("smoke")["cvae"], _info(16))
+    recon = model.reconstruct({"v": torch.randn(3, 208)})["recon"]
+    outside = ~disk_mask(16)
+    assert outside.any() and torch.all(recon[:, outside] == 0)
+    assert "inside" not in model.state_dict()   # derived from the size, not saved

@@ -14,6 +14,14 @@ from torch import nn
 from dgm_eit.errors import InputError
 
 
+def disk_mask(size: int) -> torch.Tensor:
+    """(size, size) bool: pixels whose centre lies in the closed unit disk, on the [-1,1]^2
+    grid with y up, the rule of ``PixelGrid.inside``; the images are 0 outside it."""
+    c = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
+    y, x = torch.meshgrid(-c, c, indexing="ij")
+    return x**2 + y**2 <= 1.0
+
+
 @dataclass
 class DataInfo:
     """Shapes and normalisation statistics of the training split, saved in the run dir."""

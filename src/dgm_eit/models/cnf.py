@@ -22,15 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from dgm_eit.errors import InputError
-from dgm_eit.models.base import DataInfo, GenerativeModel
+from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
 from dgm_eit.models.flow_layers import FlowStep, InvertibleDownsampling
-
-
-def disk_mask(size: int) -> torch.Tensor:
-    """Pixels whose centre lies in the closed unit disk (grid on [-1,1]^2, as PixelGrid)."""
-    c = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
-    y, x = torch.meshgrid(-c, c, indexing="ij")
-    return (x**2 + y**2 <= 1.0)
 
 
 class _ResBlock(nn.Module):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dgm_eit.errors import InputError
-from dgm_eit.models.base import DataInfo, GenerativeModel
+from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
 
 TARGETS = ("mean", "sample")
 
@@ -107,11 +107,14 @@ class CVAE(GenerativeModel):
                                          float(cfg["mlp_dropout"]), float(cfg["latent_bound"]))
         self.register_buffer("img_mean", torch.tensor(info.sigma_mean, dtype=torch.float32))
         self.register_buffer("img_std", torch.tensor(info.sigma_std, dtype=torch.float32))
+        # derived from the image size, so not saved with the weights
+        self.register_buffer("inside", disk_mask(info.image_size).float(), persistent=False)
 
     # -- helpers -------------------------------------------------------------------
     def _to_image(self, decoded: torch.Tensor) -> torch.Tensor:
-        # the reference decoder ends in ReLU on physical conductivities (>= 0)
-        return torch.relu(decoded * self.img_std + self.img_mean)
+        # the reference decoder ends in ReLU on physical conductivities (>= 0); the images are 0
+        # outside the disk, so the decoder is not asked to learn (or charged for) that part
+        return torch.relu(decoded * self.img_std + self.img_mean) * self.inside
 
     def _check_image(self, sigma: torch.Tensor) -> None:
         size = self.info.image_size

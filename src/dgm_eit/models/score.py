@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgm_eit.errors import InputError
-from dgm_eit.models.base import DataInfo, GenerativeModel
+from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
 from dgm_eit.models.sde import make_sde
 from dgm_eit.models import samplers as sampling
 
@@ -222,13 +222,6 @@ def build_backbone(cfg: dict, image_size: int) -> NCSNpp:
                   dropout=cfg["dropout"], fourier_scale=cfg["fourier_scale"])
 
 
-def disk_mask(size: int) -> torch.Tensor:
-    """Pixels whose centre lies in the unit disk on the [-1,1]^2 grid (y up), as PixelGrid."""
-    c = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
-    y, x = torch.meshgrid(-c, c, indexing="ij")
-    return (x**2 + y**2 <= 1.0).to(torch.float32)
-
-
 def physics_operator(config: dict, image_size: int):
     """The differentiable EIT operator of a run's full config (``[mesh]``) at ``image_size``:
     the inversion mesh, as the Gauss-Newton images of the data set were made on."""
@@ -275,7 +268,7 @@ class ScoreModel(GenerativeModel):
         self.net = ScoreNetwork(build_backbone(cfg, info.image_size))
         self.register_buffer("sigma_mean", torch.tensor(float(info.sigma_mean)))
         self.register_buffer("sigma_std", torch.tensor(float(info.sigma_std)))
-        self.register_buffer("support", disk_mask(info.image_size))
+        self.register_buffer("support", disk_mask(info.image_size).float())
         # EIT operators built from run configs, kept in a plain dict so that they are not
         # registered as sub-modules (they hold no weights and stay on the CPU)
         self._operators: dict[str, nn.Module] = {}
