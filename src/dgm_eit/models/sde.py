@@ -40,10 +40,13 @@ class SDE:
     #: end of the reverse process: samplers stop at ``t = eps`` and then denoise once
     eps: float = 1e-5
 
-    def __init__(self, n_steps: int):
+    def __init__(self, n_steps: int, eps: float):
         if int(n_steps) < 1:
             raise InputError(f"SDE needs at least one discretisation step, got N={n_steps}")
+        if not 0 < eps < 1:
+            raise InputError(f"{type(self).__name__} end time eps must lie in (0, 1), got {eps}")
         self.N = int(n_steps)
+        self.eps = float(eps)
 
     def sigma(self, t) -> torch.Tensor:
         """Noise-to-signal ratio of ``x_t`` (the network's conditioning): ``x_t / scale(t)``
@@ -117,14 +120,11 @@ class VESDE(SDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, n_steps: int = 1000,
                  eps: float = 1e-5):
-        super().__init__(n_steps)
+        super().__init__(n_steps, eps)
         if not 0 < sigma_min < sigma_max:
             raise InputError(f"VE SDE needs 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
-        if not 0 < eps < 1:
-            raise InputError(f"VE SDE end time eps must lie in (0, 1), got {eps}")
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
-        self.eps = float(eps)
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
     def sigma(self, t) -> torch.Tensor:
@@ -169,12 +169,10 @@ class VPSDE(SDE):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, n_steps: int = 1000,
                  eps: float = 1e-3):
-        super().__init__(n_steps)
+        super().__init__(n_steps, eps)
         if not 0 < beta_min < beta_max:
             raise InputError(f"VP SDE needs 0 < beta_min < beta_max, got {beta_min} and {beta_max}")
-        if not 0 < eps < 1:
-            raise InputError(f"VP SDE end time eps must lie in (0, 1), got {eps}")
-        self.beta_min, self.beta_max, self.eps = float(beta_min), float(beta_max), float(eps)
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
     def _log_scale(self, t) -> torch.Tensor:
         t = torch.as_tensor(t)
