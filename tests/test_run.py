@@ -143,3 +143,33 @@ def test_plan_trains_conditional_models_per_set_and_one_prior_per_anomaly_count(
     only_t1 = Experiment(load_config("smoke", ['run.tests=["T1"]', 'run.methods=["gn", "csd"]']), tmp_path)
     assert [d.label for d in only_t1.datasets()] == ["2a_40dB", "4a_40dB"]
     assert {(m, d.label) for m, d in only_t1.training_runs()} == {("score", "2a_40dB"), ("score", "4a_40dB")}
+
+
+def test_csd_settings_are_chosen_on_the_validation_split_of_each_tables_training_data(smoke_run):
+    from dgm_eit.experiments import DataSpec, dataset_config, recon_attrs
+    from dgm_eit.tuning import tune_on_validation
+
+    out, _ = smoke_run
+    cfg = load_config("smoke")
+    run = cfg["run"]
+    exp = Experiment(cfg, out)
+    two_hi, two_lo, four_hi = DataSpec(2, 40.0), DataSpec(2, 25.0), DataSpec(4, 40.0)
+    assert exp.tuning_set("csd", two_hi, two_hi) == two_hi     # T1
+    assert exp.tuning_set("csd", two_hi, two_lo) == two_lo     # T2: the 25 dB set CVAE and CNF learn from
+    assert exp.tuning_set("csd", four_hi, two_lo) == four_hi   # T3: never the test data's distribution
+    best, rows = tune_on_validation(exp.layout.run("score", four_hi), exp.layout.data(four_hi),
+                                    dataset_config(cfg, two_lo), t0s=run["csd_tune_t0"],
+                                    steps=run["csd_tune_steps"], n_images=run["csd_tune_images"], seed=0)
+    assert len(rows) == len(run["csd_tune_t0"]) * len(run["csd_tune_steps"])
+    assert best["t0"] == min(rows, key=lambda r: r["mse"])["t0"]
+    attrs = recon_attrs(exp.layout.recon("csd", four_hi, two_lo))
+    assert (attrs["t0"], attrs["n_steps"]) == (best["t0"], best["n_steps"])
+    assert f"t0 = {best['t0']:g}, {best['n_steps']} reverse steps, chosen on the validation split of 4a_40dB" \
+        in (out / "report.md").read_text()
+
+
+def test_bad_tuning_grid_is_refused(tmp_path):
+    cfg = load_config("smoke")
+    cfg["run"]["csd_tune_t0"] = [0.3, 1.5]
+    with pytest.raises(ValueError, match="csd_tune_t0"):
+        Experiment(cfg, tmp_path / "run")

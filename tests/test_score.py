@@ -217,7 +217,7 @@ def test_trained_with_the_shared_trainer_then_tuned_and_reloaded(tmp_path, tiny_
 
 
 def test_tune_t0_picks_the_cheapest_setting_within_the_tolerance():
-    from dgm_eit.commands.tune_t0 import default_t0_grid, pick_best
+    from dgm_eit.tuning import default_t0_grid, pick_best
 
     rows = [{"nfe": 900, "mse": 0.0060}, {"nfe": 100, "mse": 0.0062}, {"nfe": 20, "mse": 0.0070}]
     assert pick_best(rows)["nfe"] == 900

@@ -108,6 +108,16 @@ def methods_for(cfg: dict) -> list[str]:
     return [m for m in METHODS if m in cfg["run"]["methods"]]
 
 
+def check_tuning(run: dict) -> None:
+    t0s, steps, n = run["csd_tune_t0"], run["csd_tune_steps"], run["csd_tune_images"]
+    if not all(isinstance(t, (int, float)) and 0 < t <= 1 for t in t0s):
+        raise InputError(f"run.csd_tune_t0 must list insertion times in (0, 1], got {t0s}")
+    if t0s and not (steps and all(isinstance(k, int) and k >= 1 for k in steps)):
+        raise InputError(f"run.csd_tune_steps must list step counts >= 1, got {steps}")
+    if not (isinstance(n, int) and n >= 1):
+        raise InputError(f"run.csd_tune_images must be an integer >= 1, got {n}")
+
+
 def model_train_set(method: str, setting: Setting, cfg: dict) -> DataSpec | None:
     """The data set whose training split the method's model learns from (None for GN)."""
     if method == "gn":
@@ -179,11 +189,21 @@ def train_stage(model: str, data: Path, run_dir: Path, cfg: dict, seed: int, dev
 
 
 def reconstruct_stage(run_dir: Path, data: Path, out: Path, *, n_samples: int, sampler: str | None,
-                      seed: int, device: str, cfg: dict, progress: bool | None = None) -> None:
+                      seed: int, device: str, cfg: dict, progress: bool | None = None,
+                      tune_data: Path | None = None) -> None:
+    """Reconstruct the test split of ``data``; with ``tune_data``, first choose CSD*'s t0 and
+    step count on its validation split (``[run] csd_tune_*``)."""
     from dgm_eit.reconstruct import reconstruct_split
 
     # the score model's samplers read [csd] and, for guided sampling, [mesh] from the config
     opts = {"config": cfg} if sampler is not None else {}
+    if tune_data is not None:
+        from dgm_eit.tuning import tune_on_validation
+
+        run = cfg["run"]
+        best, _ = tune_on_validation(run_dir, tune_data, cfg, t0s=run["csd_tune_t0"], steps=run["csd_tune_steps"],
+                                     n_images=int(run["csd_tune_images"]), seed=seed, device=device)
+        opts.update(best)
     progress = bool(cfg["train"]["progress"]) if progress is None else progress
     reconstruct_split(run_dir, data, "test", out, n_samples=n_samples, sampler=sampler, seed=seed, device=device,
                       progress=progress, **opts)
@@ -239,6 +259,7 @@ class MethodResult:
     train_set: DataSpec | None
     summaries: dict[str, Summary]
     per_sample: dict[str, np.ndarray]
+    sampling: dict = field(default_factory=dict)   # CSD* settings chosen on validation (t0, n_steps)
 
     @property
     def name(self) -> str:
@@ -324,6 +345,7 @@ class Experiment:
         self.log = log
         self.settings = settings_for(cfg)
         self.methods = methods_for(cfg)
+        check_tuning(cfg["run"])
         from dgm_eit.runtime import cpu_count
 
         self.jobs = int(cfg["run"]["jobs"]) or cpu_count()
@@ -516,10 +538,21 @@ class Experiment:
         out = self.layout.recon(method, train, data)
         out.parent.mkdir(parents=True, exist_ok=True)
         sampler = {"csd": run["csd_sampler"], "guided": run["guided_sampler"]}.get(method)
+        tune = None
+        if method == "csd" and sampler == "csd" and run["csd_tune_t0"]:
+            tune = self.layout.data(self.tuning_set(method, train, data))
         return StageJob(f"reconstruct {method} ({train.label}) on {data.label}", out.exists, reconstruct_stage,
                         dict(run_dir=self.layout.run(METHOD_MODEL[method], train), data=self.layout.data(data),
                              out=out, n_samples=int(run[f"{method}_samples"]), sampler=sampler, seed=self.seed,
-                             device=self.device, cfg=dataset_config(self.cfg, data)))
+                             device=self.device, cfg=dataset_config(self.cfg, data), tune_data=tune))
+
+    def tuning_set(self, method: str, train: DataSpec, data: DataSpec) -> DataSpec:
+        """The data set whose validation split chooses CSD*'s settings for a table: the one the
+        table's other models were trained on (Test 3: the 4-anomaly training set, not the test data)."""
+        for s in self.settings:
+            if s.data == data and model_train_set(method, s, self.cfg) == train:
+                return s.train
+        raise InputError(f"no results table tests {method} ({train.label}) on {data.label}")
 
     # -- run -------------------------------------------------------------------------------
 
@@ -606,7 +639,13 @@ class Experiment:
             except InputError as err:
                 result.missing[method] = f"not scored: {err}"
                 continue
-            result.methods.append(MethodResult(method, train, summarize(values), values))
+            sampling = {}
+            if method == "csd":
+                attrs = recon_attrs(path)
+                sampling = {k: attrs[k] for k in ("t0", "n_steps") if k in attrs}
+                if sampling:
+                    sampling["tuned_on"] = self.tuning_set(method, train, setting.data).label
+            result.methods.append(MethodResult(method, train, summarize(values), values, sampling))
             recons[METHOD_NAMES[method]] = recon
             if std is not None and method in ("cnf", "csd"):
                 stds[METHOD_NAMES[method]] = std

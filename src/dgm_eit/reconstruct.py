@@ -151,6 +151,8 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
             attrs["n_samples"] = int(n_samples)
         if sampler is not None:
             attrs["sampler"] = sampler
+        # sampler settings given explicitly (e.g. chosen on validation by dgm-eit run)
+        attrs.update({k: opts[k] for k in ("t0", "n_steps", "mode", "solver", "corrector_steps") if k in opts})
         write_recon_file(out, result, attrs)
     return result
 

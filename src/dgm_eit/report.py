@@ -231,6 +231,10 @@ def setting_section(sr, cfg: dict) -> str:
         lines.append(f"Mean ± std over {n} test images. Paper (Table {s.paper_table}, mean): "
                      + ", ".join(f"{m} MSE {v['MSE'][0]:.4f} / SSIM {v['SSIM'][0]:.3f}"
                                  for m, v in PAPER_RESULTS[s.paper_table].items()) + ".")
+    for mr in sr.methods:
+        if mr.sampling:
+            lines += ["", f"{mr.name}: t0 = {mr.sampling['t0']:g}, {mr.sampling['n_steps']} reverse steps, "
+                          f"chosen on the validation split of {mr.sampling['tuned_on']}."]
     for method, why in sr.missing.items():
         lines.append(f"\n*{method}: missing — {why}*")
     if sr.figure is not None:

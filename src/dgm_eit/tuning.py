@@ -1,0 +1,86 @@
+"""Choosing CSD*'s insertion time and step count on a validation split.
+
+Used by ``dgm-eit tune-t0`` (one prior, one data set, the result stored in the run dir)
+and by ``dgm-eit run`` (once per results table, on the validation split of the data the
+table's other models were trained on, so CSD* gets the same access to data as they do).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from dgm_eit.metrics import per_sample
+
+
+def default_t0_grid(t0: float) -> list[float]:
+    return sorted({round(min(0.95, max(0.05, t0 + d)), 3) for d in (-0.3, -0.2, -0.1, 0.0, 0.1, 0.2)})
+
+
+def sweep(model, cfg: dict, arrays: dict, *, t0s, steps, modes, solver, corrector_steps, seed: int,
+          batch_size: int = 64, log=None) -> list[dict]:
+    """One row per (mode, t0, n_steps): MSE and SSIM means over ``arrays`` (sigma, gn, v), NFE, time.
+
+    Every setting reuses the same seed, so differences come from the setting, not the noise."""
+    device = next(iter(model.buffers())).device
+    rows = []
+    for mode in modes:
+        for n_steps in steps:
+            for t0 in t0s:
+                generator = torch.Generator(device=device).manual_seed(int(seed))
+                recon, nfe, seconds = [], 0, 0.0
+                for start in range(0, len(arrays["gn"]), batch_size):
+                    batch = {k: torch.from_numpy(a[start:start + batch_size]).to(device) for k, a in arrays.items()
+                             if k != "sigma"}
+                    tic = time.perf_counter()
+                    out = model.reconstruct(batch, n_samples=1, generator=generator, config=cfg, sampler="csd",
+                                            t0=t0, n_steps=n_steps, mode=mode, solver=solver,
+                                            corrector_steps=corrector_steps)
+                    seconds += time.perf_counter() - tic
+                    recon.append(out["recon"].float().cpu().numpy())
+                    nfe = max(nfe, int(out["nfe"]))
+                metrics = per_sample(np.concatenate(recon), arrays["sigma"])
+                row = {"mode": mode, "solver": solver, "t0": float(t0), "n_steps": int(n_steps),
+                       "corrector_steps": int(corrector_steps), "nfe": nfe,
+                       "mse": float(np.mean(metrics["MSE"])), "ssim": float(np.mean(metrics["SSIM"])),
+                       "seconds_per_image": seconds / len(arrays["gn"])}
+                rows.append(row)
+                if log is not None:
+                    log(f"  {mode:8s} t0={t0:<6g} steps={n_steps:<5d} nfe={nfe:<5d} "
+                        f"MSE={row['mse']:.5f} SSIM={row['ssim']:.4f} {row['seconds_per_image'] * 1e3:.0f} ms/img")
+    return rows
+
+
+def pick_best(rows: list[dict], tolerance: float = 0.0) -> dict:
+    """The cheapest row (fewest NFE, then lowest MSE) whose MSE is within (1 + tolerance) of the lowest."""
+    lowest = min(r["mse"] for r in rows)
+    ok = [r for r in rows if r["mse"] <= lowest * (1 + tolerance)]
+    return min(ok, key=lambda r: (r["nfe"], r["mse"]))
+
+
+SETTING_KEYS = ("t0", "n_steps", "mode", "solver", "corrector_steps")
+
+
+def tune_on_validation(run_dir, data_path, cfg: dict, *, t0s, steps, n_images: int, seed: int,
+                       device: str = "cpu") -> tuple[dict, list[dict]]:
+    """Sweep ``t0s`` x ``steps`` for the score prior in ``run_dir`` on the first ``n_images``
+    of ``data_path``'s validation split; ``cfg`` supplies the rest of ``[csd]``.
+
+    Returns the lowest-MSE setting (the keys of :data:`SETTING_KEYS`) and the sweep table."""
+    from dgm_eit import runtime
+    from dgm_eit.data.storage import read_split
+    from dgm_eit.errors import InputError
+    from dgm_eit.train import load_run
+
+    model, _, _ = load_run(run_dir, runtime.resolve_device(device))
+    if model.name != "score":
+        raise InputError(f"{run_dir} holds a {model.name!r} run; CSD* tuning needs a score run")
+    arrays = read_split(data_path, "val", keys=("sigma", "gn", "v"))
+    arrays = {k: np.ascontiguousarray(a[:n_images], dtype=np.float32) for k, a in arrays.items()}
+    csd = cfg["csd"]
+    rows = sweep(model, cfg, arrays, t0s=t0s, steps=steps, modes=[csd["mode"]], solver=csd["solver"],
+                 corrector_steps=int(csd["corrector_steps"]), seed=seed)
+    best = pick_best(rows)
+    return {k: best[k] for k in SETTING_KEYS}, rows
