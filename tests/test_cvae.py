@@ -68,6 +68,22 @@ def test_unknown_target_is_refused():
         CVAE(cfg, _info(16))
 
 
+def test_input_noise_perturbs_regressor_training_only():
+    torch.manual_seed(0)
+    cfg = load_config("smoke")["cvae"]
+    with pytest.raises(InputError, match="cvae.input_noise must be >= 0"):
+        CVAE(dict(cfg, input_noise=-0.1), _info(16))
+    batch = {"sigma": torch.rand(4, 16, 16), "v": torch.randn(4, 208)}
+    clean = CVAE(dict(cfg, input_noise=0.0), _info(16))
+    noisy = CVAE(dict(cfg, input_noise=0.5), _info(16))
+    noisy.load_state_dict(clean.state_dict())
+    for m in (clean, noisy):
+        m.set_train_mode("regressor")
+    assert torch.equal(clean.loss(batch, "regressor"), clean.loss(batch, "regressor"))
+    assert not torch.equal(noisy.loss(batch, "regressor"), noisy.loss(batch, "regressor"))
+    assert torch.equal(clean.reconstruct(batch)["recon"], noisy.reconstruct(batch)["recon"])
+
+
 def test_regressor_targets_mean_or_sampled_latent():
     torch.manual_seed(0)
     cfg = load_config("smoke")["cvae"]

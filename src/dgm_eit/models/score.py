@@ -265,9 +265,6 @@ class ScoreModel(GenerativeModel):
     def __init__(self, cfg: dict, info: DataInfo):
         super().__init__(cfg, info)
         self.sde = make_sde(cfg)
-        self.t_exponent = float(cfg["t_exponent"])
-        if self.t_exponent <= 0:
-            raise InputError(f"score.t_exponent must be > 0, got {self.t_exponent}")
         self.net = ScoreNetwork(build_backbone(cfg, info.image_size))
         self.register_buffer("sigma_mean", torch.tensor(float(info.sigma_mean)))
         self.register_buffer("sigma_std", torch.tensor(float(info.sigma_std)))
@@ -310,8 +307,7 @@ class ScoreModel(GenerativeModel):
         if stage != "score":
             raise InputError(f"score model has one training stage 'score', got {stage!r}")
         x0 = self.normalise_image(self._check_images(batch["sigma"], "sigma"))[:, None]
-        u = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype)
-        t = u ** self.t_exponent * (1 - self.sde.eps) + self.sde.eps
+        t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * (1 - self.sde.eps) + self.sde.eps
         z = torch.randn_like(x0)
         mean, std = self.sde.marginal_prob(x0, t)
         std = std[:, None, None, None]
