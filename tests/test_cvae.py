@@ -68,6 +68,24 @@ def test_unknown_target_is_refused():
         CVAE(cfg, _info(16))
 
 
+def test_gn_conditioned_regressor_reads_the_gn_image_not_the_voltages():
+    torch.manual_seed(0)
+    cfg = load_config("smoke")["cvae"]
+    with pytest.raises(InputError, match="cvae.condition must be one of v, gn"):
+        CVAE(dict(cfg, condition="sigma"), _info(16))
+    model = CVAE(dict(cfg, condition="gn"), _info(16))
+    assert model.needs_gn and not CVAE(cfg, _info(16)).needs_gn
+    gn = 1 + 0.3 * torch.rand(3, 16, 16)
+    a = model.reconstruct({"v": torch.randn(3, 208), "gn": gn})["recon"]
+    b = model.reconstruct({"v": torch.randn(3, 208), "gn": gn})["recon"]
+    c = model.reconstruct({"v": torch.randn(3, 208), "gn": gn.flip(-1)})["recon"]
+    assert a.shape == (3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(InputError, match="needs the Gauss-Newton image 'gn'"):
+        model.reconstruct({"v": torch.randn(3, 208)})
+    with pytest.raises(InputError, match="the model expects 16x16"):
+        model.reconstruct({"gn": torch.rand(3, 8, 8)})
+
+
 def test_input_noise_perturbs_regressor_training_only():
     torch.manual_seed(0)
     cfg = load_config("smoke")["cvae"]
@@ -124,11 +142,13 @@ def test_normalisation_statistics_travel_with_the_weights():
     assert float(state["img_mean"]) == pytest.approx(3.0)
 
 
-def test_both_stages_learn_on_a_tiny_data_set(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("condition", ["v", "gn"])
+def test_both_stages_learn_on_a_tiny_data_set(tiny_dataset, tmp_path, condition):
     from dgm_eit.train import train
 
     cfg = load_config("smoke", ["train.threads=1", "cvae.vae.epochs=6", "cvae.regressor.epochs=6",
-                                "cvae.vae.batch_size=8", "cvae.regressor.batch_size=8"])
+                                "cvae.vae.batch_size=8", "cvae.regressor.batch_size=8",
+                                f"cvae.condition={condition}"])
     result = train("cvae", tiny_dataset, tmp_path / "run", cfg, seed=0, progress=False)
     assert result.completed
     with open(tmp_path / "run" / "metrics.csv") as f:

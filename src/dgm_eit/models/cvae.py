@@ -2,7 +2,9 @@
 
 Stage ``vae``: a convolutional VAE learns a low-dimensional manifold of conductivity
 images. Stage ``regressor``: with the VAE frozen, an MLP maps normalised voltages to
-the VAE's latent code. Reconstruction is ``decoder(MLP(v))``: one deterministic pass.
+the VAE's latent code (``condition = "v"``, the paper), or a conv encoder maps the GN
+image to it (``condition = "gn"``, which carries over from 4 to 2 anomalies in Test 3).
+Reconstruction is ``decoder(regressor(input))``: one deterministic pass.
 
 The paper architecture (128 x 128, channels 16-32-64-128, 16-d latent) has about
 0.94 M VAE parameters; smaller images use fewer channel levels (config ``channels``)
@@ -20,6 +22,7 @@ from dgm_eit.errors import InputError
 from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
 
 TARGETS = ("mean", "sample")
+CONDITIONS = ("v", "gn")
 
 
 class VAE(nn.Module):
@@ -88,12 +91,32 @@ class LatentRegressor(nn.Module):
         return self.bound * torch.tanh(self.net(v_normalised))
 
 
+class ImageRegressor(nn.Module):
+    """Conv encoder GN image -> latent, the VAE encoder's layout: [conv k s2 -> LeakyReLU ->
+    BatchNorm] x L, then Linear and ``bound * tanh``."""
+
+    def __init__(self, image_size: int, channels: list[int], latent_dim: int, kernel_size: int, bound: float):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 1
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, kernel_size, stride=2, padding=kernel_size // 2), nn.LeakyReLU(),
+                       nn.BatchNorm2d(c)]
+            c_in = c
+        side = image_size // 2 ** len(channels)
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * side * side, latent_dim))
+        self.bound = float(bound)
+
+    def forward(self, gn_normalised: torch.Tensor) -> torch.Tensor:
+        return self.bound * torch.tanh(self.net(gn_normalised[:, None]))
+
+
 class CVAE(GenerativeModel):
     name: ClassVar[str] = "cvae"
     stages: ClassVar[tuple[str, ...]] = ("vae", "regressor")
     uses_ema: ClassVar[bool] = False
     needs_gn: ClassVar[bool] = False
-    data_keys: ClassVar[tuple[str, ...]] = ("sigma", "v")
+    data_keys: ClassVar[tuple[str, ...]] = ("sigma", "v", "gn")
 
     def __init__(self, cfg: dict, info: DataInfo):
         super().__init__(cfg, info)
@@ -106,14 +129,30 @@ class CVAE(GenerativeModel):
         if self.input_noise < 0:
             raise InputError(f"cvae.input_noise must be >= 0, got {self.input_noise}")
         self.vae = VAE(info.image_size, list(cfg["channels"]), int(cfg["latent_dim"]), int(cfg["kernel_size"]))
-        self.regressor = LatentRegressor(info.n_meas, list(cfg["mlp_hidden"]), int(cfg["latent_dim"]),
-                                         float(cfg["mlp_dropout"]), float(cfg["latent_bound"]))
+        self.condition = cfg["condition"]
+        if self.condition not in CONDITIONS:
+            raise InputError(f"cvae.condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
+        self.needs_gn = self.condition == "gn"
+        if self.condition == "v":
+            self.regressor = LatentRegressor(info.n_meas, list(cfg["mlp_hidden"]), int(cfg["latent_dim"]),
+                                             float(cfg["mlp_dropout"]), float(cfg["latent_bound"]))
+        else:
+            self.regressor = ImageRegressor(info.image_size, list(cfg["channels"]), int(cfg["latent_dim"]),
+                                            int(cfg["kernel_size"]), float(cfg["latent_bound"]))
         self.register_buffer("img_mean", torch.tensor(info.sigma_mean, dtype=torch.float32))
         self.register_buffer("img_std", torch.tensor(info.sigma_std, dtype=torch.float32))
         # derived from the image size, so not saved with the weights
         self.register_buffer("inside", disk_mask(info.image_size).float(), persistent=False)
 
     # -- helpers -------------------------------------------------------------------
+    def _regressor_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.condition == "v":
+            return self.normalise_v(batch["v"])
+        if "gn" not in batch:
+            raise InputError("cvae with condition = 'gn' needs the Gauss-Newton image 'gn' in the batch")
+        self._check_image(batch["gn"])
+        return (batch["gn"] - self.img_mean) / self.img_std
+
     def _to_image(self, decoded: torch.Tensor) -> torch.Tensor:
         # the reference decoder ends in ReLU on physical conductivities (>= 0); the images are 0
         # outside the disk, so the decoder is not asked to learn (or charged for) that part
@@ -163,12 +202,11 @@ class CVAE(GenerativeModel):
             return self.vae_loss(batch["sigma"])
         if stage == "regressor":
             target = self.latent_target(batch["sigma"])
-            v = self.normalise_v(batch["v"])
+            x = self._regressor_input(batch)
             if self.input_noise > 0:
                 # the regressor over-fits its 2,000 noise draws and breaks on noisier data (Test 3)
-                v = v + self.input_noise * torch.randn_like(v)
-            z = self.regressor(v)
-            return (z - target).pow(2).sum(1).mean()
+                x = x + self.input_noise * torch.randn_like(x)
+            return (self.regressor(x) - target).pow(2).sum(1).mean()
         raise InputError(f"cvae has no training stage {stage!r}; stages: {', '.join(self.stages)}")
 
     # -- inference -----------------------------------------------------------------
@@ -180,7 +218,7 @@ class CVAE(GenerativeModel):
         was_training = self.training
         self.eval()
         try:
-            z = self.regressor(self.normalise_v(batch["v"]))
+            z = self.regressor(self._regressor_input(batch))
             recon = self._to_image(self.vae.decode(z))
         finally:
             self.train(was_training)
