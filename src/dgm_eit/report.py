@@ -257,7 +257,8 @@ def efficiency_section(result) -> str:
                            "optimiser steps", "reconstruction time / image", "NFE / image", "device"], rows)
     return text + ("\n\nCSD* and CSD-guided share the score prior (its parameters and training time). "
                    "GN has no training; its time is one Gauss-Newton solve, timed in the main process. "
-                   "Reconstruction times include every sample drawn (see `[run]` *_samples).")
+                   "Reconstruction times include every sample drawn (see `[run]` *_samples), not the "
+                   "validation sweep that chose CSD*'s t0 (`[run]` csd_tune_*).")
 
 
 def beats_gn_section(result) -> str:
