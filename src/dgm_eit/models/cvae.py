@@ -115,7 +115,6 @@ class CVAE(GenerativeModel):
     name: ClassVar[str] = "cvae"
     stages: ClassVar[tuple[str, ...]] = ("vae", "regressor")
     uses_ema: ClassVar[bool] = False
-    needs_gn: ClassVar[bool] = False
     data_keys: ClassVar[tuple[str, ...]] = ("sigma", "v", "gn")
 
     def __init__(self, cfg: dict, info: DataInfo):
@@ -132,7 +131,6 @@ class CVAE(GenerativeModel):
         self.condition = cfg["condition"]
         if self.condition not in CONDITIONS:
             raise InputError(f"cvae.condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
-        self.needs_gn = self.condition == "gn"
         if self.condition == "v":
             self.regressor = LatentRegressor(info.n_meas, list(cfg["mlp_hidden"]), int(cfg["latent_dim"]),
                                              float(cfg["mlp_dropout"]), float(cfg["latent_bound"]))
@@ -143,6 +141,10 @@ class CVAE(GenerativeModel):
         self.register_buffer("img_std", torch.tensor(info.sigma_std, dtype=torch.float32))
         # derived from the image size, so not saved with the weights
         self.register_buffer("inside", disk_mask(info.image_size).float(), persistent=False)
+
+    @property
+    def needs_gn(self) -> bool:
+        return self.condition == "gn"
 
     # -- helpers -------------------------------------------------------------------
     def _regressor_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
