@@ -86,6 +86,13 @@ def test_gn_conditioned_regressor_reads_the_gn_image_not_the_voltages():
         model.reconstruct({"gn": torch.rand(3, 8, 8)})
 
 
+def test_runs_saved_before_condition_and_input_noise_load_as_the_voltage_mlp():
+    cfg = dict(load_config("smoke")["cvae"])
+    del cfg["condition"], cfg["input_noise"]
+    model = CVAE(cfg, _info(16))
+    assert model.condition == "v" and model.input_noise == 0 and not model.needs_gn
+
+
 def test_input_noise_perturbs_regressor_training_only():
     torch.manual_seed(0)
     cfg = load_config("smoke")["cvae"]

@@ -25,6 +25,17 @@ TARGETS = ("mean", "sample")
 CONDITIONS = ("v", "gn")
 
 
+def conv_encoder(channels: list[int], kernel_size: int) -> list[nn.Module]:
+    """[conv k s2 -> LeakyReLU -> BatchNorm] per entry of ``channels``, from one input channel."""
+    layers: list[nn.Module] = []
+    c_in = 1
+    for c in channels:
+        layers += [nn.Conv2d(c_in, c, kernel_size, stride=2, padding=kernel_size // 2), nn.LeakyReLU(),
+                   nn.BatchNorm2d(c)]
+        c_in = c
+    return layers
+
+
 class VAE(nn.Module):
     """Conv encoder [conv k5 s2 -> LeakyReLU -> BatchNorm] x L, linear heads to (mu, logvar);
     decoder mirrors it with transposed convolutions (no bias before BatchNorm, as the
@@ -45,12 +56,7 @@ class VAE(nn.Module):
         self.bottom_size = image_size // 2**levels
         flat = channels[-1] * self.bottom_size**2
 
-        enc: list[nn.Module] = []
-        c_in = 1
-        for c in channels:
-            enc += [nn.Conv2d(c_in, c, kernel_size, stride=2, padding=pad), nn.LeakyReLU(), nn.BatchNorm2d(c)]
-            c_in = c
-        self.encoder = nn.Sequential(*enc, nn.Flatten())
+        self.encoder = nn.Sequential(*conv_encoder(channels, kernel_size), nn.Flatten())
         self.fc_mu = nn.Linear(flat, latent_dim)
         self.fc_logvar = nn.Linear(flat, latent_dim)
         self.fc_up = nn.Linear(latent_dim, flat)
@@ -97,14 +103,9 @@ class ImageRegressor(nn.Module):
 
     def __init__(self, image_size: int, channels: list[int], latent_dim: int, kernel_size: int, bound: float):
         super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 1
-        for c in channels:
-            layers += [nn.Conv2d(c_in, c, kernel_size, stride=2, padding=kernel_size // 2), nn.LeakyReLU(),
-                       nn.BatchNorm2d(c)]
-            c_in = c
         side = image_size // 2 ** len(channels)
-        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * side * side, latent_dim))
+        self.net = nn.Sequential(*conv_encoder(channels, kernel_size), nn.Flatten(),
+                                 nn.Linear(channels[-1] * side * side, latent_dim))
         self.bound = float(bound)
 
     def forward(self, gn_normalised: torch.Tensor) -> torch.Tensor:
@@ -124,11 +125,12 @@ class CVAE(GenerativeModel):
             raise InputError(f"cvae.target must be one of {', '.join(TARGETS)}, got {target!r}")
         self.target = target
         self.beta = float(cfg["beta"])
-        self.input_noise = float(cfg["input_noise"])
+        # runs saved before these two keys existed used the voltage MLP without input noise
+        self.input_noise = float(cfg.get("input_noise", 0.0))
         if self.input_noise < 0:
             raise InputError(f"cvae.input_noise must be >= 0, got {self.input_noise}")
         self.vae = VAE(info.image_size, list(cfg["channels"]), int(cfg["latent_dim"]), int(cfg["kernel_size"]))
-        self.condition = cfg["condition"]
+        self.condition = cfg.get("condition", "v")
         if self.condition not in CONDITIONS:
             raise InputError(f"cvae.condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
         if self.condition == "v":
