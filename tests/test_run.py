@@ -153,19 +153,31 @@ def test_csd_settings_are_chosen_on_the_validation_split_of_each_tables_training
     cfg = load_config("smoke")
     run = cfg["run"]
     exp = Experiment(cfg, out)
-    two_hi, two_lo, four_hi = DataSpec(2, 40.0), DataSpec(2, 25.0), DataSpec(4, 40.0)
+    two_hi, two_lo, four_hi, four_lo = DataSpec(2, 40.0), DataSpec(2, 25.0), DataSpec(4, 40.0), DataSpec(4, 25.0)
     assert exp.tuning_set("csd", two_hi, two_hi) == two_hi     # T1
     assert exp.tuning_set("csd", two_hi, two_lo) == two_lo     # T2: the 25 dB set CVAE and CNF learn from
-    assert exp.tuning_set("csd", four_hi, two_lo) == four_hi   # T3: never the test data's distribution
-    best, rows = tune_on_validation(exp.layout.run("score", four_hi), exp.layout.data(four_hi),
+    # T3: the training anomaly count at the test noise level, never the 2-anomaly distribution
+    assert exp.tuning_set("csd", four_hi, two_hi) == four_hi
+    assert exp.tuning_set("csd", four_hi, two_lo) == four_lo
+    best, rows = tune_on_validation(exp.layout.run("score", four_hi), exp.layout.data(four_lo),
                                     dataset_config(cfg, two_lo), t0s=run["csd_tune_t0"],
                                     steps=run["csd_tune_steps"], n_images=run["csd_tune_images"], seed=0)
     assert len(rows) == len(run["csd_tune_t0"]) * len(run["csd_tune_steps"])
     assert best["t0"] == min(rows, key=lambda r: r["mse"])["t0"]
     attrs = recon_attrs(exp.layout.recon("csd", four_hi, two_lo))
     assert (attrs["t0"], attrs["n_steps"]) == (best["t0"], best["n_steps"])
-    assert f"t0 = {best['t0']:g}, {best['n_steps']} reverse steps, chosen on the validation split of 4a_40dB" \
+    assert f"t0 = {best['t0']:g}, {best['n_steps']} reverse steps, chosen on the validation split of 4a_25dB" \
         in (out / "report.md").read_text()
+
+
+def test_test3_alone_still_simulates_the_set_that_tunes_csd(tmp_path):
+    from dgm_eit.experiments import DataSpec
+
+    cfg = load_config("smoke")
+    cfg["run"]["tests"] = ["T3"]
+    assert DataSpec(4, 25.0) in Experiment(cfg, tmp_path / "run").datasets()
+    cfg["run"]["csd_tune_t0"] = []
+    assert DataSpec(4, 25.0) not in Experiment(cfg, tmp_path / "run2").datasets()
 
 
 def test_bad_tuning_grid_is_refused(tmp_path):

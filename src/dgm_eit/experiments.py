@@ -118,6 +118,13 @@ def check_tuning(run: dict) -> None:
         raise InputError(f"run.csd_tune_images must be an integer >= 1, got {n}")
 
 
+def tuning_spec(setting: Setting) -> DataSpec:
+    """Where CSD*'s t0 is chosen for a table: the anomaly count the models were trained on, at the
+    test data's noise level (known at test time, as GN's regularisation uses it too). Tests 1-2:
+    the test set's own training data; Test 3: the 4-anomaly set, never the 2-anomaly distribution."""
+    return DataSpec(setting.train.anomalies, setting.data.snr_db)
+
+
 def model_train_set(method: str, setting: Setting, cfg: dict) -> DataSpec | None:
     """The data set whose training split the method's model learns from (None for GN)."""
     if method == "gn":
@@ -487,6 +494,8 @@ class Experiment:
                 train = model_train_set(method, s, self.cfg)
                 if train is not None:
                     specs.append(train)
+            if "csd" in self.methods and self.cfg["run"]["csd_tune_t0"]:
+                specs.append(tuning_spec(s))
         return sorted(set(specs), key=lambda d: (d.anomalies, -d.snr_db))
 
     def training_runs(self) -> list[tuple[str, DataSpec]]:
@@ -547,11 +556,11 @@ class Experiment:
                              device=self.device, cfg=dataset_config(self.cfg, data), tune_data=tune))
 
     def tuning_set(self, method: str, train: DataSpec, data: DataSpec) -> DataSpec:
-        """The data set whose validation split chooses CSD*'s settings for a table: the one the
-        table's other models were trained on (Test 3: the 4-anomaly training set, not the test data)."""
+        """The data set whose validation split chooses CSD*'s settings for a table (see
+        :func:`tuning_spec`)."""
         for s in self.settings:
             if s.data == data and model_train_set(method, s, self.cfg) == train:
-                return s.train
+                return tuning_spec(s)
         raise InputError(f"no results table tests {method} ({train.label}) on {data.label}")
 
     # -- run -------------------------------------------------------------------------------

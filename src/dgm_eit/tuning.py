@@ -1,8 +1,8 @@
 """Choosing CSD*'s insertion time and step count on a validation split.
 
 Used by ``dgm-eit tune-t0`` (one prior, one data set, the result stored in the run dir)
-and by ``dgm-eit run`` (once per results table, on the validation split of the data the
-table's other models were trained on, so CSD* gets the same access to data as they do).
+and by ``dgm-eit run`` (once per results table, on validation data with the anomaly count
+the models were trained on at the test noise level: ``experiments.tuning_spec``).
 """
 
 from __future__ import annotations
