@@ -112,14 +112,20 @@ def test_time_grids_run_from_the_start_to_eps(sde):
     assert all(a > b for a, b in zip(grid, grid[1:]))
 
 
-def test_guided_step_lowers_the_misfit_of_a_linear_operator(sde):
-    A = torch.randn(16, 10, generator=gen(5))
-    truth = MU + S * torch.randn(2, 1, 4, 4, generator=gen(6))
-    v = truth.reshape(2, -1) @ A
+def _linear_problem(batch: int, n_meas: int):
+    """Images (batch,1,4,4), their measurements through a random linear operator, and the misfit."""
+    A = torch.randn(16, n_meas, generator=gen(5))
+    truth = MU + S * torch.randn(batch, 1, 4, 4, generator=gen(6))
+    v = truth.reshape(batch, -1) @ A
 
     def misfit(x0):
         return torch.linalg.vector_norm(v - x0.reshape(x0.shape[0], -1) @ A, dim=-1)
 
+    return truth, misfit
+
+
+def test_guided_step_lowers_the_misfit_of_a_linear_operator(sde):
+    truth, misfit = _linear_problem(2, 10)
     score = gaussian_score(sde)
     guidance = measurement_guidance(sde, score, misfit, zeta=0.02)
     x = truth + 0.3 * torch.randn(truth.shape, generator=gen(7))
@@ -132,13 +138,7 @@ def test_guided_step_lowers_the_misfit_of_a_linear_operator(sde):
 
 
 def test_dps_sampler_fits_the_measurements_better_than_the_prior(sde):
-    A = torch.randn(16, 6, generator=gen(5))
-    truth = MU + S * torch.randn(4, 1, 4, 4, generator=gen(6))
-    v = truth.reshape(4, -1) @ A
-
-    def misfit(x0):
-        return torch.linalg.vector_norm(v - x0.reshape(x0.shape[0], -1) @ A, dim=-1)
-
+    truth, misfit = _linear_problem(4, 6)
     kwargs = dict(n_steps=100, corrector_steps=0)
     free, _ = get_sampler("pc", sde, **kwargs)(gaussian_score(sde), truth.shape, generator=gen(0))
     guided, nfe = get_sampler("dps", sde, zeta=0.05, **kwargs)(gaussian_score(sde), truth.shape,

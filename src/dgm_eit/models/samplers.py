@@ -61,15 +61,17 @@ class Predictor:
         """Return ``(x, x_mean, nfe)``; ``score`` at ``(x, t)`` may be passed in to save an evaluation."""
         raise NotImplementedError
 
+    def _score(self, x, t, score):
+        """``(score, nfe)``: the given score, or one network evaluation."""
+        return (score, 0) if score is not None else (self.score_fn(x, t), 1)
+
 
 @register(PREDICTORS, "reverse_diffusion")
 class ReverseDiffusionPredictor(Predictor):
     """Reverse the discretised forward chain: ``x <- x - f + G^2 s + G z`` (ancestral for VE)."""
 
     def step(self, x, t, t_next, generator, score=None):
-        nfe = 0
-        if score is None:
-            score, nfe = self.score_fn(x, t), 1
+        score, nfe = self._score(x, t, score)
         f, g = self.sde.discretize(x, t, t_next)
         g = _broadcast(g, x)
         x_mean = x - f + g**2 * score
@@ -81,9 +83,7 @@ class ReverseDiffusionPredictor(Predictor):
 @register(PREDICTORS, "euler_maruyama")
 class EulerMaruyamaPredictor(Predictor):
     def step(self, x, t, t_next, generator, score=None):
-        nfe = 0
-        if score is None:
-            score, nfe = self.score_fn(x, t), 1
+        score, nfe = self._score(x, t, score)
         tt = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
         dt = (0.0 if t_next is None else float(t_next)) - float(t)
         drift, diffusion = self.sde.sde(x, tt)
