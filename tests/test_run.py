@@ -63,6 +63,29 @@ def test_smoke_run_makes_every_row_table_and_figure(smoke_run):
     assert "did not complete" not in report
 
 
+def test_report_states_the_gn_settings_each_test_set_chose_on_validation(smoke_run):
+    from dgm_eit.data.storage import dataset_gn_settings
+    from dgm_eit.experiments import DataSpec
+
+    out, _ = smoke_run
+    report = (out / "report.md").read_text()
+    exp = Experiment(load_config("smoke"), out)
+    for s in exp.settings:
+        settings = dataset_gn_settings(exp.layout.data(s.data))
+        assert settings["tuned"] and settings["tuned_on"].startswith("val[:")
+        line = (f"GN: kotre (p = 0.5), lam = {settings['lam']:.3g}, {settings['max_iter']} iterations, "
+                f"{settings['mesh_nodes']}-node mesh (h0 = 0.1); lam and iterations chosen on {settings['tuned_on']}")
+        section = report.split(f"### {s.title}")[1].split("###")[0]
+        assert line in section
+    # the models that read GN images for new voltages make them with the data set's settings
+    from dgm_eit.train import load_run
+
+    _, cfg, _ = load_run(exp.layout.run("cnf", DataSpec(2, 25.0)))
+    chosen = dataset_gn_settings(exp.layout.data(DataSpec(2, 25.0)))
+    assert (cfg["gn"]["lam"], cfg["gn"]["max_iter"], cfg["gn"]["lam_snr_ref_db"]) == \
+        (chosen["lam"], chosen["max_iter"], 0.0)
+
+
 def test_csv_numbers_are_the_metrics_of_the_written_reconstructions(smoke_run):
     out, _ = smoke_run
     rows = {(r["test"], r["test_set"], r["method"], r["metric"]): r for r in _csv_rows(out)}
@@ -161,7 +184,8 @@ def test_csd_settings_are_chosen_on_the_validation_split_of_each_tables_training
     assert exp.tuning_set("csd", four_hi, two_lo) == four_lo
     best, rows = tune_on_validation(exp.layout.run("score", four_hi), exp.layout.data(four_lo),
                                     dataset_config(cfg, two_lo), t0s=run["csd_tune_t0"],
-                                    steps=run["csd_tune_steps"], n_images=run["csd_tune_images"], seed=0)
+                                    steps=run["csd_tune_steps"], n_images=run["csd_tune_images"], seed=0,
+                                    sampler=run["csd_sampler"])
     assert len(rows) == len(run["csd_tune_t0"]) * len(run["csd_tune_steps"])
     assert best["t0"] == min(rows, key=lambda r: r["mse"])["t0"]
     attrs = recon_attrs(exp.layout.recon("csd", four_hi, two_lo))

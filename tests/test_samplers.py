@@ -162,3 +162,35 @@ def test_bad_options_are_refused(sde):
         get_sampler("dps", sde)(gaussian_score(sde), SHAPE)
     with pytest.raises(InputError, match="n_steps"):
         get_sampler("pc", sde, n_steps=0)(gaussian_score(sde), SHAPE)
+
+
+def test_dds_fits_the_measurements_and_repeats_with_a_seed(sde):
+    A = torch.randn(16, 6, generator=gen(5))
+    truth = MU + S * torch.randn(4, 1, 4, 4, generator=gen(6))
+    v = truth.reshape(4, -1) @ A
+    calls = []
+
+    def consistency(x0, t):
+        # exact projection onto {x : x A = v} (a proximal step with a vanishing prior weight)
+        calls.append(t)
+        flat = x0.reshape(4, -1)
+        r = v - flat @ A
+        return (flat + torch.linalg.solve(A.T @ A, r.T).T @ A.T).reshape(x0.shape)
+
+    def misfit(x):
+        return float(torch.linalg.vector_norm(v - x.reshape(4, -1) @ A, dim=-1).mean())
+
+    init = torch.full(truth.shape, MU)
+    sampler = get_sampler("dds", sde, t0=0.5, n_steps=12)
+    a, nfe = sampler(gaussian_score(sde), truth.shape, generator=gen(1), init=init, consistency=consistency)
+    b, _ = sampler(gaussian_score(sde), truth.shape, generator=gen(1), init=init, consistency=consistency)
+    c, _ = sampler(gaussian_score(sde), truth.shape, generator=gen(2), init=init, consistency=consistency)
+    free, _ = get_sampler("csd", sde, t0=0.5, n_steps=12)(gaussian_score(sde), truth.shape, generator=gen(1),
+                                                           init=init)
+    assert nfe == 12 and len(calls) == 3 * 12 and calls[0] == pytest.approx(0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert misfit(a) < 1e-3 * misfit(free)
+    with pytest.raises(InputError, match="needs the measurements"):
+        sampler(gaussian_score(sde), truth.shape, init=init)
+    with pytest.raises(InputError, match="eta must lie"):
+        get_sampler("dds", sde, eta=1.5)

@@ -17,6 +17,8 @@ from dgm_eit.config import load_config
 from dgm_eit.data import simulate as sim_mod
 from dgm_eit.data import storage
 from dgm_eit.errors import InputError
+from dgm_eit.recon import gauss_newton, gn_config
+from dgm_eit.recon.tuning import apply_gn_settings, tune_gauss_newton, tuning_grid
 
 SMALL = ["data.n_train=16", "data.n_val=8", "data.n_test=8"]
 
@@ -51,6 +53,9 @@ class _StandIn:
     def __init__(self, fail_after=None):
         self.calls = []
         self.fail_after = fail_after
+
+    def gn_settings(self, seed, log):
+        return {}
 
     def chunk(self, seed, split, start, stop):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
@@ -123,14 +128,62 @@ def test_reference_holds_physical_values(reference):
     assert gn_mse < 0.7 * flat_mse
 
 
+def _file_simulator(path, *extra):
+    """A simulator that makes GN images as the file did: with the settings it recorded."""
+    return sim_mod.Simulator(apply_gn_settings(_small_cfg(*extra), storage.dataset_gn_settings(path)))
+
+
+def test_gn_is_tuned_on_the_validation_split_and_recorded(reference):
+    settings = storage.dataset_gn_settings(reference)
+    cfg = _small_cfg()
+    factors, iters, n = tuning_grid(cfg)
+    assert settings["tuned"] and settings["tuned_on"] == f"val[:{n}]"
+    assert len(settings["candidates"]) == len(factors) * len(iters)
+    base = gn_config(cfg)["lam"]
+    assert sorted({c["lam"] for c in settings["candidates"]}) == pytest.approx(sorted(f * base for f in factors))
+    best = min(settings["candidates"], key=lambda c: c["val_mse"])
+    assert (settings["lam"], settings["max_iter"]) == (best["lam"], best["max_iter"])
+    # the file's own validation GN images were made with the chosen settings: their MSE is the
+    # one the search recorded, recomputed here from the stored arrays
+    val = storage.read_split(reference, "val", ("sigma", "gn"), indices=slice(0, n))
+    mse = float(np.mean((val["gn"].astype(np.float64) - val["sigma"]) ** 2))
+    assert mse == pytest.approx(settings["val_mse"], rel=1e-5)
+    # and a direct Gauss-Newton run with them reproduces a test image
+    sim = sim_mod.Simulator(cfg)
+    sample = sim.measure(11, "test", 0)
+    image = sim.grid.to_image(gauss_newton(sim.coarse, sample["v"], **{**gn_config(cfg), "lam": settings["lam"],
+                                                                       "max_iter": settings["max_iter"]}).sigma)
+    stored = storage.read_split(reference, "test", ("gn",), indices=slice(0, 1))["gn"][0]
+    np.testing.assert_allclose(stored, image, rtol=1e-5, atol=1e-6)
+    assert settings["mesh_nodes"] == sim.coarse.mesh.n_nodes
+
+
+def test_gn_search_scores_every_candidate_on_the_images_it_is_given():
+    cfg = _small_cfg()
+    sim = sim_mod.Simulator(cfg)
+    val = [sim.measure(4, "val", i) for i in range(3)]
+    v, truth = np.stack([s["v"] for s in val]), np.stack([s["sigma"] for s in val])
+    base = gn_config(cfg)
+    result = tune_gauss_newton(sim.coarse, sim.grid, v, truth, base, [0.5, 2.0], [2, 4])
+    for row in result["candidates"]:
+        kwargs = {**base, "lam": row["lam"], "max_iter": row["max_iter"]}
+        images = [sim.grid.to_image(gauss_newton(sim.coarse, x, **kwargs).sigma) for x in v]
+        assert row["val_mse"] == pytest.approx(float(np.mean((np.stack(images) - truth) ** 2)), rel=1e-9)
+    assert result["val_mse"] == min(r["val_mse"] for r in result["candidates"])
+    with pytest.raises(InputError, match="tune_lam factors must be positive"):
+        tuning_grid(_small_cfg("gn.tune_lam=[0.5, -1]"))
+    with pytest.raises(InputError, match="needs validation images"):
+        sim_mod.Simulator(_small_cfg("data.n_val=0")).gn_settings(0)
+
+
 def test_sample_depends_only_on_seed_split_index(reference):
-    sim = sim_mod.Simulator(_small_cfg())
+    sim = _file_simulator(reference)
     part = sim.chunk(11, "val", 5, 7)
     ref = storage.read_split(reference, "val", storage.ARRAY_KEYS)
     for key in storage.ARRAY_KEYS:
         np.testing.assert_array_equal(part[key], ref[key][5:7])
     # another noise level keeps the phantoms and scales the same noise draw
-    noisier = sim_mod.Simulator(_small_cfg("data.snr_db=25")).chunk(11, "val", 5, 7)
+    noisier = _file_simulator(reference, "data.snr_db=25").chunk(11, "val", 5, 7)
     np.testing.assert_array_equal(noisier["sigma"], part["sigma"])
     np.testing.assert_array_equal(noisier["v_clean"], part["v_clean"])
     assert not np.allclose(noisier["v"], part["v"])

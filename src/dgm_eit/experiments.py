@@ -209,7 +209,8 @@ def reconstruct_stage(run_dir: Path, data: Path, out: Path, *, n_samples: int, s
 
         run = cfg["run"]
         best, _ = tune_on_validation(run_dir, tune_data, cfg, t0s=run["csd_tune_t0"], steps=run["csd_tune_steps"],
-                                     n_images=int(run["csd_tune_images"]), seed=seed, device=device)
+                                     n_images=int(run["csd_tune_images"]), seed=seed, device=device,
+                                     sampler=sampler)
         opts.update(best)
     progress = bool(cfg["train"]["progress"]) if progress is None else progress
     reconstruct_split(run_dir, data, "test", out, n_samples=n_samples, sampler=sampler, seed=seed, device=device,
@@ -245,9 +246,11 @@ def gn_seconds_per_image(data: Path, cfg: dict, n: int) -> float:
     The data set's GN images were made in bulk by worker processes, so they carry no
     per-image time of their own; this times the same solver with the same settings here.
     """
-    from dgm_eit.data.storage import read_split
+    from dgm_eit.data.storage import dataset_gn_settings, read_split
+    from dgm_eit.recon.tuning import apply_gn_settings
     from dgm_eit.reconstruct import gn_images
 
+    cfg = apply_gn_settings(cfg, dataset_gn_settings(data))
     v = read_split(data, "test", keys=("v",), indices=slice(0, max(1, n)))["v"]
     size = int(cfg["data"]["image_size"])
     gn_images(cfg, v[:1], size)  # the first call builds the mesh and the FEM's sparsity pattern
@@ -279,6 +282,7 @@ class SettingResult:
     methods: list[MethodResult] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)   # method key -> why
     figure: Path | None = None
+    gn_settings: dict = field(default_factory=dict)   # how the test set's GN images were made
 
     def get(self, method: str) -> MethodResult | None:
         return next((m for m in self.methods if m.method == method), None)
@@ -548,7 +552,7 @@ class Experiment:
         out.parent.mkdir(parents=True, exist_ok=True)
         sampler = {"csd": run["csd_sampler"], "guided": run["guided_sampler"]}.get(method)
         tune = None
-        if method == "csd" and sampler == "csd" and run["csd_tune_t0"]:
+        if method == "csd" and sampler in ("csd", "dds") and run["csd_tune_t0"]:
             tune = self.layout.data(self.tuning_set(method, train, data))
         return StageJob(f"reconstruct {method} ({train.label}) on {data.label}", out.exists, reconstruct_stage,
                         dict(run_dir=self.layout.run(METHOD_MODEL[method], train), data=self.layout.data(data),
@@ -624,13 +628,14 @@ class Experiment:
             self.log(f"[done]  {name}: {spi * 1000:.0f} ms per image")
 
     def _evaluate(self, setting: Setting, data_ok: dict) -> SettingResult:
-        from dgm_eit.data.storage import read_split
+        from dgm_eit.data.storage import dataset_gn_settings, read_split
 
         result = SettingResult(setting)
         if not data_ok.get(setting.data):
             result.missing = {m: f"data set {setting.data.label} is not available" for m in self.methods}
             return result
         arrays = read_split(self.layout.data(setting.data), "test", keys=("sigma", "gn"))
+        result.gn_settings = dataset_gn_settings(self.layout.data(setting.data))
         truth = arrays["sigma"]
         recons, stds = {}, {}
         for method in self.methods:
@@ -651,7 +656,7 @@ class Experiment:
             sampling = {}
             if method == "csd":
                 attrs = recon_attrs(path)
-                sampling = {k: attrs[k] for k in ("t0", "n_steps") if k in attrs}
+                sampling = {k: attrs[k] for k in ("t0", "n_steps", "sampler") if k in attrs}
                 if sampling:
                     sampling["tuned_on"] = self.tuning_set(method, train, setting.data).label
             result.methods.append(MethodResult(method, train, summarize(values), values, sampling))

@@ -127,6 +127,9 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
     # the score model reads [csd], [mesh] (guided sampling) and tuned_csd.json from these
     opts.setdefault("config", cfg)
     opts.setdefault("run_dir", str(run_dir))
+    # the noise level of these measurements (data-consistent sampling weighs them by it)
+    from dgm_eit.data.storage import dataset_config
+    opts.setdefault("snr_db", dataset_config(data_path).get("data", {}).get("snr_db"))
     keys = ["v"]
     if model.needs_gn or _has_array(data_path, split, "gn"):
         keys.append("gn")

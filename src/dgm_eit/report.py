@@ -210,6 +210,13 @@ def _count(value: float | None) -> str:
     return f"{value:.0f}"
 
 
+SAMPLER_TEXT = {
+    "csd": "sampler `csd` (the paper's CSD*: the GN image replaces the state at t0, then the plain reverse process)",
+    "dds": "sampler `dds` (CSD* with data consistency: the GN image at t0, then at every reverse step the "
+           "denoised image takes a proximal Gauss-Newton step on the measured voltages before it is re-noised)",
+}
+
+
 def setting_section(sr, cfg: dict) -> str:
     """One results table of a run (a ``SettingResult`` of :mod:`dgm_eit.experiments`)."""
     s = sr.setting
@@ -231,9 +238,14 @@ def setting_section(sr, cfg: dict) -> str:
         lines.append(f"Mean ± std over {n} test images. Paper (Table {s.paper_table}, mean): "
                      + ", ".join(f"{m} MSE {v['MSE'][0]:.4f} / SSIM {v['SSIM'][0]:.3f}"
                                  for m, v in PAPER_RESULTS[s.paper_table].items()) + ".")
+    if sr.gn_settings:
+        from dgm_eit.recon.tuning import describe
+
+        lines += ["", f"GN: {describe(sr.gn_settings)}; the models that read a GN image read these."]
     for mr in sr.methods:
         if mr.sampling:
-            lines += ["", f"{mr.name}: t0 = {mr.sampling['t0']:g}, {mr.sampling['n_steps']} reverse steps, "
+            how = SAMPLER_TEXT.get(mr.sampling.get("sampler"), mr.sampling.get("sampler", "csd"))
+            lines += ["", f"{mr.name}: {how}; t0 = {mr.sampling['t0']:g}, {mr.sampling['n_steps']} reverse steps, "
                           f"chosen on the validation split of {mr.sampling['tuned_on']}."]
     for method, why in sr.missing.items():
         lines.append(f"\n*{method}: missing — {why}*")
@@ -314,7 +326,8 @@ def render_report(result) -> str:
         f"reused from an earlier call count with the time they took then). Expected time of this profile: "
         f"{expected_time(cfg)}.",
         "",
-        "Metrics (REFERENCE.md section 3), one implementation for every method, on the full image: MSE, "
+        "Metrics, one implementation for every method (`dgm_eit.metrics`; README section \"Reconstruction "
+        "and scores\"), on the full 0-outside-the-disk image: MSE, "
         "PSNR and SSIM with the ground truth's range R = max - min, RE = ‖x̂ - x‖₁/‖x‖₁, AE = mean |x̂ - x|, "
         "DR = (max x̂ - min x̂)/R (best at 1). SSIM: 7 x 7 uniform window, K1 0.01, K2 0.03. "
         "Bold: the best mean of each column. \"MSE vs GN\" is the relative change of the mean MSE against Gauss-Newton on the same test set, "

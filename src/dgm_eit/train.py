@@ -475,8 +475,10 @@ class Trainer:
             raise InputError(f"data file {self.data_path} does not exist")
         # a truncated or unfinished data file is refused before the run directory exists, so a
         # failed start leaves no config.json that would tie --out to this data path
-        from dgm_eit.data.storage import open_dataset
+        from dgm_eit.data.storage import dataset_gn_settings, open_dataset
         open_dataset(self.data_path).close()
+        # models that read GN images must make them for new voltages exactly as the data set did
+        meta["gn_settings"] = dataset_gn_settings(self.data_path)
         # rank 0 creates the directory first, so the others find a complete config.json
         if self.dist.main:
             finished = _prepare_run_dir(self.out, meta, self.dist)
@@ -751,6 +753,9 @@ def load_run(run_dir, device="cpu", weights: str = "model") -> tuple[GenerativeM
         name, cfg = meta["model"], meta["config"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise InputError(f"{cfg_path} is damaged ({err})") from None
+    from dgm_eit.recon.tuning import apply_gn_settings
+
+    cfg = apply_gn_settings(cfg, meta.get("gn_settings") or {})
     if not info_path.is_file():
         raise InputError(f"{run} has no data_info.json; the run never started training")
     try:

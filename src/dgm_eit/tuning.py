@@ -1,4 +1,5 @@
-"""Choosing CSD*'s insertion time and step count on a validation split.
+"""Choosing CSD*'s insertion time and step count on a validation split (sampler ``csd``, or
+``dds``: CSD* with data consistency).
 
 Used by ``dgm-eit tune-t0`` (one prior, one data set, the result stored in the run dir)
 and by ``dgm-eit run`` (once per results table, on validation data with the anomaly count
@@ -20,7 +21,7 @@ def default_t0_grid(t0: float) -> list[float]:
 
 
 def sweep(model, cfg: dict, arrays: dict, *, t0s, steps, modes, solver, corrector_steps, seed: int,
-          batch_size: int = 64, log=None) -> list[dict]:
+          batch_size: int = 64, log=None, sampler: str = "csd") -> list[dict]:
     """One row per (mode, t0, n_steps): MSE and SSIM means over ``arrays`` (sigma, gn, v), NFE, time.
 
     Every setting reuses the same seed, so differences come from the setting, not the noise."""
@@ -35,7 +36,7 @@ def sweep(model, cfg: dict, arrays: dict, *, t0s, steps, modes, solver, correcto
                     batch = {k: torch.from_numpy(a[start:start + batch_size]).to(device) for k, a in arrays.items()
                              if k != "sigma"}
                     tic = time.perf_counter()
-                    out = model.reconstruct(batch, n_samples=1, generator=generator, config=cfg, sampler="csd",
+                    out = model.reconstruct(batch, n_samples=1, generator=generator, config=cfg, sampler=sampler,
                                             t0=t0, n_steps=n_steps, mode=mode, solver=solver,
                                             corrector_steps=corrector_steps)
                     seconds += time.perf_counter() - tic
@@ -64,7 +65,7 @@ SETTING_KEYS = ("t0", "n_steps", "mode", "solver", "corrector_steps")
 
 
 def tune_on_validation(run_dir, data_path, cfg: dict, *, t0s, steps, n_images: int, seed: int,
-                       device: str = "cpu") -> tuple[dict, list[dict]]:
+                       device: str = "cpu", sampler: str = "csd") -> tuple[dict, list[dict]]:
     """Sweep ``t0s`` x ``steps`` for the score prior in ``run_dir`` on the first ``n_images``
     of ``data_path``'s validation split; ``cfg`` supplies the rest of ``[csd]``.
 
@@ -81,6 +82,6 @@ def tune_on_validation(run_dir, data_path, cfg: dict, *, t0s, steps, n_images: i
     arrays = {k: np.ascontiguousarray(a[:n_images], dtype=np.float32) for k, a in arrays.items()}
     csd = cfg["csd"]
     rows = sweep(model, cfg, arrays, t0s=t0s, steps=steps, modes=[csd["mode"]], solver=csd["solver"],
-                 corrector_steps=int(csd["corrector_steps"]), seed=seed)
+                 corrector_steps=int(csd["corrector_steps"]), seed=seed, sampler=sampler)
     best = pick_best(rows)
     return {k: best[k] for k in SETTING_KEYS}, rows

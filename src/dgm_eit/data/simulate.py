@@ -36,6 +36,7 @@ from dgm_eit.data import storage
 from dgm_eit.data.noise import add_noise
 from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
 from dgm_eit.errors import InputError
+from dgm_eit.recon.tuning import apply_gn_settings
 from dgm_eit.runtime import check_seed
 
 # Config sections whose values change the simulated arrays; a file made with equal
@@ -87,6 +88,7 @@ class Simulator:
         from dgm_eit.physics import ForwardModel, PixelGrid, disk_mesh, make_protocol
         from dgm_eit.recon import gn_config
 
+        self.cfg = cfg
         m, s, d, p = cfg["mesh"], cfg["simulation"], cfg["data"], cfg["phantom"]
         self.sampler = phantom_sampler(cfg)
         self.image_size = int(d["image_size"])
@@ -109,22 +111,50 @@ class Simulator:
         self.gn_kwargs = gn_config(cfg)
         self.n_meas = int(self.fine.n_meas)
 
-    def sample(self, seed: int, split: str, index: int) -> dict[str, np.ndarray]:
-        from dgm_eit.recon import gauss_newton
+    def gn_settings(self, seed: int, log: Callable[[str], None] | None = None) -> dict:
+        """GN's weight and iteration count for this data set, chosen on its validation split
+        (:mod:`dgm_eit.recon.tuning`); the configured ones when ``gn.tune_lam`` is empty."""
+        from threadpoolctl import threadpool_limits
 
+        from dgm_eit.recon.tuning import gn_settings, tune_gauss_newton, tuning_grid
+
+        factors, iters, images = tuning_grid(self.cfg)
+        if not factors:
+            return gn_settings(self.cfg, self.coarse)
+        n = min(images, int(self.cfg["data"]["n_val"]))
+        if n < 1:
+            raise InputError("GN tuning (gn.tune_lam) needs validation images: set data.n_val >= 1 or gn.tune_lam = []")
+        started = time.perf_counter()
+        # one BLAS thread, as in the workers: the chosen setting must not depend on the machine
+        with threadpool_limits(1):
+            val = [self.measure(seed, "val", i) for i in range(n)]
+            tuning = tune_gauss_newton(self.coarse, self.grid, np.stack([s["v"] for s in val]),
+                                       np.stack([s["sigma"] for s in val]), self.gn_kwargs, factors, iters)
+        settings = gn_settings(self.cfg, self.coarse, tuning)
+        (log or _log)(f"GN tuned on {n} validation images in {time.perf_counter() - started:.0f} s: "
+            f"lam = {settings['lam']:.3g}, {settings['max_iter']} iterations (val MSE {settings['val_mse']:.4g})")
+        return settings
+
+    def measure(self, seed: int, split: str, index: int) -> dict[str, np.ndarray]:
+        """Truth image and clean and noisy voltages of one sample (no reconstruction)."""
         rng = sample_rng(seed, split, index)
         phantom = self.sampler.sample(rng)
         v_clean = np.asarray(self.fine.forward(phantom.on_elements(self.quad_points)), dtype=np.float64)
         v = add_noise(v_clean, self.snr_db, rng)
+        sigma = phantom.rasterise(self.image_size, self.supersample, inside=self.inside)
+        return {"sigma": sigma, "v": v, "v_clean": v_clean}
+
+    def sample(self, seed: int, split: str, index: int) -> dict[str, np.ndarray]:
+        from dgm_eit.recon import gauss_newton
+
+        out = self.measure(seed, split, index)
         try:
-            result = gauss_newton(self.coarse, v, **self.gn_kwargs)
+            result = gauss_newton(self.coarse, out["v"], **self.gn_kwargs)
         except InputError as err:
             # deterministic: re-running would fail on the same sample, so say which one
             raise InputError(f"Gauss-Newton failed on sample {split}[{index}] (seed {seed}): {err}; "
                              "change the [gn] settings (e.g. a larger gn.lam)") from None
-        gn = np.asarray(self.grid.to_image(np.asarray(result.sigma)), dtype=np.float64)
-        sigma = phantom.rasterise(self.image_size, self.supersample, inside=self.inside)
-        out = {"sigma": sigma, "v": v, "v_clean": v_clean, "gn": gn}
+        out["gn"] = np.asarray(self.grid.to_image(np.asarray(result.sigma)), dtype=np.float64)
         for key, value in out.items():
             if not np.all(np.isfinite(value)):
                 raise RuntimeError(f"sample {split}[{index}] (seed {seed}): {key} is not finite")
@@ -398,10 +428,14 @@ def simulate_dataset(cfg: dict, out: str | Path, *, seed: int = 0, workers: int 
         # the inversion mesh fixes M and the grid fixes H x W: ask a simulator in this process
         with _report_slow(log, "building meshes"):
             sim = simulator_for(cfg_json)
+        settings = sim.gn_settings(seed, log)
         partial = storage.PartialFile.create(
             partial_path, config_json=cfg_json, identity=identity, seed=int(seed), sizes=sizes,
-            image_size=sim.image_size, n_meas=sim.n_meas, chunk_size=int(chunk_size or DEFAULT_CHUNK_SIZE))
+            image_size=sim.image_size, n_meas=sim.n_meas, chunk_size=int(chunk_size or DEFAULT_CHUNK_SIZE),
+            gn_settings=json.dumps(settings, sort_keys=True))
     try:
+        # workers make the GN images with the settings fixed when the file was started
+        cfg_json = json.dumps(apply_gn_settings(cfg, partial.gn_settings), sort_keys=True)
         pending = [Task(*item) for item in partial.pending()]
         total = sum(sizes.values())
         remaining = sum(t.size for t in pending)

@@ -121,6 +121,13 @@ def dataset_config(path: str | Path) -> dict:
         return json.loads(f.attrs["config"])
 
 
+def dataset_gn_settings(path: str | Path) -> dict:
+    """How the data set's GN images were made: method, weight, iterations, mesh, and the
+    validation tuning table (:func:`dgm_eit.recon.tuning.gn_settings`); {} for older files."""
+    with open_dataset(path) as f:
+        return json.loads(f.attrs["gn_settings"]) if "gn_settings" in f.attrs else {}
+
+
 def dataset_seed(path: str | Path) -> int | None:
     with open_dataset(path) as f:
         return int(f.attrs["seed"]) if "seed" in f.attrs else None
@@ -203,7 +210,7 @@ class PartialFile:
 
     @classmethod
     def create(cls, path: Path, *, config_json: str, identity: str, seed: int, sizes: dict[str, int],
-               image_size: int, n_meas: int, chunk_size: int) -> "PartialFile":
+               image_size: int, n_meas: int, chunk_size: int, gn_settings: str = "{}") -> "PartialFile":
         if chunk_size < 1:
             raise InputError(f"chunk size must be >= 1, got {chunk_size}")
         # built under another name and renamed once flushed, so an existing .partial file
@@ -219,6 +226,7 @@ class PartialFile:
             f.attrs["complete"] = False
             f.attrs["seed"] = seed
             f.attrs["chunk_size"] = chunk_size
+            f.attrs["gn_settings"] = gn_settings
             done = f.create_group(DONE_GROUP)
             for split in SPLITS:
                 n = int(sizes[split])
@@ -252,6 +260,11 @@ class PartialFile:
     @property
     def identity(self) -> str:
         return str(self.f.attrs["identity"])
+
+    @property
+    def gn_settings(self) -> dict:
+        """How this file's GN images are made (:func:`dgm_eit.recon.tuning.gn_settings`)."""
+        return json.loads(self.f.attrs["gn_settings"]) if "gn_settings" in self.f.attrs else {}
 
     @property
     def version(self) -> str:
@@ -319,6 +332,8 @@ def finalise(partial: PartialFile, out: Path, *, block: int = 512) -> None:
         dst.attrs["format_version"] = FORMAT_VERSION
         dst.attrs["dgm_eit_version"] = src.attrs["dgm_eit_version"]
         dst.attrs["seed"] = src.attrs["seed"]
+        if "gn_settings" in src.attrs:
+            dst.attrs["gn_settings"] = src.attrs["gn_settings"]
         dst.attrs["complete"] = False
         for split in SPLITS:
             sgroup, dgroup = src[split], dst.create_group(split)

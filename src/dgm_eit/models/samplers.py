@@ -279,7 +279,7 @@ def _from_prior(sde: SDE, run):
     """A sampler that draws x_1 from the prior and hands it to ``run`` (a ``_solver``)."""
 
     @torch.no_grad()
-    def sample(score_fn, shape, *, generator=None, init=None, likelihood=None, device=None,
+    def sample(score_fn, shape, *, generator=None, init=None, likelihood=None, consistency=None, device=None,
                dtype=torch.float32):
         x = sde.prior_sampling(shape, generator=generator, device=device, dtype=dtype)
         return run(score_fn, x, 1.0, generator)
@@ -306,7 +306,7 @@ def csd_sampler(sde: SDE, t0: float = 0.45, n_steps: int = 450, mode: str = "rep
     run = _solver(sde, solver, n_steps, predictor, corrector, snr, corrector_steps)
 
     @torch.no_grad()
-    def sample(score_fn, shape, *, generator=None, init=None, likelihood=None, device=None,
+    def sample(score_fn, shape, *, generator=None, init=None, likelihood=None, consistency=None, device=None,
                dtype=torch.float32):
         if init is None:
             raise InputError("the csd sampler needs an initial image (the Gauss-Newton image)")
@@ -336,7 +336,7 @@ def dps_sampler(sde: SDE, zeta: float = 1.0, t0: float = 1.0, n_steps: int = 100
         corrector = "none"
     _check_names(predictor, corrector)
 
-    def sample(score_fn, shape, *, generator=None, init=None, likelihood=None, device=None,
+    def sample(score_fn, shape, *, generator=None, init=None, likelihood=None, consistency=None, device=None,
                dtype=torch.float32):
         if likelihood is None:
             raise InputError("the dps sampler needs the measurement misfit (voltages and EIT operator)")
@@ -352,6 +352,50 @@ def dps_sampler(sde: SDE, zeta: float = 1.0, t0: float = 1.0, n_steps: int = 100
         with torch.no_grad():
             return _run_pc(sde, score_fn, x, time_grid(sde, t0, n_steps), generator, predictor,
                            corrector, snr, corrector_steps, guidance=guidance)
+
+    return sample
+
+
+@register(SAMPLERS, "dds")
+def dds_sampler(sde: SDE, t0: float = 0.4, n_steps: int = 25, mode: str = "replace", eta: float = 1.0, **_):
+    """CSD* with data consistency (decomposed diffusion sampling, Chung et al. 2024): from the
+    initial image at ``t0`` (inserted as in ``csd``), every step denoises the state (Tweedie),
+    moves the denoised image towards the measurements (``consistency(x0, t)``, e.g. proximal
+    Gauss-Newton steps), and re-noises it to the next time, DDIM-style: the network's own noise
+    estimate mixed with fresh noise, ``eta`` = 1 all fresh. The last step returns the corrected
+    denoised image. NFE = ``n_steps``."""
+    t0 = _check_t0(t0)
+    n_steps = _check_count("n_steps", n_steps, minimum=1)
+    eta = float(eta)
+    if not 0.0 <= eta <= 1.0:
+        raise InputError(f"eta must lie in [0, 1], got {eta}")
+    if mode not in ("replace", "ccdf"):
+        raise InputError(f"unknown insertion mode {mode!r}; choose replace or ccdf")
+
+    @torch.no_grad()
+    def sample(score_fn, shape, *, generator=None, init=None, likelihood=None, consistency=None, device=None,
+               dtype=torch.float32):
+        if init is None:
+            raise InputError("the dds sampler needs an initial image (the Gauss-Newton image)")
+        if consistency is None:
+            raise InputError("the dds sampler needs the measurements (voltages and EIT operator)")
+        if t0 == 0.0:
+            return consistency(init.clone(), sde.eps), 0
+        x = _start(sde, t0, init, mode, shape, generator, init.device, init.dtype)
+        times = time_grid(sde, t0, n_steps)
+        for i, t in enumerate(times):
+            tt = torch.full((shape[0],), float(t), dtype=x.dtype, device=x.device)
+            x0 = sde.denoise(x, score_fn(x, tt), tt)
+            corrected = consistency(x0, t)
+            if i + 1 == len(times):
+                return corrected, len(times)
+            nt = torch.full_like(tt, times[i + 1])
+            s, sigma, s_next, sigma_next = (_broadcast(f.to(x.dtype), x) for f in (
+                sde.scale(tt), sde.sigma(tt), sde.scale(nt), sde.sigma(nt)))
+            z_hat = (x / s - x0) / sigma
+            z = (1 - eta**2) ** 0.5 * z_hat + eta * _noise(x, generator)
+            x = s_next * (corrected + sigma_next * z)
+        raise AssertionError("unreachable")
 
     return sample
 

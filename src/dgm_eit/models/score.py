@@ -239,7 +239,7 @@ def physics_operator(config: dict, image_size: int):
 
 # ------------------------------------------------------------------------------ model
 SAMPLE_KEYS = ("sampler", "solver", "t0", "n_steps", "corrector_steps", "snr", "mode",
-               "zeta", "dps_init", "n_samples")
+               "zeta", "dps_init", "n_samples", "eta", "dc_weight", "dc_steps", "dc_refresh")
 
 
 class ScoreModel(GenerativeModel):
@@ -260,7 +260,8 @@ class ScoreModel(GenerativeModel):
 
     DEFAULT_SAMPLING = {"sampler": "csd", "solver": "pc", "t0": 0.45, "n_steps": 450,
                         "corrector_steps": 1, "snr": 0.056, "mode": "replace", "zeta": 100.0,
-                        "dps_init": "gn", "n_samples": 1}
+                        "dps_init": "gn", "n_samples": 1, "eta": 1.0, "dc_weight": 1.0, "dc_steps": 1,
+                        "dc_refresh": 1}
 
     def __init__(self, cfg: dict, info: DataInfo):
         super().__init__(cfg, info)
@@ -336,6 +337,9 @@ class ScoreModel(GenerativeModel):
                   "snr": settings["snr"]}
         if name == "csd":
             kwargs.update(t0=settings["t0"], mode=settings["mode"], solver=settings["solver"])
+        elif name == "dds":
+            kwargs = {"n_steps": settings["n_steps"], "t0": settings["t0"], "mode": settings["mode"],
+                      "eta": settings["eta"]}
         elif name == "dps":
             if settings["dps_init"] not in ("gn", "noise"):
                 raise InputError(f"dps_init must be gn or noise, got {settings['dps_init']!r}")
@@ -343,17 +347,60 @@ class ScoreModel(GenerativeModel):
                           t0=settings["t0"] if settings["dps_init"] == "gn" else 1.0)
         return sampling.get_sampler(name, self.sde, **kwargs)
 
-    def _likelihood(self, opts: dict, v: torch.Tensor):
-        """Data misfit ``||v - F(x)||`` per sample, ``x`` normalised images (B,1,H,W)."""
+    def _operator(self, opts: dict, what: str):
         operator = opts.get("operator")
         if operator is None:
             if not isinstance(opts.get("config"), dict) or "mesh" not in opts["config"]:
-                raise InputError("guided sampling (dps) needs the EIT operator: pass operator= "
-                                 "or the run's full config as config=")
+                raise InputError(f"{what} needs the EIT operator: pass operator= or the run's full config as config=")
             key = json.dumps(opts["config"]["mesh"], sort_keys=True)
             if key not in self._operators:
                 self._operators[key] = physics_operator(opts["config"], self.info.image_size)
             operator = self._operators[key]
+        return operator
+
+    def _consistency(self, opts: dict, settings: dict, v: torch.Tensor):
+        """``consistency(x0, t)`` of the dds sampler: ``dc_steps`` proximal Gauss-Newton steps
+        (:class:`dgm_eit.recon.consistency.ProximalGaussNewton`) on the denoised images, with the
+        measurement noise of ``snr_db`` and a prior std of ``dc_weight`` times the state's noise
+        level at ``t`` (raw conductivity units)."""
+        from dgm_eit.recon.consistency import ProximalGaussNewton, noise_std_from_snr
+
+        operator = self._operator(opts, "data-consistent sampling (dds)")
+        snr_db = opts.get("snr_db")
+        if snr_db is None and isinstance(opts.get("config"), dict):
+            snr_db = opts["config"].get("data", {}).get("snr_db")
+        if snr_db is None:
+            raise InputError("data-consistent sampling (dds) needs the measurements' noise level: pass snr_db=")
+        weight, steps = float(settings["dc_weight"]), int(settings["dc_steps"])
+        refresh_every = int(settings["dc_refresh"])
+        if not (weight > 0 and steps >= 1):
+            raise InputError(f"dds needs dc_weight > 0 and dc_steps >= 1, got {weight} and {steps}")
+        # no pixel moves by more than the mean conductivity in one step (a trust region)
+        mean = float(self.sigma_mean.abs())
+        prox = ProximalGaussNewton(operator.fm, operator.grid, min_sigma=1e-3 * mean + 1e-6, max_step=mean)
+        volts = v.detach().to("cpu", torch.float64).numpy()
+        noise = noise_std_from_snr(volts, float(snr_db))
+        support = self.support.cpu().numpy()
+
+        calls = [0]
+
+        def consistency(x0: torch.Tensor, t: float) -> torch.Tensor:
+            images = self.denormalise_image(x0[:, 0]).to("cpu", torch.float64).numpy() * support
+            prior_std = weight * float(self.sde.sigma(torch.tensor(float(t), dtype=torch.float64))) \
+                * float(self.sigma_std)
+            for _ in range(steps):
+                # a fresh Jacobian every dc_refresh calls (0: the first call's, throughout)
+                refresh = calls[0] == 0 or (refresh_every > 0 and calls[0] % refresh_every == 0)
+                images = prox.step(images, volts, noise, prior_std, refresh=refresh)
+                calls[0] += 1
+            out = torch.from_numpy(images).to(device=x0.device, dtype=x0.dtype)
+            return self.normalise_image(out)[:, None]
+
+        return consistency
+
+    def _likelihood(self, opts: dict, v: torch.Tensor):
+        """Data misfit ``||v - F(x)||`` per sample, ``x`` normalised images (B,1,H,W)."""
+        operator = self._operator(opts, "guided sampling (dps)")
         if v.shape[-1] != self.info.n_meas:
             raise InputError(f"voltage vector has {v.shape[-1]} values, the model expects {self.info.n_meas}")
         # the FEM needs positive conductivity; a crude x0_hat early on can dip below zero
@@ -391,8 +438,8 @@ class ScoreModel(GenerativeModel):
             raise InputError("empty batch: give 'gn' (csd) or 'v' and 'gn' (dps)")
         b = next(iter(batch.values())).shape[0]
         device = self.sigma_mean.device
-        init = likelihood = None
-        if name == "csd" or (name == "dps" and settings["dps_init"] == "gn"):
+        init = likelihood = consistency = None
+        if name in ("csd", "dds") or (name == "dps" and settings["dps_init"] == "gn"):
             if "gn" not in batch:
                 raise InputError(f"sampler {name!r} starts from the Gauss-Newton image: the batch needs 'gn'")
             gn = self._check_images(batch["gn"].to(device), "gn")
@@ -402,8 +449,14 @@ class ScoreModel(GenerativeModel):
                 raise InputError("guided sampling (dps) needs the voltages: the batch needs 'v'")
             v = batch["v"].to(device).repeat_interleave(n, dim=0)
             likelihood = self._likelihood(opts, v)
+        if name == "dds":
+            if "v" not in batch:
+                raise InputError("data-consistent sampling (dds) needs the voltages: the batch needs 'v'")
+            if batch["v"].shape[-1] != self.info.n_meas:
+                raise InputError(f"voltage vector has {batch['v'].shape[-1]} values, the model expects {self.info.n_meas}")
+            consistency = self._consistency(opts, settings, batch["v"].repeat_interleave(n, dim=0))
         x, nfe = sampler(self.score, (b * n, 1, size, size), generator=generator, init=init,
-                         likelihood=likelihood, device=device)
+                         likelihood=likelihood, consistency=consistency, device=device)
         images = self.denormalise_image(x[:, 0]) * self.support
         images = images.reshape(b, n, size, size)
         # network evaluations spent per image: every sample of it counts
