@@ -499,17 +499,25 @@ class Experiment:
                     kwargs["cfg"]["train"]["threads"] = threads
                 futures[pool.submit(_timed_call, job.fn, kwargs)] = job
                 self.log(f"[queue] {job.name}")
-            for future in as_completed(futures):
-                job = futures[future]
-                try:
-                    seconds = future.result()
-                except Exception as err:
-                    if os.environ.get("DGM_EIT_DEBUG"):
-                        raise
-                    self._failed(job.name, err)
-                    ok[job.name] = False
-                    continue
-                ok[job.name] = self._finished(job, seconds)
+            try:
+                for future in as_completed(futures):
+                    job = futures[future]
+                    try:
+                        seconds = future.result()
+                    except Exception as err:
+                        if os.environ.get("DGM_EIT_DEBUG"):
+                            raise
+                        self._failed(job.name, err)
+                        ok[job.name] = False
+                        continue
+                    ok[job.name] = self._finished(job, seconds)
+            except KeyboardInterrupt:
+                # never drain the pool (whole training runs): the workers get Ctrl-C, save
+                # their checkpoints, and are ended after a short grace
+                from dgm_eit.runtime import stop_pool
+
+                stop_pool(pool, grace=3.0, interrupt=True)
+                raise
         return ok
 
     # -- plan ------------------------------------------------------------------------------

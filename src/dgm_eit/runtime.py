@@ -50,14 +50,22 @@ def resolve_device(name: str = "auto"):
     return device
 
 
-def stop_pool(pool, grace: float = 0.0) -> None:
-    """Stop a ``ProcessPoolExecutor`` now, without draining it: cancel the queued tasks, give
-    the workers ``grace`` seconds to exit by themselves (e.g. to save a checkpoint on their
-    own Ctrl-C), then terminate them. For Ctrl-C and failures; results already received
-    are the caller's to keep."""
+def stop_pool(pool, grace: float = 0.0, interrupt: bool = False) -> None:
+    """Stop a ``ProcessPoolExecutor`` now, without draining it: cancel the queued tasks,
+    send the workers SIGINT when ``interrupt`` (so a training job saves its checkpoint), give
+    them ``grace`` seconds to exit by themselves, then terminate them. For Ctrl-C and
+    failures; results already received are the caller's to keep."""
+    import signal
     import time
 
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    if interrupt:
+        for process in processes:
+            if process.is_alive():
+                try:
+                    os.kill(process.pid, signal.SIGINT)
+                except OSError:
+                    pass
     deadline = time.monotonic() + grace
     for process in processes:
         process.join(max(0.0, deadline - time.monotonic()))
