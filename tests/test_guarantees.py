@@ -467,3 +467,25 @@ def test_9_a_train_refused_at_validation_leaves_nothing_that_blocks_the_fixed_co
     fails(capsys, ["train", "cnf", "--data", bad, "--out", out, *TINY_CNF], "7")
     assert _files(tmp_path) == ["seven.h5"]
     assert main([str(a) for a in ["train", "cnf", "--data", work["data"], "--out", out, *TINY_CNF]]) == 0
+
+
+# ---------------------------------------------------------------------------------
+# 10. Ctrl-C does not wait for the worker pool to drain
+
+def test_10_stopping_the_simulation_pool_does_not_wait_for_running_chunks():
+    """Leaving the chunk loop early (Ctrl-C, a failure) ends the workers at once; the old code
+    waited for every chunk in flight (here one of 3000 samples, minutes) before exiting."""
+    from dgm_eit.config import load_config
+    from dgm_eit.data.simulate import Task, _run_pool
+
+    cfg_json = json.dumps(load_config("smoke"), sort_keys=True)
+    tasks = [Task("train", 0, 0, 1), Task("train", 1, 1, 3001)]
+    results = _run_pool(cfg_json, 0, tasks, workers=2)
+    task, arrays = next(results)          # the one-sample chunk; the big one is running
+    assert task.chunk == 0 and arrays["v"].shape[0] == 1
+    import multiprocessing
+
+    started = time.monotonic()
+    results.close()                       # what Ctrl-C in the caller's loop does
+    assert time.monotonic() - started < 20   # the old code: about 90 s here, more under load
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith(("SpawnProcess", "ForkServer"))]
