@@ -489,3 +489,20 @@ def test_10_stopping_the_simulation_pool_does_not_wait_for_running_chunks():
     results.close()                       # what Ctrl-C in the caller's loop does
     assert time.monotonic() - started < 20   # the old code: about 90 s here, more under load
     assert not [p for p in multiprocessing.active_children() if p.name.startswith(("SpawnProcess", "ForkServer"))]
+
+
+def test_9_an_unwritable_output_directory_is_named_not_the_lock_file(tmp_path, monkeypatch):
+    from dgm_eit.errors import InputError
+    from dgm_eit.files import output_lock
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(InputError, match=rf"^cannot write {tmp_path / 's.h5'}: Permission denied$"):
+        with output_lock(tmp_path / "s.h5"):
+            pass

@@ -94,7 +94,10 @@ def output_lock(path: str | Path, command: str = "dgm-eit") -> Iterator[Path]:
     lock = lock_path(path)
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:   # e.g. a read-only directory: name the output, not the lock file
+            raise InputError(f"cannot write {path}: {err.strerror or err}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
