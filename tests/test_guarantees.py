@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from dgm_eit.cli import main
-from test_cli import SMALL_DATA, TINY_CNF, _save, fails, leftovers, work  # noqa: F401  (work: fixture)
+from test_cli import SMALL_DATA, TINY_CNF, _save, fails, work  # noqa: F401  (work: fixture)
 
 SIM = ["--profile", "smoke", *SMALL_DATA, "--workers", "1", "--quiet"]
 
@@ -39,6 +39,7 @@ def _files(directory) -> list[str]:
 
 def test_3_invalid_gn_config_is_refused_before_any_file_and_the_fixed_command_works(tmp_path, capsys):
     out = tmp_path / "s.h5"
+    fails(capsys, ["simulate", *SIM, "--set", "gn.lam=-3", "--out", tmp_path / "new" / "s.h5"], "gn.lam", "-3")
     fails(capsys, ["simulate", *SIM, "--set", "gn.lam=-3", "--out", out], "gn.lam", "-3")
     assert _files(tmp_path) == []
     assert main(["simulate", *map(str, SIM), "--out", str(out)]) == 0
