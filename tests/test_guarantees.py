@@ -507,3 +507,14 @@ def test_9_an_unwritable_output_directory_is_named_not_the_lock_file(tmp_path, m
     with pytest.raises(InputError, match=rf"^cannot write {tmp_path / 's.h5'}: Permission denied$"):
         with output_lock(tmp_path / "s.h5"):
             pass
+
+
+def test_5_a_truncated_tuned_csd_json_is_named(work, tmp_path, capsys):
+    from test_cli import TINY_SCORE
+
+    run = tmp_path / "score"
+    assert main([str(a) for a in ["train", "score", "--data", work["data"], "--out", run, *TINY_SCORE]]) == 0
+    (run / "tuned_csd.json").write_text('{"best": {"t0"')
+    fails(capsys, ["reconstruct", "--run", run, "--data", work["data"], "--out", tmp_path / "r.h5", "--sampler",
+                   "csd", "--limit", "1", "--device", "cpu"], str(run / "tuned_csd.json"), "tune-t0")
+    assert not (tmp_path / "r.h5").exists()

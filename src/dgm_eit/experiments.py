@@ -40,7 +40,7 @@ import numpy as np
 
 from dgm_eit.config import flatten
 from dgm_eit.errors import InputError
-from dgm_eit.files import write_text
+from dgm_eit.files import read_json, write_text
 from dgm_eit.runtime import check_seed
 from dgm_eit.metrics import METRICS, Summary, per_sample, summarize
 
@@ -751,14 +751,6 @@ class Experiment:
 
 # ---------------------------------------------------------------------------------------
 # reading other stages' outputs
-
-
-def read_json(path: Path, advice: str = "") -> dict:
-    """A JSON file of the run directory; an unreadable one is named (json's own message is not)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path} is damaged or unreadable ({err})" + (f"; {advice}" if advice else "")) from None
 
 
 def read_recon(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

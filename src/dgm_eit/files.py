@@ -65,6 +65,17 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def read_json(path: str | Path, advice: str = ""):
+    """A JSON file's content; an unreadable or truncated one raises InputError naming the
+    file (json's own message gives only a line and column)."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path} is damaged or unreadable ({err})" + (f"; {advice}" if advice else "")) from None
+
+
 # ---------------------------------------------------------------------------------
 # one writer per output
 
