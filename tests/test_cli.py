@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -610,8 +611,13 @@ def test_entry_point_prints_one_line_and_exits_2(tmp_path):
 # ---------------------------------------------------------------------------------
 # Ctrl-C at the real entry point: one line, exit 130, resumable state kept
 
-def _interrupt_when(argv, ready, tmp_path, timeout=120.0):
-    """Start ``dgm-eit argv``, send SIGINT once ``ready()`` holds; return (returncode, stderr)."""
+def _interrupt_when(argv, ready, tmp_path, timeout=900.0):
+    """Start ``dgm-eit argv``, send SIGINT once ``ready()`` holds; return (returncode, stderr).
+
+    The budgets are generous on purpose: on a loaded machine start-up and the first chunk or
+    epoch can take minutes, and a test must not fail because the machine is slow. What it
+    checks is the event (ready, then exit 130 with a resumable state), not the speed; Ctrl-C
+    itself no longer waits for running chunks or epochs (test_guarantees.py, item 10)."""
     err_path = tmp_path / "stderr.txt"
     env = {**os.environ, "DGM_EIT_DEBUG": "", "OMP_NUM_THREADS": "1"}
     with open(err_path, "w") as err:
@@ -622,7 +628,11 @@ def _interrupt_when(argv, ready, tmp_path, timeout=120.0):
             time.sleep(0.1)
         assert proc.poll() is None, "finished before it could be interrupted: " + err_path.read_text()[-500:]
         proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
+        try:
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     return rc, err_path.read_text()
 
 
@@ -636,9 +646,9 @@ def test_ctrl_c_stops_simulate_with_its_partial_file(tmp_path):
     partial = tmp_path / "big.h5.partial"
     argv = ["simulate", "--profile", "smoke", "--set", "data.n_train=2000", "--out", out, "--workers", "2",
             "--chunk-size", "4", "--seed", "1"]
-    # the progress bar shows a rate once the first chunks are done
-    rc, stderr = _interrupt_when(argv, lambda: partial.exists() and "sample/s" in (tmp_path / "stderr.txt").read_text(),
-                                 tmp_path)
+    # the progress bar shows a rate once the first chunks are done ("?sample/s" before that)
+    rc, stderr = _interrupt_when(argv, lambda: partial.exists() and re.search(
+        r"[0-9]sample/s", (tmp_path / "stderr.txt").read_text()) is not None, tmp_path)
     assert rc == 130
     assert "Traceback" not in stderr
     assert _last_line(stderr) == "dgm-eit: interrupted; re-run the same command to resume"

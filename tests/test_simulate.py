@@ -173,7 +173,7 @@ def test_gn_search_scores_every_candidate_on_the_images_it_is_given():
     with pytest.raises(InputError, match="tune_lam factors must be positive"):
         tuning_grid(_small_cfg("gn.tune_lam=[0.5, -1]"))
     with pytest.raises(InputError, match="needs validation images"):
-        sim_mod.Simulator(_small_cfg("data.n_val=0")).gn_settings(0)
+        sim_mod.check_config(_small_cfg("data.n_val=0"), 0)
 
 
 def test_sample_depends_only_on_seed_split_index(reference):

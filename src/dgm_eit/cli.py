@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    import warnings
+
+    # a warning is one line, like an error: "dgm-eit CMD: warning: ..."
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"dgm-eit {args.command}: warning: {message}\n"
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -40,7 +40,7 @@ import numpy as np
 
 from dgm_eit.config import flatten
 from dgm_eit.errors import InputError
-from dgm_eit.files import write_text
+from dgm_eit.files import read_json, write_text
 from dgm_eit.runtime import check_seed
 from dgm_eit.metrics import METRICS, Summary, per_sample, summarize
 
@@ -181,7 +181,9 @@ def simulate_stage(cfg: dict, out: Path, seed: int) -> None:
     """Physics runs on the CPU whatever ``--device`` says; the simulator uses every core."""
     from dgm_eit.data.simulate import simulate_dataset
 
-    simulate_dataset(cfg, out, seed=seed, progress=bool(cfg["train"]["progress"]))
+    # overwrite: the files under DIR/data are the run's own, and one that cannot be read is
+    # made again (a resumable .partial of the same config is still resumed)
+    simulate_dataset(cfg, out, seed=seed, progress=bool(cfg["train"]["progress"]), overwrite=True)
 
 
 def train_stage(model: str, data: Path, run_dir: Path, cfg: dict, seed: int, device: str,
@@ -359,8 +361,24 @@ class Experiment:
         check_tuning(cfg["run"])
         from dgm_eit.runtime import cpu_count
 
-        self.jobs = int(cfg["run"]["jobs"]) or cpu_count()
+        jobs = cfg["run"]["jobs"]
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
+            raise InputError(f"run.jobs must be an integer >= 0 (0: one per core), got {jobs!r}")
+        self.jobs = jobs or cpu_count()
         self.stage_records: dict[str, dict] = {}
+        self._check_data_configs()
+
+    def _check_data_configs(self) -> None:
+        """Every data set's config is checked before anything is created: a bad value is one
+        error, not failed stages whose unfinished files block the corrected command."""
+        import warnings
+
+        from dgm_eit.data.simulate import check_config
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the simulator warns once per data set itself
+            for spec in self.datasets():
+                check_config(dataset_config(self.cfg, spec), data_seed(self.seed, spec.anomalies))
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -369,7 +387,7 @@ class Experiment:
         manifest = {"seed": self.seed, "config": self.cfg}
         path = self.layout.manifest
         if path.exists():
-            old = json.loads(path.read_text())
+            old = read_json(path, "use a new --out (or restore the file)")
             if old.get("seed") != self.seed:
                 raise InputError(f"{self.layout.root} was made with --seed {old.get('seed')}, not {self.seed}; "
                                  "use another --out or the same seed")
@@ -384,12 +402,22 @@ class Experiment:
                 raise InputError(f"{self.layout.root} was made with a different config ({shown}"
                                  f"{', ...' if len(changed) > 5 else ''}); use another --out")
         else:
-            self.layout.root.mkdir(parents=True, exist_ok=True)
+            root = self.layout.root
+            if root.exists() and (not root.is_dir() or any(root.iterdir())):
+                # e.g. a training run: its metrics.csv would be overwritten by the report's
+                raise InputError(f"{root} exists and is not a dgm-eit run output directory (no run.json); "
+                                 "use a new --out")
+            root.mkdir(parents=True, exist_ok=True)
             write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
 
     def _load_stage_records(self) -> None:
         path = self.layout.stages
-        self.stage_records = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            self.stage_records = read_json(path) if path.exists() else {}
+        except InputError as err:
+            # only records: the stages' outputs say what is done, so start the records afresh
+            self.log(f"[warn]  {err}; its records are started again")
+            self.stage_records = {}
 
     def _save_stage_records(self) -> None:
         write_text(self.layout.stages, json.dumps(self.stage_records, indent=2))
@@ -475,17 +503,25 @@ class Experiment:
                     kwargs["cfg"]["train"]["threads"] = threads
                 futures[pool.submit(_timed_call, job.fn, kwargs)] = job
                 self.log(f"[queue] {job.name}")
-            for future in as_completed(futures):
-                job = futures[future]
-                try:
-                    seconds = future.result()
-                except Exception as err:
-                    if os.environ.get("DGM_EIT_DEBUG"):
-                        raise
-                    self._failed(job.name, err)
-                    ok[job.name] = False
-                    continue
-                ok[job.name] = self._finished(job, seconds)
+            try:
+                for future in as_completed(futures):
+                    job = futures[future]
+                    try:
+                        seconds = future.result()
+                    except Exception as err:
+                        if os.environ.get("DGM_EIT_DEBUG"):
+                            raise
+                        self._failed(job.name, err)
+                        ok[job.name] = False
+                        continue
+                    ok[job.name] = self._finished(job, seconds)
+            except KeyboardInterrupt:
+                # never drain the pool (whole training runs): the workers get Ctrl-C, save
+                # their checkpoints, and are ended after a short grace
+                from dgm_eit.runtime import stop_pool
+
+                stop_pool(pool, grace=3.0, interrupt=True)
+                raise
         return ok
 
     # -- plan ------------------------------------------------------------------------------
@@ -529,9 +565,23 @@ class Experiment:
             return False
         try:
             open_dataset(path).close()
-        except InputError:
+        except InputError as err:
+            self.log(f"[redo]  {err}")   # the stage makes it again
             return False
         return True
+
+    def _recon_done(self, path: Path) -> bool:
+        """The reconstruction exists and reads; a damaged one is named and removed, so it is redone."""
+        from dgm_eit.data.storage import recon_file_problem
+
+        if not path.exists():
+            return False
+        problem = recon_file_problem(path)
+        if problem is None:
+            return True
+        self.log(f"[redo]  {path}: {problem}")
+        path.unlink(missing_ok=True)
+        return False
 
     def _dataset_job(self, spec: DataSpec) -> StageJob:
         path = self.layout.data(spec)
@@ -554,7 +604,8 @@ class Experiment:
         tune = None
         if method == "csd" and sampler in ("csd", "dds") and run["csd_tune_t0"]:
             tune = self.layout.data(self.tuning_set(method, train, data))
-        return StageJob(f"reconstruct {method} ({train.label}) on {data.label}", out.exists, reconstruct_stage,
+        return StageJob(f"reconstruct {method} ({train.label}) on {data.label}", lambda: self._recon_done(out),
+                        reconstruct_stage,
                         dict(run_dir=self.layout.run(METHOD_MODEL[method], train), data=self.layout.data(data),
                              out=out, n_samples=int(run[f"{method}_samples"]), sampler=sampler, seed=self.seed,
                              device=self.device, cfg=dataset_config(self.cfg, data), tune_data=tune))
@@ -710,19 +761,25 @@ class Experiment:
 def read_recon(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     import h5py
 
-    with h5py.File(path, "r") as f:
-        if "recon" not in f:
-            raise InputError(f"{path}: no 'recon' array")
-        recon = f["recon"][...]
-        std = f["recon_std"][...] if "recon_std" in f else None
+    try:
+        with h5py.File(path, "r") as f:
+            if "recon" not in f:
+                raise InputError(f"{path}: no 'recon' array")
+            recon = f["recon"][...]
+            std = f["recon_std"][...] if "recon_std" in f else None
+    except OSError as err:   # h5py's message does not name the file
+        raise InputError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {err}") from None
     return recon, std
 
 
 def recon_attrs(path: Path) -> dict:
     import h5py
 
-    with h5py.File(path, "r") as f:
-        return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    except OSError as err:
+        raise InputError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {err}") from None
 
 
 def count_parameters(run_dir: Path) -> int | None:

@@ -136,13 +136,18 @@ def load_prediction(path) -> np.ndarray:
     from pathlib import Path
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"prediction file {str(path)!r} is a directory, not a file")
     if not path.is_file():
         raise InputError(f"prediction file {str(path)!r} does not exist")
     if path.suffix == ".npy":
         try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as err:
-            raise InputError(f"{path}: not a plain .npy array ({err})") from None
+            pred = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:   # an empty file: EOFError
+            raise InputError(f"{path}: not a plain .npy array ({err or 'empty file'})") from None
+        if not isinstance(pred, np.ndarray):
+            raise InputError(f"{path} is an .npz archive; give one .npy array (N,H,W)")
+        return pred
     import h5py
 
     if not h5py.is_hdf5(path):
@@ -167,6 +172,8 @@ def evaluate_file(pred_path, data_path, split: str = "test") -> tuple[dict[str, 
     """Score a prediction file against a data-set split: ``(summaries, per-sample arrays)``."""
     pred = load_prediction(pred_path)
     truth = read_truth(data_path, split)
+    if truth.shape[0] == 0:
+        raise InputError(f"the {split!r} split of {data_path} is empty: nothing to score")
     if pred.ndim == 4 and pred.shape[1] == 1:
         pred = pred[:, 0]
     if pred.ndim != 3:

@@ -38,6 +38,8 @@ def reconstruct_arrays(model, v: np.ndarray, gn: np.ndarray | None = None, *, n_
         raise InputError(f"voltage vectors have {v.shape[1]} values, the model was trained on {n_meas}")
     if not np.all(np.isfinite(v)):
         raise InputError("voltages contain NaN or infinite values")
+    if len(v) == 0:
+        raise InputError(f"no voltage vectors to reconstruct (shape {v.shape})")
     if model.needs_gn and gn is None:
         raise InputError(f"model {model.name!r} needs the Gauss-Newton image 'gn' for each voltage vector")
     if batch_size < 1:
@@ -77,7 +79,57 @@ def reconstruct_arrays(model, v: np.ndarray, gn: np.ndarray | None = None, *, n_
               "seconds_per_image": seconds / max(1, len(v))}
     if stds:
         result["recon_std"] = np.concatenate(stds).astype(np.float32)
+    for key in ("recon", "recon_std"):
+        if key in result:
+            bad = ~np.isfinite(result[key]).reshape(len(v), -1).all(axis=1)
+            if bad.any():   # never an image of NaN with exit 0
+                raise InputError(f"the {model.name} model produced NaN or infinite images (first for input "
+                                 f"{int(np.flatnonzero(bad)[0])}): the voltages lie far outside the training "
+                                 "range, or the run's weights are damaged; nothing was written")
     return result
+
+
+def check_voltages(v: np.ndarray, info, source: str) -> list[str]:
+    """Compare voltages (N,M) with the training statistics in the run's ``data_info.json``.
+
+    Raises :class:`InputError` for a vector of zeros or a sign-flipped one (``-v`` matches the
+    training voltages, ``v`` does not); returns warnings for vectors far outside the training
+    range, naming the scale factor. Normalised distances (z-scores per measurement) are
+    used, so vectors that merely differ from the mean (other anomalies, noise) pass."""
+    v = np.asarray(v, dtype=np.float64)
+    mean = np.asarray(info.v_mean, dtype=np.float64)
+    std = np.asarray(info.v_std, dtype=np.float64)
+    if v.ndim != 2 or v.shape[1] != mean.shape[0] or not len(v):
+        return []
+    ref = float(np.linalg.norm(mean))
+    norms = np.linalg.norm(v, axis=1)
+    zero = np.flatnonzero(norms <= 1e-12 * max(ref, 1e-300))
+    if zero.size:
+        raise InputError(f"{source}: voltage vector {int(zero[0])} is all zeros ({zero.size} such vector(s)); "
+                         "nothing was measured")
+    z = np.sqrt(np.mean(((v - mean) / std) ** 2, axis=1))
+    z_flipped = np.sqrt(np.mean(((-v - mean) / std) ** 2, axis=1))
+    flipped = np.flatnonzero((z > 10) & (z_flipped < z / 10))
+    if flipped.size:
+        raise InputError(f"{source}: voltage vector {int(flipped[0])} looks sign-flipped ({flipped.size} such "
+                         f"vector(s)): its negative matches the training voltages (z-score {z_flipped[flipped[0]]:.2g} "
+                         f"vs {z[flipped[0]]:.2g}); check the electrode order or polarity")
+    warnings = []
+    far = np.flatnonzero(z > 10)
+    if far.size and ref > 0:
+        factors = norms[far] / ref
+        k = int(far[np.argmax(np.abs(np.log(factors)))])
+        warnings.append(f"{source}: {far.size} of {len(v)} voltage vector(s) lie far outside the training range "
+                        f"(vector {k} is {norms[k] / ref:.3g} x the size of the training voltages, z-score "
+                        f"{z[k]:.3g}); the images will not be meaningful")
+    return warnings
+
+
+def _warn(messages: list[str]) -> None:
+    import warnings
+
+    for message in messages:
+        warnings.warn(message, stacklevel=3)
 
 
 def write_recon_file(path, result: dict, attrs: dict) -> Path:
@@ -136,6 +188,8 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
     arrays = read_split(data_path, split, keys=tuple(keys))
     if limit is not None:
         arrays = {k: a[:limit] for k, a in arrays.items()}
+    if len(arrays["v"]) == 0:
+        raise InputError(f"split {split!r} of {data_path} is empty: nothing to reconstruct")
     _check_finite(arrays, data_path, split)
     if arrays["v"].shape[1] != info.n_meas:
         raise InputError(f"{data_path} has {arrays['v'].shape[1]} measurements per sample, "
@@ -143,6 +197,7 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
     if "gn" in arrays and arrays["gn"].shape[-1] != info.image_size:
         raise InputError(f"{data_path} has {arrays['gn'].shape[-1]}-pixel images, "
                          f"the run was trained on {info.image_size}")
+    _warn(check_voltages(arrays["v"], info, f"{data_path} {split}/v"))
     if sampler is not None:
         opts["sampler"] = sampler
     result = reconstruct_arrays(model, arrays["v"], arrays.get("gn"), n_samples=n_samples, seed=seed,
@@ -183,18 +238,22 @@ def gn_images(cfg: dict, v: np.ndarray, image_size: int) -> np.ndarray:
 
 def load_voltages(path) -> tuple[np.ndarray, bool]:
     """``(v (N,M) float32, was_one_vector)`` from a ``.npy`` file holding (M,) or (N,M)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"voltage file {path} does not exist")
+    from dgm_eit.files import require_file
+
+    path = require_file(path, "voltage file")
     try:
         v = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise InputError(f"{path} is not a readable .npy array ({err})") from None
+    except (ValueError, OSError, EOFError) as err:   # an empty file: EOFError
+        raise InputError(f"{path} is not a readable .npy array ({err or 'empty file'})") from None
+    if not isinstance(v, np.ndarray):
+        raise InputError(f"{path} is an .npz archive; give one .npy array of voltages")
     if v.dtype.kind not in "fiu":
         raise InputError(f"{path} holds {v.dtype} values, expected real numbers")
     if v.ndim in (1, 2) and not np.all(np.isfinite(v)):
         row, col = np.argwhere(~np.isfinite(np.atleast_2d(v)))[0]
         raise InputError(f"{path} contains NaN or infinite voltages (first at row {row}, column {col})")
+    if v.size == 0:
+        raise InputError(f"{path} holds no voltages (shape {v.shape})")
     if v.ndim == 1:
         return v[None].astype(np.float32), True
     if v.ndim == 2:
@@ -204,8 +263,9 @@ def load_voltages(path) -> tuple[np.ndarray, bool]:
 
 def reconstruct_voltages(run_dir, v: np.ndarray, *, n_samples: int | None = None, sampler: str | None = None,
                          seed: int = 0, device: str = "auto", batch_size: int = 64, weights: str = "model",
-                         **opts) -> dict:
-    """Reconstruct raw voltages (N,M); computes the GN images when the model needs them."""
+                         source: str = "voltages", **opts) -> dict:
+    """Reconstruct raw voltages (N,M); computes the GN images when the model needs them.
+    ``source`` names the voltages in messages (the user's file)."""
     from dgm_eit import runtime
 
     model, cfg, info = load_run(run_dir, runtime.resolve_device(device), weights=weights)
@@ -218,6 +278,9 @@ def reconstruct_voltages(run_dir, v: np.ndarray, *, n_samples: int | None = None
     if not np.all(np.isfinite(v)):
         # checked before the Gauss-Newton images, whose own error would not say which input was bad
         raise InputError("voltages contain NaN or infinite values")
+    if len(v) == 0:
+        raise InputError(f"no voltage vectors to reconstruct (shape {v.shape})")
+    _warn(check_voltages(v, info, source))
     gn = gn_images(cfg, v, info.image_size) if model.needs_gn else None
     opts.setdefault("config", cfg)
     opts.setdefault("run_dir", str(run_dir))

@@ -37,10 +37,44 @@ def resolve_device(name: str = "auto"):
 
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {name!r} is not a device; choose cpu, cuda, cuda:N or auto")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError(f"device {name!r} requested but MPS is not available")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise InputError(f"device {name!r} requested but CUDA is not available")
     return device
+
+
+def stop_pool(pool, grace: float = 0.0, interrupt: bool = False) -> None:
+    """Stop a ``ProcessPoolExecutor`` now, without draining it: cancel the queued tasks,
+    send the workers SIGINT when ``interrupt`` (so a training job saves its checkpoint), give
+    them ``grace`` seconds to exit by themselves, then terminate them. For Ctrl-C and
+    failures; results already received are the caller's to keep."""
+    import signal
+    import time
+
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    if interrupt:
+        for process in processes:
+            if process.is_alive():
+                try:
+                    os.kill(process.pid, signal.SIGINT)
+                except OSError:
+                    pass
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(5)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 MAX_SEED = 2**48

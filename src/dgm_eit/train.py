@@ -73,6 +73,9 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         state = load_file(str(path))
     except Exception as err:  # safetensors raises several error types for a damaged file
         raise InputError(f"{path} is not a readable safetensors file ({err})") from None
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:   # they would give NaN images with exit 0
+        raise InputError(f"{path} holds NaN or infinite weights (in {bad[0]}{' and others' if len(bad) > 1 else ''})")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -449,6 +452,16 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch.load raises many types on damaged files
+            message = str(err)
+            if "Weights only load failed" in message:
+                # torch's advice (weights_only=False) would run whatever the file holds: never give it
+                if "global" in message.lower():
+                    raise InputError(f"checkpoint {path} is not a dgm-eit checkpoint: it holds pickled Python "
+                                     "objects, which could run code when loaded (it may be unsafe), so it was "
+                                     "not loaded; delete it to start the run again") from None
+                detail = message.split("WeightsUnpickler error:")[-1].strip().splitlines()
+                err = type(err)(detail[0] if detail and "WeightsUnpickler error:" in message
+                                else "not a torch checkpoint")
             raise InputError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
                              "delete it to start the run again") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT \
@@ -464,21 +477,30 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> TrainResult:
+        from contextlib import nullcontext
+
+        from dgm_eit.data.storage import split_sizes
+        from dgm_eit.files import output_lock, require_file
+
         try:
-            return self._run()
+            # a missing, truncated, unfinished or empty data file is refused before the run
+            # directory exists, so a failed start leaves no config.json that would tie --out
+            # to this data path
+            require_file(self.data_path, "data file")
+            if split_sizes(self.data_path)["train"] < 1:
+                raise InputError(f"data file {self.data_path} has an empty train split")
+            # one writer per run directory, before any work (rank 0 speaks for the run)
+            with output_lock(self.out, "dgm-eit train") if self.dist.main else nullcontext():
+                return self._run()
         finally:
             self.dist.close()
 
     def _run(self) -> TrainResult:
         meta = run_meta(self.model_name, self.data_path, self.seed, self.cfg)
-        if not self.data_path.is_file():
-            raise InputError(f"data file {self.data_path} does not exist")
-        # a truncated or unfinished data file is refused before the run directory exists, so a
-        # failed start leaves no config.json that would tie --out to this data path
-        from dgm_eit.data.storage import dataset_gn_settings, open_dataset
-        open_dataset(self.data_path).close()
         # models that read GN images must make them for new voltages exactly as the data set did
+        from dgm_eit.data.storage import dataset_gn_settings
         meta["gn_settings"] = dataset_gn_settings(self.data_path)
+        fresh = not self.out.exists()
         # rank 0 creates the directory first, so the others find a complete config.json
         if self.dist.main:
             finished = _prepare_run_dir(self.out, meta, self.dist)
@@ -487,8 +509,18 @@ class Trainer:
             finished = _prepare_run_dir(self.out, meta, self.dist)
         if finished:
             return TrainResult(self.out, True, -1, None)
-        self._load_data()
-        self.model = self._build_model()
+        try:
+            self._load_data()
+            self.model = self._build_model()
+            for stage in self.model.stages:   # refused now, not after the first stage
+                stage_settings(self.model, stage)
+        except BaseException:
+            # a run refused before training leaves no config.json to block the corrected command
+            if fresh and self.dist.main:
+                import shutil
+
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
         if self.dist.main:
             self.info.save(self.out / "data_info.json")
 

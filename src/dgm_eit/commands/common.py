@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 
 
-def add_profile_args(parser: argparse.ArgumentParser, default: str = "quick") -> None:
+def add_profile_args(parser: argparse.ArgumentParser, default: str = "quick",
+                     example: str = "data.n_train=500") -> None:
     parser.add_argument("--profile", default=default,
                         help="smoke | quick | paper, or a .toml file (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set data.n_train=500 (repeatable)")
+                        help=f"override one config key, e.g. --set {example} (repeatable)")
 
 
 def add_seed_arg(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split whose ground truth is compared (default: %(default)s)")
     parser.add_argument("--name", default=None, help="method name shown in the table (default: the file name)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--force", action="store_true",
+                        help="score even when the reconstruction file says it was made from another data "
+                             "set or split")
+
+
+def check_pairing(pred, data, split: str) -> None:
+    """A reconstruction file (``dgm-eit reconstruct --data``) records its ``data`` and ``split``:
+    scoring it against another data set or split gives plausible but meaningless numbers."""
+    import os
+    from pathlib import Path
+
+    import h5py
+
+    from dgm_eit.errors import InputError
+
+    pred = Path(pred)
+    if pred.suffix == ".npy" or not pred.is_file() or not h5py.is_hdf5(pred):
+        return
+    try:
+        with h5py.File(pred, "r") as f:
+            made_from, made_split = f.attrs.get("data"), f.attrs.get("split")
+    except OSError:
+        return   # load_prediction names the damaged file
+    if made_split is not None and str(made_split) != split:
+        raise InputError(f"{pred} reconstructs the {str(made_split)!r} split, not {split!r}; pass --split "
+                         f"{made_split} (or --force to score it anyway)")
+    if made_from is not None:
+        made_from = Path(str(made_from))
+        same = made_from.resolve() == Path(data).resolve()
+        if not same and made_from.exists() and Path(data).exists():
+            same = os.path.samefile(made_from, data)
+        if not same:
+            raise InputError(f"{pred} was reconstructed from {made_from}, not {data}; pass that data set "
+                             "(or --force to score it anyway)")
 
 
 def run(args) -> int:
@@ -24,6 +58,8 @@ def run(args) -> int:
     from dgm_eit.metrics import METRICS, evaluate_file
     from dgm_eit.report import metrics_table
 
+    if not args.force:
+        check_pairing(args.pred, args.data, args.split)
     summaries, _ = evaluate_file(args.pred, args.data, args.split)
     name = args.name or Path(args.pred).stem
     if args.json:

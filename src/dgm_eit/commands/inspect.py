@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "summarise a data-set file: config, split sizes, measured SNR, value ranges"
+HELP = ("summarise a data-set file: config, split sizes, measured SNR, value ranges "
+        "(exit 1 when it holds NaN or infinite values)")
 
 _BLOCK = 1024  # samples read at a time, so paper-size files need little memory
 
@@ -35,6 +36,7 @@ def summarise(path) -> dict:
             if n:
                 snr, mse = [], []
                 ranges = {k: [np.inf, -np.inf] for k in storage.ARRAY_KEYS}
+                nonfinite = {k: [0, None] for k in storage.ARRAY_KEYS}   # count, first sample
                 values = set()
                 for start in range(0, n, _BLOCK):
                     stop = min(start + _BLOCK, n)
@@ -42,7 +44,15 @@ def summarise(path) -> dict:
                     snr.append(measured_snr_db(block["v_clean"], block["v"]))
                     mse.append(((block["gn"] - block["sigma"]) ** 2).mean(axis=(1, 2)))
                     for k, a in block.items():
-                        ranges[k] = [min(ranges[k][0], float(a.min())), max(ranges[k][1], float(a.max()))]
+                        finite = np.isfinite(a)
+                        if not finite.all():
+                            bad = ~finite.reshape(len(a), -1).all(axis=1)
+                            if nonfinite[k][1] is None:
+                                nonfinite[k][1] = start + int(np.flatnonzero(bad)[0])
+                            nonfinite[k][0] += int((~finite).sum())
+                            a = a[finite]   # the ranges are those of the finite values
+                        if a.size:
+                            ranges[k] = [min(ranges[k][0], float(a.min())), max(ranges[k][1], float(a.max()))]
                     if len(values) <= 64:
                         values.update(np.unique(block["sigma"]).tolist())
                 snr = np.concatenate(snr)
@@ -53,6 +63,7 @@ def summarise(path) -> dict:
                     "snr_db_std": float(finite.std()) if finite.size else 0.0,
                     "gn_mse_mean": float(mse.mean()), "gn_mse_std": float(mse.std()),
                     "ranges": ranges,
+                    "nonfinite": {k: {"count": c, "first_sample": i} for k, (c, i) in nonfinite.items() if c},
                     "sigma_values": sorted(values) if len(values) <= 64 else None,
                 })
             out["splits"][split] = stats
@@ -83,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     info = summarise(args.file)
     if args.json:
         print(json.dumps(info))
-        return 0
+        return _flag_nonfinite(info)
     print(f"{info['file']}: dgm-eit data set, format {info['format_version']}, written by dgm-eit "
           f"{info['dgm_eit_version']}, seed {info['seed']}")
     for line in _describe(info["config"]):
@@ -105,4 +116,17 @@ def run(args: argparse.Namespace) -> int:
     values = info["splits"]["train"].get("sigma_values")
     if values is not None:
         print("ground-truth values (train): " + ", ".join(f"{v:g}" for v in values))
-    return 0
+    return _flag_nonfinite(info)
+
+
+def _flag_nonfinite(info: dict) -> int:
+    """NaN/inf values make a data set unusable (training, scoring): say where, exit 1."""
+    import sys
+
+    problems = [f"{split}/{key}: {bad['count']} value(s) (first in sample {bad['first_sample']})"
+                for split, st in info["splits"].items() for key, bad in st.get("nonfinite", {}).items()]
+    if not problems:
+        return 0
+    print(f"dgm-eit inspect: warning: {info['file']} holds NaN or infinite values, so it cannot be used for "
+          f"training or scoring: {'; '.join(problems)}", file=sys.stderr)
+    return 1

@@ -8,6 +8,9 @@ import sys
 from dgm_eit.commands.common import add_device_arg, add_seed_arg
 
 HELP = "reconstruct images with a trained run (a data-set split, or --voltages FILE.npy)"
+# the score model's samplers (dgm_eit.models.samplers.SAMPLERS; a test keeps them equal),
+# listed here so that --help stays fast
+SAMPLER_NAMES = ("pc", "ode", "csd", "dps")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,11 +24,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RECON.h5 for --data; X.npy or X.png for --voltages")
     parser.add_argument("--samples", type=int, default=None, metavar="K",
                         help="posterior samples per image for sampling models (default: the model's own)")
-    parser.add_argument("--sampler", default=None, metavar="NAME", help="sampler of the score model")
+    parser.add_argument("--sampler", default=None, metavar="NAME",
+                        help="sampler of a score run: " + " | ".join(SAMPLER_NAMES)
+                        + " (default: the run's csd.sampler)")
     parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per batch (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N samples of the split")
     parser.add_argument("--weights", default="model", choices=("model", "best"),
                         help="final weights or best-on-validation (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file that is not a reconstruction file "
+                             "(an input is never overwritten)")
     add_seed_arg(parser)
     add_device_arg(parser)
 
@@ -34,8 +42,19 @@ def run(args: argparse.Namespace) -> int:
     from dgm_eit import reconstruct as rec
     from dgm_eit.errors import InputError
 
+    from dgm_eit.data.storage import is_recon_file
+    from dgm_eit.files import check_output, is_image_file, is_npy_file
+
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
+    # before any work: never over the user's data, voltages or weights, nor over a file of
+    # another kind unless --overwrite
+    suffix = args.out.lower().rsplit(".", 1)[-1]
+    own_kind, kind = {"h5": (is_recon_file, "reconstruction file"), "hdf5": (is_recon_file, "reconstruction file"),
+                      "npy": (is_npy_file, ".npy array"), "png": (is_image_file, "PNG image")}.get(
+        suffix, (None, "output"))
+    check_output(args.out, inputs=[("--data", args.data), ("--voltages", args.voltages)], own_kind=own_kind,
+                 kind=kind, overwrite=args.overwrite)
     if args.sampler is not None:
         model_name = _run_model_name(args.run)
         # only the score model has samplers; the others ignore the option, and the output
@@ -56,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             v = v[:args.limit]
         if not args.out.lower().endswith((".npy", ".png")):
             raise InputError(f"--out {args.out}: use a .npy or .png file for --voltages")
-        result = rec.reconstruct_voltages(args.run, v, **common)
+        result = rec.reconstruct_voltages(args.run, v, source=str(args.voltages), **common)
         rec.save_user_output(args.out, result, single)
     n = len(result["recon"])
     print(f"{args.out}: {n} image(s), {result['seconds_per_image'] * 1000:.2f} ms per image, "

@@ -23,6 +23,7 @@ def run(args) -> int:
 
     from dgm_eit.config import load_config
     from dgm_eit.experiments import Experiment
+    from dgm_eit.files import output_lock
     from dgm_eit.report import write_outputs
     from dgm_eit.runtime import limit_threads, resolve_device
 
@@ -33,8 +34,11 @@ def run(args) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    result = Experiment(cfg, args.out, seed=args.seed, device=str(device), log=log).run()
-    paths = write_outputs(result)
+    experiment = Experiment(cfg, args.out, seed=args.seed, device=str(device), log=log)
+    # one writer per output directory, taken before any work
+    with output_lock(args.out, "dgm-eit run"):
+        result = experiment.run()
+        paths = write_outputs(result)
     failures = result.failures
     print(f"report: {paths['report']}\nmetrics: {paths['metrics']} (per image: {paths['per_sample'].name})\n"
           f"figures: {len([s for s in result.settings if s.figure])} in {result.out / 'figures'}")

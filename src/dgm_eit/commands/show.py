@@ -12,6 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="train | val | test (default: %(default)s)")
     parser.add_argument("--index", type=int, default=0, help="sample index in the split (default: %(default)s)")
     parser.add_argument("--out", default=None, help="image file (default: FILE-SPLIT-INDEX.png)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file that is not an image (the data set is never overwritten)")
 
 
 def draw_sample(sample: dict, title: str, out) -> None:
@@ -67,7 +69,12 @@ def run(args: argparse.Namespace) -> int:
     from dgm_eit.data.noise import measured_snr_db
     from dgm_eit.errors import InputError
 
+    from dgm_eit.files import check_output, is_image_file
+
     path = Path(args.file)
+    if args.out:   # refused before reading: the data set itself, a directory, a file of another kind
+        check_output(args.out, inputs=[("FILE", path)], own_kind=is_image_file, kind="image file",
+                     overwrite=args.overwrite)
     sizes = storage.split_sizes(path)
     if args.split not in sizes:
         raise InputError(f"unknown split {args.split!r}; choose one of {', '.join(storage.SPLITS)}")

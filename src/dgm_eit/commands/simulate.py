@@ -41,9 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_simulation_config(load_config(args.profile, args.overrides),
                                     anomalies=args.anomalies, snr_db=args.snr_db)
     out = args.out or default_output(cfg, args.seed)
-    from pathlib import Path
-
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    # the output's folder is made once the config has been checked (nothing left by a refusal)
     result = simulate_dataset(cfg, out, seed=args.seed, workers=args.workers, overwrite=args.overwrite,
                               scheduler=args.scheduler, chunk_size=args.chunk_size, progress=not args.quiet)
     if result.status == "done":

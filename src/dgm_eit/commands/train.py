@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", choices=MODEL_NAMES, help="which model to train")
     parser.add_argument("--data", required=True, metavar="FILE", help="data set file (dgm-eit simulate)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (created, or resumed)")
-    add_profile_args(parser)
+    # the data set is fixed by --data: [data] keys change nothing here, training keys do
+    add_profile_args(parser, example="cnf.flow.epochs=50")
     add_seed_arg(parser)
     add_device_arg(parser)
     parser.add_argument("--max-minutes", type=float, default=None, metavar="M",

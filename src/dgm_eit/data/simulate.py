@@ -37,7 +37,7 @@ from dgm_eit.data.noise import add_noise
 from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
 from dgm_eit.errors import InputError
 from dgm_eit.recon.tuning import apply_gn_settings
-from dgm_eit.runtime import check_seed
+from dgm_eit.runtime import check_seed, stop_pool
 
 # Config sections whose values change the simulated arrays; a file made with equal
 # sections (and seed) is the same data set, whatever the other sections say.
@@ -122,8 +122,6 @@ class Simulator:
         if not factors:
             return gn_settings(self.cfg, self.coarse)
         n = min(images, int(self.cfg["data"]["n_val"]))
-        if n < 1:
-            raise InputError("GN tuning (gn.tune_lam) needs validation images: set data.n_val >= 1 or gn.tune_lam = []")
         started = time.perf_counter()
         # one BLAS thread, as in the workers: the chosen setting must not depend on the machine
         with threadpool_limits(1):
@@ -201,6 +199,11 @@ def _single_threaded() -> None:
 
 
 def _worker_init(cfg_json: str, parent_alive=None) -> None:
+    import signal
+
+    # Ctrl-C in a terminal reaches every process of the group: the main process alone
+    # decides (it keeps the finished chunks and ends the workers)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_alive is not None:
         _exit_with_parent(parent_alive)
     _single_threaded()
@@ -288,6 +291,7 @@ def _run_pool(cfg_json, seed, tasks, workers, timed=False):
     alive_r, alive_w = ctx.Pipe(duplex=False)
     pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
                                initializer=_worker_init, initargs=(cfg_json, alive_r))
+    drained = False
     try:
         # Keep a bounded number of chunks in flight so results are written as they come
         # and a failure stops the run quickly.
@@ -303,8 +307,14 @@ def _run_pool(cfg_json, seed, tasks, workers, timed=False):
             for future in finished:
                 task = running.pop(future)
                 yield task, future.result()
+        drained = True
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if drained:
+            pool.shutdown(wait=True, cancel_futures=True)
+        else:
+            # Ctrl-C or a failure: the finished chunks are on disk; do not wait for the
+            # running ones (minutes on a loaded machine), end the workers now
+            stop_pool(pool)
         alive_r.close()
         alive_w.close()
 
@@ -358,6 +368,7 @@ def check_config(cfg: dict, seed: int) -> dict[str, int]:
     # rejection sampling failing is the practical test of "the anomalies cannot fit"
     for index in range(3):
         sampler.sample(sample_rng(seed, "train", index))
+    _check_gn(cfg)
     fine_h0, coarse_h0 = float(cfg["simulation"]["h0"]), float(cfg["mesh"]["h0"])
     if fine_h0 > coarse_h0:
         raise InputError(f"simulation.h0 = {fine_h0} is coarser than the inversion mesh's "
@@ -366,6 +377,21 @@ def check_config(cfg: dict, seed: int) -> dict[str, int]:
         warnings.warn("simulation and inversion use the same mesh: Gauss-Newton images will show the "
                       "inverse crime (optimistic); set simulation.h0 below mesh.h0", stacklevel=2)
     return sizes
+
+
+def _check_gn(cfg: dict) -> None:
+    """The [gn] values Gauss-Newton would refuse on the first sample, refused before any file exists."""
+    from dgm_eit.recon import gn_config
+
+    gn = gn_config(cfg)
+    for key, low in (("lam", 0.0), ("max_iter", 0), ("tol", 0.0)):
+        if not gn[key] >= low:   # also refuses NaN
+            raise InputError(f"gn.{key} must be >= {low:g}, got {cfg['gn'].get(key)}")
+    from dgm_eit.recon.tuning import tuning_grid
+
+    factors, _, _ = tuning_grid(cfg)
+    if factors and int(cfg["data"]["n_val"]) < 1:
+        raise InputError("GN tuning (gn.tune_lam) needs validation images: set data.n_val >= 1 or gn.tune_lam = []")
 
 
 def _open_resumable(partial_path: Path, identity: str, overwrite: bool) -> storage.PartialFile | None:
@@ -377,7 +403,7 @@ def _open_resumable(partial_path: Path, identity: str, overwrite: bool) -> stora
     except storage.FileLockedError:
         raise  # never --overwrite a file a running simulation is writing
     except InputError as err:
-        if overwrite:
+        if overwrite or _no_finished_chunk(partial_path):
             return None
         raise InputError(f"cannot resume from {partial_path}: {err}; delete it or pass --overwrite") from None
     if partial.version != __version__:
@@ -388,10 +414,22 @@ def _open_resumable(partial_path: Path, identity: str, overwrite: bool) -> stora
                    "re-run that command to finish it, or pass --overwrite to discard it")
     else:
         return partial
+    empty = not any(partial.done(split).any() for split in storage.SPLITS)
     partial.close()
-    if overwrite:
+    if overwrite or empty:   # a partial file without one finished chunk has no work to lose
         return None
     raise InputError(f"{partial_path} {problem}")
+
+
+def _no_finished_chunk(partial_path: Path) -> bool:
+    """True when a partial file that cannot be resumed holds no finished chunk (nothing to lose)."""
+    import h5py
+
+    try:
+        with h5py.File(partial_path, "r") as f:
+            return not any(f[storage.DONE_GROUP][split][()].any() for split in storage.SPLITS)
+    except Exception:   # unreadable: a crash while it was being built, before any chunk
+        return False   # keep it: the user decides (delete it or pass --overwrite)
 
 
 def simulate_dataset(cfg: dict, out: str | Path, *, seed: int = 0, workers: int | None = None,
@@ -405,10 +443,20 @@ def simulate_dataset(cfg: dict, out: str | Path, *, seed: int = 0, workers: int 
     unfinished run with the same config is resumed). Returns a :class:`SimulateResult`
     whose ``status`` is ``"done"`` or ``"already done"`` (same config and seed).
     """
+    from dgm_eit.files import check_output, output_lock
+
+    out = check_output(out)
+    sizes = check_config(cfg, seed)
+    # one writer per output: a second simulate on the same file is refused before any work
+    with output_lock(out, "dgm-eit simulate"):
+        return _simulate_locked(cfg, out, sizes, seed=seed, workers=workers, overwrite=overwrite,
+                                scheduler=scheduler, chunk_size=chunk_size, progress=progress, log=log)
+
+
+def _simulate_locked(cfg, out: Path, sizes, *, seed, workers, overwrite, scheduler, chunk_size, progress,
+                     log) -> SimulateResult:
     from dgm_eit.runtime import cpu_count
 
-    out = Path(out)
-    sizes = check_config(cfg, seed)
     cfg_json = json.dumps(cfg, sort_keys=True)
     identity = identity_json(cfg, seed)
     partial_path = storage.partial_path(out)
@@ -461,6 +509,13 @@ def simulate_dataset(cfg: dict, out: str | Path, *, seed: int = 0, workers: int 
         finally:
             bar.close()
         storage.finalise(partial, out)
+    except InputError:
+        # a deterministic failure (e.g. Gauss-Newton refusing a sample) before any chunk was
+        # finished leaves no partial file that would block the corrected command
+        if not any(partial.done(split).any() for split in storage.SPLITS):
+            partial.close()
+            partial_path.unlink(missing_ok=True)
+        raise
     finally:
         partial.close()
     partial_path.unlink(missing_ok=True)

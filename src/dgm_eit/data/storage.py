@@ -19,7 +19,7 @@ byte per chunk of samples, set only after that chunk's data has been written, fl
 and synced. Once allocated, writing a chunk touches raw data only, never HDF5 metadata,
 so a process killed at any moment leaves a file that opens and whose finished chunks are
 intact. When every chunk is done, :func:`finalise` writes the finished file from the
-partial one in a fixed order (``FILE.tmp``, then ``os.replace``), so the result is
+partial one in a fixed order (a uniquely named temporary file, then ``os.replace``), so the result is
 byte-identical however often the run was interrupted.
 """
 
@@ -35,6 +35,7 @@ import numpy as np
 
 from dgm_eit import __version__
 from dgm_eit.errors import InputError
+from dgm_eit.files import temp_sibling
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -79,8 +80,13 @@ def _validate(f: h5py.File, path: Path, require_complete: bool = True) -> None:
             raise InputError(f"{path} has no {split!r} group")
         group = f[split]
         for key in ARRAY_KEYS:
-            if key not in group:
+            if key not in group or not isinstance(group[key], h5py.Dataset):
                 raise InputError(f"{path}: group {split!r} has no {key!r} array")
+            if group[key].ndim < 2:   # a scalar or a flat vector has no samples to index
+                raise InputError(f"{path}: {split}/{key} has shape {group[key].shape}, expected "
+                                 + ("(N, H, H)" if key in IMAGE_KEYS else "(N, M)"))
+            if group[key].dtype.kind not in "fiu":
+                raise InputError(f"{path}: {split}/{key} holds {group[key].dtype} values, expected real numbers")
         n = {group[key].shape[0] for key in ARRAY_KEYS}
         if len(n) != 1:
             raise InputError(f"{path}: arrays of {split!r} disagree on the number of samples: "
@@ -182,6 +188,8 @@ def partial_path(path: str | Path) -> Path:
 
 
 def tmp_path(path: str | Path) -> Path:
+    """The old fixed temporary name (``FILE.tmp``); writers now use unique names
+    (:func:`dgm_eit.files.temp_sibling`)."""
     path = Path(path)
     return path.with_name(path.name + ".tmp")
 
@@ -215,8 +223,7 @@ class PartialFile:
             raise InputError(f"chunk size must be >= 1, got {chunk_size}")
         # built under another name and renamed once flushed, so an existing .partial file
         # always has its full structure even if this process is killed while creating it
-        building = path.with_name(path.name + ".new")
-        building.unlink(missing_ok=True)
+        building = temp_sibling(path, "new")   # unique: never another writer's file
         f = h5py.File(building, "w")
         try:
             f.attrs["config"] = config_json
@@ -236,8 +243,11 @@ class PartialFile:
                 for key in ARRAY_KEYS:
                     _create_preallocated(group, key, shapes[key], np.float32, np.nan)
                 _create_preallocated(done, split, (n_chunks(n, chunk_size),), np.uint8, 0)
-        finally:
+        except BaseException:
             f.close()
+            building.unlink(missing_ok=True)
+            raise
+        f.close()
         _sync(building)
         os.replace(building, path)
         return cls.open(path)
@@ -324,8 +334,16 @@ def finalise(partial: PartialFile, out: Path, *, block: int = 512) -> None:
         if not partial.done(split).all():
             raise RuntimeError(f"cannot finalise {partial.path}: split {split!r} has unfinished chunks")
     src = partial.f
-    tmp = tmp_path(out)
-    tmp.unlink(missing_ok=True)
+    tmp = temp_sibling(out)   # unique: a second writer can never rename this half-written file
+    try:
+        _write_finished(src, tmp, partial.path, block)
+        _sync(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_finished(src: h5py.File, tmp: Path, partial_path: Path, block: int) -> None:
     with h5py.File(tmp, "w", track_order=False) as dst:
         # complete stays False until every array is in, in case this write is killed too
         dst.attrs["config"] = src.attrs["config"]
@@ -350,14 +368,44 @@ def finalise(partial: PartialFile, out: Path, *, block: int = 512) -> None:
                     stop = min(start + block, n)
                     values = data[start:stop]
                     if np.isnan(values).any():
-                        raise RuntimeError(f"{partial.path}: {split}/{key}[{start}:{stop}] has unwritten samples")
+                        raise RuntimeError(f"{partial_path}: {split}/{key}[{start}:{stop}] has unwritten samples")
                     target[start:stop] = values
         dst.attrs["complete"] = True
-    _sync(tmp)
-    os.replace(tmp, out)
 
 
 def read_attrs(path: str | Path) -> dict:
     """Root attributes of any dgm-eit HDF5 file (finished or partial), for messages."""
     with _open_h5(Path(path)) as f:
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+
+
+def recon_file_problem(path: str | Path) -> str | None:
+    """None when ``path`` is a readable reconstruction file (docs/DESIGN.md: a ``recon``
+    array (N,H,W) whose data can be read), else what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        return "it does not exist" if not path.exists() else "it is not a file"
+    try:
+        with h5py.File(path, "r") as f:
+            if "recon" not in f or not isinstance(f["recon"], h5py.Dataset):
+                return "it has no 'recon' array"
+            recon = f["recon"]
+            if recon.ndim != 3:
+                return f"its 'recon' array has shape {recon.shape}, expected (N, H, W)"
+            if recon.shape[0]:
+                recon[-1]   # the last image: a truncated file fails here
+            for key in ("recon_std",):
+                if key in f and f[key].shape[0]:
+                    f[key][-1]
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        return f"it is not a readable HDF5 file (truncated or corrupt?): {err}"
+    return None
+
+
+def is_recon_file(path: str | Path) -> bool:
+    """A reconstruction file (has a ``recon`` array), as ``reconstruct --data`` writes."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "recon" in f and "format_version" not in f.attrs
+    except (OSError, ValueError):
+        return False

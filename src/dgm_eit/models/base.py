@@ -50,7 +50,9 @@ class DataInfo:
         )
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self)))
+        from dgm_eit.files import write_text
+
+        write_text(path, json.dumps(asdict(self)))   # atomic: a kill never leaves half a file
 
     @classmethod
     def load(cls, path: str | Path) -> "DataInfo":

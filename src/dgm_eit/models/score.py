@@ -326,7 +326,9 @@ class ScoreModel(GenerativeModel):
             settings.update({k: v for k, v in section.items() if k in SAMPLE_KEYS})
         run_dir = opts.get("run_dir")
         if run_dir is not None and (Path(run_dir) / TUNED_FILE).is_file():
-            tuned = json.loads((Path(run_dir) / TUNED_FILE).read_text())
+            from dgm_eit.files import read_json   # names the file when it is damaged
+
+            tuned = read_json(Path(run_dir) / TUNED_FILE, "re-run dgm-eit tune-t0, or delete it")
             settings.update({k: v for k, v in tuned.get("best", {}).items() if k in SAMPLE_KEYS})
         settings.update({k: v for k, v in opts.items() if k in SAMPLE_KEYS and v is not None})
         return settings
