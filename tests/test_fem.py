@@ -206,6 +206,100 @@ def test_sparse_lu_fallback_gives_the_same_fields():
     np.testing.assert_allclose(lu.jacobian(sigma)[1], band.jacobian(sigma)[1], rtol=1e-9, atol=1e-12)
 
 
+def _reference_jacobian(fm, sigma):
+    """``(v, J)`` the straightforward way: a dense solve of the grounded system for every
+    excitation and every measurement pattern (as a current pattern, by reciprocity), then
+    ``J[k, e] = -area_e grad u_exc(k) . grad w_k`` element by element."""
+    mesh = fm.mesh
+    A = fm.system_matrix(sigma).toarray()
+    n, L = mesh.n_nodes, mesh.n_electrodes
+    keep = np.flatnonzero(np.arange(A.shape[0] + 1) != mesh.ref_node)  # unknowns left after grounding
+    if fm.electrode_model == "point":
+        targets = np.array([e[0] for e in mesh.electrode_nodes])
+    else:
+        targets = n + np.arange(L)
+
+    def potentials(patterns):
+        """(rows, n_full) potentials (grounded node 0) for current patterns (rows, L)."""
+        rhs = np.zeros((A.shape[0] + 1, len(patterns)))
+        rhs[targets] = patterns.T
+        full = np.zeros_like(rhs)
+        full[keep] = np.linalg.solve(A, rhs[keep])
+        return full.T
+
+    P = fm.protocol
+    u = potentials(P.injections)            # excitation fields
+    w = potentials(P.measurements)          # adjoint fields of the measurement patterns
+    v = np.array([u[P.meas_excitation[k]][targets] @ P.measurements[k] for k in range(P.n_meas)])
+    J = np.zeros((P.n_meas, mesh.n_elements))
+    for e, tri in enumerate(mesh.elements):
+        p = mesh.nodes[tri]
+        B = np.array([[p[1, 0] - p[0, 0], p[2, 0] - p[0, 0]], [p[1, 1] - p[0, 1], p[2, 1] - p[0, 1]]])
+        area = 0.5 * abs(np.linalg.det(B))
+        grads = np.linalg.solve(B.T, np.array([[-1.0, 1, 0], [-1.0, 0, 1]])).T  # (3, 2)
+        gu = u[:, tri] @ grads           # (E, 2)
+        gw = w[:, tri] @ grads           # (M, 2)
+        J[:, e] = -area * np.einsum("kd,kd->k", gu[P.meas_excitation], gw)
+    return v, J
+
+
+@pytest.mark.parametrize("model", ["point", "cem"])
+def test_fast_jacobian_matches_a_straightforward_reference(model):
+    mesh = disk_mesh(16, 0.15, model, 0.15)
+    fm = ForwardModel(mesh, ADJ, model, contact_impedance=0.05)
+    sigma = np.random.default_rng(4).uniform(0.5, 2.0, mesh.n_elements)
+    v_ref, J_ref = _reference_jacobian(fm, sigma)
+    v, J = fm.jacobian(sigma)
+    assert J.flags.c_contiguous
+    np.testing.assert_allclose(v, v_ref, rtol=1e-10, atol=1e-12 * np.abs(v_ref).max())
+    np.testing.assert_allclose(J, J_ref, rtol=1e-9, atol=1e-11 * np.abs(J_ref).max())
+    # forward alone (electrode potentials as Y^T Y, no back substitution) gives the same v
+    fm.clear_cache()
+    np.testing.assert_allclose(fm.forward(sigma), v_ref, rtol=1e-10, atol=1e-12 * np.abs(v_ref).max())
+    np.testing.assert_allclose(fm.transfer_matrix(sigma), fm._solve_fields(sigma)[fm._electrode_rows], rtol=1e-10)
+
+
+def test_jacobian_of_a_protocol_with_scattered_rows_matches_the_reference():
+    # measurement rows not grouped by excitation: the general (non-slice) path
+    protocol, E = _full_pattern_protocol(8)
+    order = np.random.default_rng(5).permutation(protocol.n_meas)
+    shuffled = Protocol(protocol.injections, protocol.measurements[order], protocol.meas_excitation[order])
+    mesh = disk_mesh(8, 0.2)
+    fm = ForwardModel(mesh, shuffled)
+    sigma = _two_anomalies(mesh)
+    v_ref, J_ref = _reference_jacobian(fm, sigma)
+    v, J = fm.jacobian(sigma)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-10, atol=1e-12 * np.abs(v_ref).max())
+    np.testing.assert_allclose(J, J_ref, rtol=1e-9, atol=1e-11 * np.abs(J_ref).max())
+
+
+def test_a_model_with_cached_fields_pickles_and_gives_the_same_answers():
+    import pickle
+
+    mesh = disk_mesh(16, 0.2)
+    fm = ForwardModel(mesh, ADJ)
+    sigma = _two_anomalies(mesh)
+    v, J = fm.jacobian(sigma)
+    clone = pickle.loads(pickle.dumps(fm))
+    clone.clear_cache()
+    np.testing.assert_array_equal(clone.forward(sigma), fm.forward(sigma))
+    np.testing.assert_array_equal(clone.jacobian(sigma)[1], J)
+
+
+def test_fem_calls_run_on_one_blas_thread_and_restore_the_setting():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from dgm_eit.physics.fem import blas_threads
+
+    seen = []
+    with threadpool_limits(2, user_api="blas"):
+        with blas_threads(1):
+            seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+        after = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    assert all(n == 1 for n in seen[0]) and seen[0]
+    assert all(n == 2 for n in after)
+
+
 @pytest.mark.parametrize("with_pyeit", [True, False])
 def test_bench_fem_prints_the_documented_json(capsys, monkeypatch, with_pyeit):
     import json
@@ -219,13 +313,25 @@ def test_bench_fem_prints_the_documented_json(capsys, monkeypatch, with_pyeit):
     else:
         monkeypatch.setitem(sys.modules, "pyeit", None)  # import pyeit now fails
     assert main(["bench", "fem", "--json", "--h0", "0.2", "--repeat", "1", "--pyeit-repeat", "1",
-                 "--threads", "1", "--seed", "3"]) == 0
+                 "--threads", "1", "--seed", "3", "--profile", "smoke", "--gn-images", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
     assert tuple(result) == FEM_KEYS
     assert result["nodes"] > 50 and result["ours_forward_ms"] > 0 and result["ours_gn10_s"] > 0
+    # the BLAS and thread report
+    assert result["threads"] == 1 and result["blas"]
+    assert all({"internal_api", "version", "num_threads"} <= set(b) for b in result["blas"])
+    assert all(b["num_threads"] == 1 for b in result["blas"])
+    assert any(line.startswith("BLAS: ") for line in out)
+    # Gauss-Newton per image on the profile's own mesh, with its [gn] settings
+    line = next(line for line in out if line.startswith("Gauss-Newton per image on the profile's mesh"))
+    assert "smoke" in line and " ms per image" in line
+    assert result["profile"] == "smoke" and result["profile_nodes"] > 100
+    assert result["ours_gn_profile_ms"] > 0 and result["ours_gn_profile_cold_ms"] > 0
+    assert result["ours_gn_profile_cpu_ms"] > 0 and result["profile_gn_images"] == 1
+    assert result["profile_gn"]["max_iter"] >= result["profile_gn_iterations"] >= 1
     if with_pyeit:
         assert result["max_rel_err_v"] <= 1e-8 and result["max_rel_err_jac"] <= 1e-8
-        assert result["speedup_forward"] > 0
+        assert result["speedup_forward"] > 0 and result["gn10_lamb_pyeit"] == 0.01
     else:
         assert result["pyeit_forward_ms"] is None and result["speedup_gn"] is None

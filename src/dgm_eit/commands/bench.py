@@ -2,8 +2,41 @@
 
 ``fem`` times our FEM against pyEIT 1.2.4 side by side on pyEIT's ``h0 = 0.05`` mesh
 (when pyeit is importable; otherwise on our own ``h0 = 0.05`` mesh with the pyEIT columns
-null): forward (all excitations), Jacobian and 10 Gauss-Newton iterations, plus the
-agreement of v and J. ``simulate`` is the data simulator's benchmark (dgm_eit.data.bench).
+null), and Gauss-Newton per image on a profile's own inversion mesh:
+
+- forward: voltages of all 16 adjacent excitations for one conductivity. Ours: one band
+  Cholesky and one triangular solve for the 16 unit electrode currents; pyEIT:
+  ``EITForward.solve_eit`` (a sparse solve per excitation).
+- Jacobian (with the voltages). Ours: the band Cholesky, two triangular solves and the
+  element-gradient products; pyEIT: ``compute_jac`` (a dense inverse of the system matrix
+  and a Python loop over elements and excitations).
+- 10 Gauss-Newton iterations, the same work on both sides: from sigma = 1, exactly 10
+  iterations (pyEIT ``gtol = 0``; ours ``tol = 0``), no line search, a full step on sigma
+  itself (ours ``log_param = False``, ``max_step = 0``), the Kotre prior
+  ``R = diag(J^T J)^0.5`` on both sides with pyEIT's ``lamb = 0.01``; ours scales R to the
+  mean of diag(J^T J), so its ``lam`` is set to give the same ``lamb * R`` at sigma = 1.
+  A Jacobian (with its factorisation) per iteration on both sides; ours also evaluates the
+  residual at each new iterate (pyEIT does not), and solves the regularised system in data
+  space (208 x 208) where pyEIT inverts an elements x elements matrix: that is the method,
+  not a handicap. Ours starts cold in every repeat (no start kept from a previous call).
+- Gauss-Newton per image on the profile's mesh (``--profile``, ``--set``; default quick):
+  ``gauss_newton`` with the profile's ``[gn]`` settings (lam scaled to ``data.snr_db``) on
+  its ``[mesh]``, for two-anomaly phantoms simulated on its ``[simulation]`` mesh with
+  noise at ``data.snr_db``. ``warm`` is the cost per image in a run over many images (the
+  start of GN at sigma0 = 1 is shared by all images); ``cold`` the first image's.
+
+BLAS: our FEM and Gauss-Newton always run their BLAS calls on one thread
+(``dgm_eit.physics.fem.blas_threads``): their matrices are small, and OpenBLAS threads
+sharing 2 cores with other work stalled them 10-100x. ``--threads`` (default 1, the same as
+ours) sets the threads of every loaded BLAS (numpy's and scipy's, set after both are
+loaded), which pyEIT uses. ``--threads 0`` gives pyEIT all cores: faster on an idle machine
+(its dense inverses), but on a machine with other work its OpenBLAS threads stall too
+(measured here: pyEIT's 10 GN iterations 20 s with one thread, 71 s with two), which
+would flatter the speed-ups. The BLAS libraries, their versions and thread counts,
+``OMP_NUM_THREADS`` and torch's threads (when torch is loaded) are printed with the figures
+and stored in the JSON object.
+
+``simulate`` is the data simulator's benchmark (dgm_eit.data.bench).
 """
 
 from __future__ import annotations
@@ -16,20 +49,32 @@ HELP = "time the FEM against pyEIT (fem) or the data simulator (simulate)"
 
 FEM_KEYS = ("nodes", "elements", "ours_forward_ms", "pyeit_forward_ms", "ours_jacobian_ms",
             "pyeit_jacobian_ms", "ours_gn10_s", "pyeit_gn10_s", "speedup_forward",
-            "speedup_jacobian", "speedup_gn", "max_rel_err_v", "max_rel_err_jac")
+            "speedup_jacobian", "speedup_gn", "max_rel_err_v", "max_rel_err_jac",
+            # added with the BLAS report and the per-image GN line
+            "threads", "blas", "omp_num_threads", "torch_threads", "gn10_lam_ours", "gn10_lamb_pyeit",
+            "profile", "profile_nodes", "profile_elements", "profile_gn", "profile_gn_images",
+            "profile_gn_iterations", "ours_gn_profile_ms", "ours_gn_profile_cold_ms", "ours_gn_profile_cpu_ms")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
-    fem = sub.add_parser("fem", help="forward, Jacobian and 10 GN iterations: ours vs pyEIT",
-                         description="forward, Jacobian and 10 GN iterations: ours vs pyEIT")
+    fem = sub.add_parser("fem", help="forward, Jacobian and 10 GN iterations: ours vs pyEIT; GN per image "
+                                     "on a profile's mesh",
+                         description="forward, Jacobian and 10 GN iterations: ours vs pyEIT (the same BLAS "
+                                     "threads); Gauss-Newton per image with a profile's [gn] settings on its [mesh]")
     fem.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    fem.add_argument("--repeat", type=int, default=5,
-                     help="timed repetitions of each of our operations; the median is reported (default: %(default)s)")
+    fem.add_argument("--repeat", type=int, default=20,
+                     help="timed repetitions of each of our operations (our 10 GN iterations: at most 3; GN per "
+                          "image: at most 5 rounds over the images); the median is reported (default: %(default)s)")
     fem.add_argument("--pyeit-repeat", type=int, default=3,
                      help="repetitions of pyEIT's forward and Jacobian (its 10 GN iterations run once) (default: %(default)s)")
     fem.add_argument("--h0", type=float, default=0.05, help="mesh size (default: %(default)s)")
-    fem.add_argument("--threads", type=int, default=0, help="BLAS threads; 0 = all usable cores (default: %(default)s)")
+    fem.add_argument("--threads", type=int, default=1,
+                     help="BLAS threads for pyEIT (ours always use one); 0 = all usable cores (default: %(default)s, "
+                          "the same as ours)")
+    fem.add_argument("--gn-images", type=int, default=5,
+                     help="phantoms for the GN-per-image line on the profile's mesh (default: %(default)s)")
+    add_profile_args(fem, default="quick")
     add_seed_arg(fem)
     sim = sub.add_parser("simulate", help="data simulation throughput (dgm_eit.data.bench)",
                          description="data simulation throughput (dgm_eit.data.bench)")
@@ -72,23 +117,49 @@ def _phantom(centroids, rng):
     return sigma
 
 
+def _blas_report() -> tuple[list, str]:
+    """The loaded BLAS libraries (threadpoolctl) as JSON-able dicts and as one line of text."""
+    import os
+
+    from threadpoolctl import threadpool_info
+
+    blas = []
+    for info in threadpool_info():
+        if info.get("user_api") != "blas":
+            continue
+        owner = os.path.basename(os.path.dirname(info.get("filepath") or "")) or "?"
+        blas.append({"internal_api": info.get("internal_api"), "version": info.get("version"),
+                     "num_threads": info.get("num_threads"), "library": owner,
+                     "architecture": info.get("architecture")})
+    text = ", ".join(f"{b['internal_api']} {b['version']} ({b['library']}, {b['num_threads']} thread(s))"
+                     for b in blas) or "none found"
+    return blas, text
+
+
 def run_fem(args) -> int:
     import json
+    import os
+    import statistics
+    import sys
+    import time
     import warnings
 
     import numpy as np
+    import scipy.linalg  # noqa: F401  (load scipy's BLAS before setting the thread count)
     from threadpoolctl import threadpool_limits
 
+    from dgm_eit.config import load_config
     from dgm_eit.errors import InputError
-    from dgm_eit.physics import ForwardModel, disk_mesh, make_protocol, pyeit_like_mesh
-    from dgm_eit.recon import gauss_newton
+    from dgm_eit.physics import ForwardModel, disk_mesh, forward_model_from_config, make_protocol, pyeit_like_mesh
+    from dgm_eit.recon import gauss_newton, gn_config
+    from dgm_eit.recon.gauss_newton import clear_start_cache
     from dgm_eit.runtime import check_seed, cpu_count
 
-    if args.repeat < 1 or args.pyeit_repeat < 1:
-        raise InputError("--repeat and --pyeit-repeat must be at least 1")
+    if args.repeat < 1 or args.pyeit_repeat < 1 or args.gn_images < 1:
+        raise InputError("--repeat, --pyeit-repeat and --gn-images must be at least 1")
     check_seed(args.seed)
+    cfg = load_config(args.profile, args.overrides)
     threads = args.threads or cpu_count()
-    threadpool_limits(threads)
     rng = np.random.default_rng(args.seed)
     try:
         import pyeit.eit.protocol as pyeit_protocol
@@ -97,6 +168,8 @@ def run_fem(args) -> int:
         from pyeit.eit.jac import JAC
     except ImportError:
         pyeit_mesh = None
+    # every BLAS is loaded now (numpy's, scipy's; pyEIT uses both): set them all
+    threadpool_limits(threads)
 
     protocol = make_protocol("adjacent", 16)
     if pyeit_mesh is not None:
@@ -118,6 +191,13 @@ def run_fem(args) -> int:
     noise = rng.normal(size=v_true.shape)
     v_meas = v_true + noise * np.linalg.norm(v_true) / np.linalg.norm(noise) * 10 ** (-40 / 20)
 
+    # GN (10 iterations): pyEIT's regularisation lamb * diag(J^T J)^p; ours is scaled to
+    # mean(diag J^T J), so the same lamb * R at sigma = 1 needs lam = lamb * mean(d) / mean(diag)
+    lamb, p = 1e-2, 0.5
+    _, J1 = fm.jacobian(np.ones(mesh.n_elements))
+    jtj = np.einsum("ke,ke->e", J1, J1)
+    lam_ours = float(lamb * np.mean(jtj ** p) / np.mean(jtj))
+
     def ours_forward():
         fm.clear_cache()
         fm.forward(sigma)
@@ -126,12 +206,17 @@ def run_fem(args) -> int:
         fm.clear_cache()
         fm.jacobian(sigma)
 
+    gn10 = {}
+
     def ours_gn():
         fm.clear_cache()
-        # exactly 10 iterations, as pyEIT's maxiter=10 (no early stop, no line search)
-        res = gauss_newton(fm, v_meas, method="kotre", lam=1.0, p=0.5, max_iter=10, tol=0.0,
-                           line_search=False)
+        clear_start_cache(fm)
+        # exactly 10 full steps on sigma, as pyEIT's gn(maxiter=10, gtol=0): no early stop,
+        # no line search, no step limit
+        res = gauss_newton(fm, v_meas, method="kotre", lam=lam_ours, p=p, max_iter=10, tol=0.0,
+                           line_search=False, log_param=False, max_step=0.0)
         assert res.n_iter == 10
+        gn10["sigma"] = res.sigma
 
     t_fwd = _median_time(ours_forward, args.repeat)
     t_jac = _median_time(ours_jacobian, args.repeat)
@@ -140,7 +225,8 @@ def run_fem(args) -> int:
 
     result = dict.fromkeys(FEM_KEYS)
     result.update(nodes=mesh.n_nodes, elements=mesh.n_elements, ours_forward_ms=t_fwd * 1e3,
-                  ours_jacobian_ms=t_jac * 1e3, ours_gn10_s=t_gn)
+                  ours_jacobian_ms=t_jac * 1e3, ours_gn10_s=t_gn, gn10_lam_ours=lam_ours)
+    gn10_diff = None
     if pyeit_mesh is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -151,29 +237,81 @@ def run_fem(args) -> int:
             v_py = fwd.solve_eit(sigma)
             J_py, _ = fwd.compute_jac(sigma)
             solver = JAC(pmesh, pprot)
-            solver.setup(p=0.5, lamb=1e-2, method="kotre", perm=1.0)
-            # gtol=0 never triggers pyEIT's early stop, so it runs all 10 iterations
-            p_gn = _median_time(lambda: solver.gn(v_meas, x0=np.ones(mesh.n_elements), maxiter=10,
-                                                  gtol=0.0, p=0.5, lamb=1e-2, method="kotre"), 1)
+            solver.setup(p=p, lamb=lamb, method="kotre", perm=1.0)
+
+            def pyeit_gn():
+                # gtol=0 never triggers pyEIT's early stop, so it runs all 10 iterations
+                gn10["pyeit"] = solver.gn(v_meas, x0=np.ones(mesh.n_elements), maxiter=10, gtol=0.0,
+                                          p=p, lamb=lamb, method="kotre")
+
+            p_gn = _median_time(pyeit_gn, 1)
+        gn10_diff = float(np.linalg.norm(gn10["sigma"] - np.real(gn10["pyeit"])) / np.linalg.norm(gn10["pyeit"]))
         result.update(
             pyeit_forward_ms=p_fwd * 1e3, pyeit_jacobian_ms=p_jac * 1e3, pyeit_gn10_s=p_gn,
             speedup_forward=p_fwd / t_fwd, speedup_jacobian=p_jac / t_jac, speedup_gn=p_gn / t_gn,
             # pyEIT's Jacobian is -dv/dsigma
             max_rel_err_v=float(np.max(np.abs(v_ours - v_py)) / np.max(np.abs(v_py))),
             max_rel_err_jac=float(np.max(np.abs(J_ours + J_py)) / np.max(np.abs(J_py))),
+            gn10_lamb_pyeit=lamb,
         )
+
+    # Gauss-Newton per image on the profile's inversion mesh, data from its simulation mesh
+    fm_p = forward_model_from_config(cfg)
+    fine = forward_model_from_config(cfg, "simulation")
+    gn_kwargs = gn_config(cfg)
+    snr_db = float(cfg["data"]["snr_db"])
+    volts = []
+    for _ in range(args.gn_images):
+        v = fine.forward(_phantom(fine.mesh.centroids, rng))
+        e = rng.normal(size=v.shape)
+        volts.append(v + e * np.linalg.norm(v) / np.linalg.norm(e) * 10 ** (-snr_db / 20))
+    warm, cold, cpu, iterations = [], [], [], []
+    for _ in range(min(args.repeat, 5)):
+        for start_cached in (False, True):
+            for v in volts:
+                if not start_cached:
+                    clear_start_cache(fm_p)
+                started, started_cpu = time.perf_counter(), time.thread_time()
+                res = gauss_newton(fm_p, v, **gn_kwargs)
+                (warm if start_cached else cold).append(time.perf_counter() - started)
+                if start_cached:
+                    # one BLAS thread: this thread's CPU time is all of GN's (what an idle core would take)
+                    cpu.append(time.thread_time() - started_cpu)
+                iterations.append(res.n_iter)
+    result.update(profile=str(cfg.get("profile", args.profile)), profile_nodes=fm_p.mesh.n_nodes,
+                  profile_elements=fm_p.n_elements, profile_gn=gn_kwargs, profile_gn_images=args.gn_images,
+                  profile_gn_iterations=float(np.mean(iterations)),
+                  ours_gn_profile_ms=statistics.median(warm) * 1e3, ours_gn_profile_cold_ms=statistics.median(cold) * 1e3,
+                  ours_gn_profile_cpu_ms=statistics.median(cpu) * 1e3)
+
+    blas, blas_text = _blas_report()
+    torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    result.update(threads=threads, blas=blas, omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                  torch_threads=torch_threads)
 
     def fmt(value, unit=""):
         return "n/a" if value is None else f"{value:.4g}{unit}"
 
     print(f"dgm-eit bench fem: {source}: {mesh.n_nodes} nodes, {mesh.n_elements} elements, "
-          f"{protocol.n_meas} measurements, {threads} BLAS thread(s)")
+          f"{protocol.n_meas} measurements")
+    print(f"BLAS: {blas_text}; OMP_NUM_THREADS={result['omp_num_threads'] or 'unset'}; "
+          f"torch threads: {'not loaded' if torch_threads is None else torch_threads}; "
+          f"pyEIT: --threads {threads}; ours: 1 BLAS thread always")
     print(f"{'':24s}{'ours':>12s}{'pyEIT':>12s}{'speed-up':>10s}")
     for label, ours, theirs, speed, unit in (
             ("forward (16 exc.)", result["ours_forward_ms"], result["pyeit_forward_ms"], result["speedup_forward"], " ms"),
             ("Jacobian", result["ours_jacobian_ms"], result["pyeit_jacobian_ms"], result["speedup_jacobian"], " ms"),
             ("10 GN iterations", result["ours_gn10_s"], result["pyeit_gn10_s"], result["speedup_gn"], " s")):
         print(f"{label:24s}{fmt(ours, unit):>12s}{fmt(theirs, unit):>12s}{fmt(speed, 'x'):>10s}")
+    print(f"  (GN: kotre p={p:g}, 10 full steps on sigma; pyEIT lamb={lamb:g}, ours lam={lam_ours:.4g} "
+          f"(the same lamb*R at sigma=1); final images differ by {fmt(gn10_diff)} (relative L2))")
+    g = gn_kwargs
+    print(f"Gauss-Newton per image on the profile's mesh ({result['profile']}: {fm_p.mesh.n_nodes} nodes, "
+          f"{fm_p.n_elements} elements; {g['method']} lam={g['lam']:.3g}, max_iter={g['max_iter']}, "
+          f"line search {'on' if g['line_search'] else 'off'}; {result['profile_gn_iterations']:.2g} iterations "
+          f"on average): {fmt(result['ours_gn_profile_ms'], ' ms')} per image in a run "
+          f"({fmt(result['ours_gn_profile_cold_ms'], ' ms')} for the first; "
+          f"CPU {fmt(result['ours_gn_profile_cpu_ms'], ' ms')} per image)")
     print(f"agreement with pyEIT: max rel. error v {fmt(result['max_rel_err_v'])}, "
           f"J {fmt(result['max_rel_err_jac'])}")
     if args.json:

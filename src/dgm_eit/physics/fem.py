@@ -14,11 +14,17 @@ grounded, so the system is symmetric positive definite.
 
 Speed: ``K(sigma)`` is assembled as one sparse mat-vec ``S @ sigma`` into a fixed CSC
 sparsity pattern (the pattern and the element -> nonzero scatter are built once). Each
-conductivity costs ONE Cholesky factorisation of the grounded matrix in band form (the
-reverse Cuthill-McKee ordering and the band scatter are computed once; very large meshes
-fall back to a sparse LU), then one multi-right-hand-side solve for unit currents at all
-L electrodes. Every excitation field and every adjoint (measurement) field is a linear
-combination of those L fields, so voltages and the Jacobian need no further solves.
+conductivity costs ONE Cholesky factorisation ``A = U^T U`` of the grounded matrix in band
+form (LAPACK ``pbtrf``; the reverse Cuthill-McKee ordering and the band scatter are computed
+once; very large meshes fall back to a sparse LU), then one forward substitution
+``Y = U^-T E`` for unit currents at all L electrodes: the electrode potentials are
+``E^T A^-1 E = Y^T Y``, so ``forward`` needs nothing more. The Jacobian adds the back
+substitution ``X = U^-1 Y`` (the L unit fields) and reuses the factorisation of the last
+conductivity (a line search's accepted trial is not solved twice). Every excitation field
+and every adjoint (measurement) field is a linear combination of those L fields, so
+voltages and the Jacobian need no further solves; the Jacobian is formed per excitation
+from the element gradients of the L fields (see ``ForwardModel._jacobian``). The public
+calls run their BLAS work on one thread (see :func:`blas_threads`).
 
 Jacobian sign: ``J = +dv/dsigma``; for an element e, ``J[k, e] = -area_e * grad(u_exc(k))
 . grad(w_k)`` where ``w_k`` is the field of the measurement pattern k used as a current
@@ -26,6 +32,9 @@ pattern (reciprocity). pyEIT's ``compute_jac`` returns the negative of this.
 """
 
 from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
 
 import numpy as np
 import scipy.linalg as sla
@@ -35,6 +44,77 @@ import scipy.sparse.linalg as spla
 from dgm_eit.errors import InputError
 from dgm_eit.physics.mesh import Mesh
 from dgm_eit.physics.protocol import Protocol
+
+
+# LAPACK band Cholesky and triangular band solve (module level: a ForwardModel stays picklable)
+_PBTRF, _TBTRS = sla.get_lapack_funcs(("pbtrf", "tbtrs"), dtype=np.float64)
+
+_BLAS_LIBS = None
+
+
+def _blas_libraries() -> list:
+    """threadpoolctl's controllers of the BLAS libraries loaded now (numpy's and scipy's
+    OpenBLAS are, once this module is imported); found once per process."""
+    global _BLAS_LIBS
+    if _BLAS_LIBS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS_LIBS = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        except Exception:  # pragma: no cover - threadpoolctl missing or unable to inspect
+            _BLAS_LIBS = []
+    return _BLAS_LIBS
+
+
+@contextmanager
+def blas_threads(n: int | None = 1):
+    """At most ``n`` BLAS threads inside the block (``None``: leave the setting alone);
+    the previous counts are restored on exit. A few microseconds when nothing changes.
+
+    The FEM and Gauss-Newton work on small matrices (a band of width ~60, 16 right-hand
+    sides, a 208 x 208 Gram matrix), where threads gain little, while OpenBLAS threads that
+    share the cores with other work stall: measured on a 2-core machine running two other
+    jobs, two BLAS threads made the 208 x 208 solve of a GN step 0.5 ms -> 67 ms, a band
+    factorisation and solve 0.45 ms -> 30 ms, and a Gauss-Newton image (747 nodes) 44 ms ->
+    0.9 s. Not thread-safe against another Python thread changing the BLAS thread count at
+    the same time (that only costs speed)."""
+    changed = []
+    if n is not None:
+        for lib in _blas_libraries():
+            k = lib.get_num_threads()
+            if k is not None and k > n:
+                lib.set_num_threads(n)
+                changed.append((lib, k))
+    try:
+        yield
+    finally:
+        for lib, k in changed:
+            lib.set_num_threads(k)
+
+
+def single_blas_thread(method):
+    """Run a ForwardModel method with one BLAS thread (see :func:`blas_threads`)."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with blas_threads(1):
+            return method(*args, **kwargs)
+    return wrapper
+
+
+class _Solution:
+    """One conductivity's factorisation and the solves made with it so far."""
+
+    __slots__ = ("factor", "Y", "X")
+
+    def __init__(self):
+        self.factor = self.Y = self.X = None
+
+
+def _as_slice(rows: np.ndarray):
+    """``rows`` as a slice when they are consecutive (views instead of copies), else as is."""
+    if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+        return slice(int(rows[0]), int(rows[0]) + len(rows))
+    return rows
 
 
 def element_gradients(mesh: Mesh) -> np.ndarray:
@@ -83,7 +163,9 @@ class ForwardModel:
         self._injections = protocol.injections
         self._measurements = protocol.measurements
         self._meas_exc = protocol.meas_excitation
-        self._rows_by_excitation = [(i, np.flatnonzero(self._meas_exc == i)) for i in np.unique(self._meas_exc)]
+        self._rows_by_excitation = [(i, _as_slice(np.flatnonzero(self._meas_exc == i)))
+                                    for i in np.unique(self._meas_exc)]
+        self._build_jacobian_operators()
         # (sigma, fields) of the last solve, replaced as one tuple so that threads sharing
         # this model never pair one conductivity with another's fields
         self._cache = None
@@ -189,10 +271,29 @@ class ForwardModel:
         # band Cholesky costs N*bw^2; a general sparse LU wins for large, wide meshes
         self._use_band = N * bw * bw <= 2e8
         self._band_nz = np.flatnonzero(upper)
-        self._band_flat = (bw + pr[upper] - pc[upper]) * N + pc[upper]
+        # flat index into LAPACK's (bw + 1, N) upper band storage, column-major (Fortran)
+        self._band_flat = (bw + pr[upper] - pc[upper]) + pc[upper] * (bw + 1)
         self._band_perm = perm
         self._band_iperm = iperm
-        self._band_rhs = self._rhs[perm]
+        self._band_rhs = np.asfortranarray(self._rhs[perm])
+
+    def _build_jacobian_operators(self) -> None:
+        """The sparse map from grounded fields to element gradients, and the protocol's
+        patterns arranged for the Jacobian (see :meth:`jacobian`)."""
+        mesh = self.mesh
+        m = mesh.n_elements
+        # row d*m + e of D gives component d of the gradient on element e of a field given
+        # by its grounded unknowns (the grounded node's value is 0 and drops out)
+        cols = self._reduced[mesh.elements]                                   # (m, 3)
+        vals = self._grads.transpose(2, 0, 1)                                 # (2, m, 3)
+        rows = np.broadcast_to(np.arange(2 * m).reshape(2, m, 1), vals.shape)
+        keep = np.broadcast_to(cols >= 0, vals.shape)
+        colsb = np.broadcast_to(cols, vals.shape)
+        self._grad_op = sp.csr_matrix((vals[keep], (rows[keep], colsb[keep])), shape=(2 * m, self._N))
+        self._neg_area = -mesh.areas
+        # (excitation, its measurement rows, their patterns as one contiguous block)
+        self._jacobian_blocks = [(i, rows, np.ascontiguousarray(self._measurements[rows]))
+                                 for i, rows in self._rows_by_excitation]
 
     # ------------------------------------------------------------ validation
     def check_sigma(self, sigma, name: str = "sigma") -> np.ndarray:
@@ -229,33 +330,58 @@ class ForwardModel:
         data = self._scatter @ sigma + self._const
         return sp.csc_matrix((data, self._indices, self._indptr), shape=(self._N, self._N))
 
-    def _solve_fields(self, sigma: np.ndarray) -> np.ndarray:
-        """(N, L) grounded solution for a unit current into each electrode."""
+    def _factorise(self, sigma: np.ndarray) -> "_Solution":
+        """Factorise the system for ``sigma`` (no validation); cached for the last sigma.
+
+        Band path: ``A = U^T U`` (LAPACK ``pbtrf``) in the RCM order, then the forward
+        substitution ``Y = U^-T E`` for the L unit currents ``E``. The electrode potentials
+        need nothing more (``R = E^T A^-1 E = Y^T Y``); the fields ``X = U^-1 Y`` (one more
+        triangular solve) are only formed when asked for (Jacobian, node fields)."""
         cache = self._cache
         if cache is not None and np.array_equal(sigma, cache[0]):
             return cache[1]
         data = self._scatter @ sigma + self._const
+        sol = _Solution()
         if self._use_band:
             N, bw = self._N, self._bandwidth
             ab = np.zeros((bw + 1) * N)
             ab[self._band_flat] = data[self._band_nz]
-            try:
-                factor = sla.cholesky_banded(ab.reshape(bw + 1, N), lower=False, check_finite=False)
-            except np.linalg.LinAlgError:
-                raise InputError("the FEM system is not positive definite; is sigma positive?") from None
-            X = sla.cho_solve_banded((factor, False), self._band_rhs, check_finite=False)[self._band_iperm]
+            factor, info = _PBTRF(ab.reshape((bw + 1, N), order="F"), lower=0, overwrite_ab=1)
+            if info != 0:
+                raise InputError("the FEM system is not positive definite; is sigma positive?")
+            sol.factor = factor
+            sol.Y = _TBTRS(factor, self._band_rhs, uplo="U", trans="T")[0]
         else:
             A = sp.csc_matrix((data, self._indices, self._indptr), shape=(self._N, self._N))
             lu = spla.splu(A, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                            options={"SymmetricMode": True})
-            X = lu.solve(self._rhs)
-        self._cache = (sigma.copy(), X)
+            sol.X = lu.solve(self._rhs)
+        self._cache = (sigma.copy(), sol)
+        return sol
+
+    def _fields(self, sol: "_Solution") -> np.ndarray:
+        """(N, L) grounded solution for a unit current into each electrode."""
+        X = sol.X
+        if X is None:
+            X = _TBTRS(sol.factor, sol.Y, uplo="U", trans="N")[0][self._band_iperm]
+            sol.X = X
         return X
+
+    def _transfer(self, sol: "_Solution") -> np.ndarray:
+        """(L, L) grounded electrode potentials for a unit current into each electrode."""
+        if sol.Y is not None:
+            return sol.Y.T @ sol.Y
+        return sol.X[self._electrode_rows]
+
+    def _solve_fields(self, sigma: np.ndarray) -> np.ndarray:
+        """(N, L) grounded solution for a unit current into each electrode."""
+        return self._fields(self._factorise(sigma))
 
     def clear_cache(self) -> None:
         """Forget the fields of the last conductivity (the next call solves again)."""
         self._cache = None
 
+    @single_blas_thread
     def transfer_matrix(self, sigma) -> np.ndarray:
         """(L, L) electrode potentials for a unit current into each electrode (grounded).
 
@@ -263,8 +389,9 @@ class ForwardModel:
         s = self.check_sigma(sigma)
         if s.ndim != 1:
             raise InputError("transfer_matrix takes one conductivity, shape (m,)")
-        return self._solve_fields(s)[self._electrode_rows]
+        return self._transfer(self._factorise(s))
 
+    @single_blas_thread
     def node_fields(self, sigma) -> np.ndarray:
         """(n_nodes, L) nodal potentials for a unit current into each electrode."""
         s = self.check_sigma(sigma)
@@ -279,42 +406,56 @@ class ForwardModel:
         phi[inside] = X[red[inside]]
         return phi
 
-    def _voltages(self, X: np.ndarray) -> np.ndarray:
-        R = X[self._electrode_rows]
+    def _voltages(self, R: np.ndarray) -> np.ndarray:
         U = self._injections @ R  # (E, L): R symmetric, so row i = electrode potentials of excitation i
         return np.einsum("kl,kl->k", self._measurements, U[self._meas_exc])
 
     # ----------------------------------------------------------------- public
+    @single_blas_thread
     def forward(self, sigma) -> np.ndarray:
         """Measurements for conductivity ``sigma`` (m,) -> (M,) or (B, m) -> (B, M)."""
         s = self.check_sigma(sigma)
         if s.ndim == 1:
-            return self._voltages(self._solve_fields(s))
+            return self._voltages(self._transfer(self._factorise(s)))
         out = np.empty((len(s), self.n_meas))
         for i, row in enumerate(s):
-            out[i] = self._voltages(self._solve_fields(row))
+            out[i] = self._voltages(self._transfer(self._factorise(row)))
         return out
 
+    @single_blas_thread
     def jacobian(self, sigma):
         """``(v, J)`` with ``J = dv/dsigma`` of shape (M, m) for one conductivity (m,)."""
         s = self.check_sigma(sigma)
         if s.ndim != 1:
             raise InputError(f"jacobian takes one conductivity of shape ({self.n_elements},), got {s.shape}")
-        X = self._solve_fields(s)
-        v = self._voltages(X)
-        phi = self._node_part(X)
-        # gradient of each unit-current field on each element: (m, 2, L)
-        grad_phi = np.matmul(self._grads.transpose(0, 2, 1), phi[self.mesh.elements])
-        grad_phi = np.ascontiguousarray(grad_phi.transpose(1, 2, 0))  # (2, L, m)
-        grad_u = self._injections @ grad_phi                          # (2, E, m) excitation fields
-        # T[i, l, e] = grad u_i . grad phi_l on element e; the adjoint field of measurement
-        # k is measurements[k] @ phi, so J[k] = -area * measurements[k] @ T[exc(k)]
-        T = grad_u[0, :, None, :] * grad_phi[0, None] + grad_u[1, :, None, :] * grad_phi[1, None]
-        J = np.empty((self.n_meas, self.n_elements))
-        for i, rows in self._rows_by_excitation:
-            J[rows] = self._measurements[rows] @ T[i]
-        J *= -self.mesh.areas[None, :]
-        return v, J
+        sol = self._factorise(s)
+        v = self._voltages(self._transfer(sol))
+        return v, self._jacobian(self._fields(sol))
+
+    def _jacobian(self, X: np.ndarray) -> np.ndarray:
+        """J (M, m) from the (N, L) unit-current fields ``X``.
+
+        ``J[k, e] = -area_e * grad u_i . grad w_k`` on element e, with ``u_i = sum_l
+        inj[i, l] phi_l`` the field of excitation ``i = exc(k)`` and ``w_k = sum_l meas[k, l]
+        phi_l`` the (adjoint) field of measurement pattern k. With ``g_l`` the element
+        gradients of the unit fields ``phi_l``, this is ``J[k] = sum_l meas[k, l] S_i[l]``
+        where ``S_i[l] = -area * g_l . grad u_i``: per excitation one (L, m) product and a
+        (rows, L) x (L, m) matrix product written straight into J's rows (no (E, L, m)
+        tensor; the work stays in cache)."""
+        m, L = self.n_elements, self.n_electrodes
+        # (2, L, m): gradient component d of unit field l on element e
+        g = np.ascontiguousarray((self._grad_op @ X).reshape(2, m, L).transpose(0, 2, 1))
+        gu = np.matmul(self._injections, g)          # (2, E, m) excitation field gradients
+        gu *= self._neg_area
+        J = np.empty((self.n_meas, m))
+        S = np.empty((L, m))
+        for i, rows, meas in self._jacobian_blocks:
+            np.einsum("dle,de->le", g, gu[:, i], out=S)
+            if isinstance(rows, slice):
+                np.matmul(meas, S, out=J[rows])
+            else:
+                J[rows] = meas @ S
+        return J
 
     def __repr__(self) -> str:
         return (f"ForwardModel({self.mesh!r}, protocol={self.protocol.name} ({self.n_meas} meas), "

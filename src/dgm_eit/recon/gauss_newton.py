@@ -22,6 +22,14 @@ A step is first shortened as a whole so that no log-conductivity moves by more t
 when the relative decrease of ``||r||`` falls below ``tol``, or when no step decreases it.
 ``lam_decay`` < 1 shrinks lam after every iteration (not below ``lam_min``).
 
+Speed (one BLAS thread, see ``dgm_eit.physics.fem.blas_threads``): ``Jx = J diag(sigma)``
+is never formed (the step scales J's columns once, in place, by ``sigma / sqrt(d)``); the
+data-space Gram matrix is one symmetric product (BLAS syrk) and is solved by Cholesky; the
+forward solve of an accepted line-search trial is reused by the next Jacobian; and the
+start of GN (the Jacobian at ``sigma0`` and the first step's factorisation), which does
+not depend on the data, is kept per forward model for the next image (a few settings per
+model; :func:`clear_start_cache` forgets it).
+
 Config defaults (``[gn]``: kotre, p = 0.5, lam = 3 at 40 dB scaled with the noise level,
 6 iterations) come from scans with ``benchmarks/tune_gn.py`` on the paper's 2-anomaly
 phantoms, data simulated on a finer mesh than the inversion mesh: image MSE was flat for
@@ -31,6 +39,7 @@ at 25 dB), and iterations beyond 6-7 fitted noise rather than improving the imag
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +47,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 
 from dgm_eit.errors import InputError
+from dgm_eit.physics.fem import ForwardModel, single_blas_thread
 
 METHODS = ("lm", "kotre", "tikhonov", "smooth")
 
@@ -91,52 +101,156 @@ class SmoothPrior:
         return self._lu.solve(np.asarray(X, dtype=np.float64))
 
 
+class _Step:
+    """The regularised step of one Jacobian as a linear map ``r -> dx`` (see
+    :func:`regularised_step`); the factorisation is done once, each ``r`` then costs two
+    matrix-vector products and a triangular solve pair."""
+
+    def __init__(self, J: np.ndarray, method: str, lam: float, p: float = 0.5, laplacian=None,
+                 col_scale: np.ndarray | None = None, overwrite_j: bool = False):
+        _check_method(method)
+        J = np.asarray(J, dtype=np.float64)
+        overwrite_j = overwrite_j and J.flags.writeable
+        jtj_diag = np.einsum("ke,ke->e", J, J)
+        if col_scale is not None:
+            col_scale = np.asarray(col_scale, dtype=np.float64)
+            jtj_diag *= col_scale * col_scale
+        scale = jtj_diag.mean()
+        if not np.isfinite(scale) or scale <= 0:
+            raise InputError("the Jacobian is zero; the measurements do not see the conductivity")
+        M, m = J.shape
+        self.kind = "data"
+        if method == "smooth":
+            if laplacian is None:
+                raise InputError("method 'smooth' needs the mesh's element Laplacian")
+            if col_scale is not None:
+                J = np.multiply(J, col_scale, out=J if overwrite_j else None)
+            prior = laplacian if isinstance(laplacian, SmoothPrior) else SmoothPrior(laplacian)
+            # R = scale * R0 / mean(diag R0)
+            r0_scale = prior.matrix.diagonal().mean()
+            self.left = prior.solve(J.T) * (r0_scale / scale)       # R^-1 Jc^T (m, M)
+            G = J @ self.left
+            G[np.diag_indices_from(G)] += lam
+            self.factor, self.col = _cho_factor(G), None
+            return
+        floor = 1e-12 * jtj_diag.max()
+        if method == "lm":
+            d = np.maximum(jtj_diag, floor)
+        elif method == "kotre":
+            d = np.maximum(jtj_diag, floor) ** p
+        else:
+            d = np.ones(m)
+        d = d * (scale / d.mean())
+        if M <= m:
+            # data space: G = Js Js^T with Js = Jc R^-1/2, one symmetric product (numpy
+            # hands ``A @ A.T`` to BLAS syrk) and a Cholesky factorisation of the M x M G
+            inv_sqrt_d = 1.0 / np.sqrt(d)
+            w = inv_sqrt_d if col_scale is None else inv_sqrt_d * col_scale
+            Js = np.multiply(J, w, out=J if overwrite_j else None)
+            G = Js @ Js.T
+            G[np.diag_indices_from(G)] += lam
+            self.left, self.col, self.factor = Js.T, inv_sqrt_d, _cho_factor(G)
+            return
+        # element space (more measurements than elements)
+        if col_scale is not None:
+            J = np.multiply(J, col_scale, out=J if overwrite_j else None)
+        H = J.T @ J
+        H[np.diag_indices_from(H)] += lam * d
+        self.kind, self.jt, self.factor = "element", J.T, _cho_factor(H)
+
+    def __call__(self, r: np.ndarray) -> np.ndarray:
+        if self.kind == "element":
+            return _cho_solve(self.factor, self.jt @ r)
+        dx = self.left @ _cho_solve(self.factor, r)
+        if self.col is not None:
+            dx *= self.col if dx.ndim == 1 else self.col[:, None]
+        return dx
+
+
+_POTRF, _POTRS = sla.get_lapack_funcs(("potrf", "potrs"), dtype=np.float64)
+
+
+def _cho_factor(G: np.ndarray) -> np.ndarray:
+    """Cholesky factor (LAPACK ``potrf``, lower) of a symmetric positive definite C-ordered
+    ``G``, computed in its memory (``G.T`` is the same matrix in Fortran order)."""
+    factor, info = _POTRF(G.T, lower=1, overwrite_a=1, clean=0)
+    if info != 0:
+        raise InputError("the regularised Gauss-Newton system is not positive definite "
+                         "(lam = 0 with fewer independent measurements than unknowns?)")
+    return factor
+
+
+def _cho_solve(factor: np.ndarray, r: np.ndarray) -> np.ndarray:
+    return _POTRS(factor, r, lower=1)[0]
+
+
 def regularised_step(J: np.ndarray, r: np.ndarray, method: str, lam: float, p: float = 0.5,
-                     laplacian=None) -> np.ndarray:
-    """``argmin ||r - J d||^2 + lam d^T R d`` for the prior named by ``method`` (see module doc).
+                     laplacian=None, *, col_scale: np.ndarray | None = None,
+                     overwrite_j: bool = False) -> np.ndarray:
+    """``argmin ||r - Jc d||^2 + lam d^T R d`` for the prior named by ``method`` (see module doc),
+    with ``Jc = J diag(col_scale)`` (``J`` itself when ``col_scale`` is None).
 
-    ``laplacian`` (method ``smooth``): the element Laplacian or a :class:`SmoothPrior`."""
-    _check_method(method)
-    jtj_diag = np.einsum("ke,ke->e", J, J)
-    scale = jtj_diag.mean()
-    if not np.isfinite(scale) or scale <= 0:
-        raise InputError("the Jacobian is zero; the measurements do not see the conductivity")
-    M, m = J.shape
-    if method == "smooth":
-        if laplacian is None:
-            raise InputError("method 'smooth' needs the mesh's element Laplacian")
-        prior = laplacian if isinstance(laplacian, SmoothPrior) else SmoothPrior(laplacian)
-        # R = scale * R0 / mean(diag R0)
-        r0_scale = prior.matrix.diagonal().mean()
-        RinvJt = prior.solve(J.T) * (r0_scale / scale)
-        G = J @ RinvJt
-        G[np.diag_indices_from(G)] += lam
-        return RinvJt @ sla.solve(G, r, assume_a="pos")
-    floor = 1e-12 * jtj_diag.max()
-    if method == "lm":
-        d = np.maximum(jtj_diag, floor)
-    elif method == "kotre":
-        d = np.maximum(jtj_diag, floor) ** p
+    ``laplacian`` (method ``smooth``): the element Laplacian or a :class:`SmoothPrior`.
+    ``col_scale`` lets Gauss-Newton pass ``J`` and ``sigma`` for the log-parameter Jacobian
+    without forming ``J diag(sigma)``; ``overwrite_j=True`` lets the step use J's memory.
+    ``r`` may be (M,) or (M, B) (B right-hand sides, one factorisation)."""
+    return _Step(J, method, lam, p, laplacian, col_scale, overwrite_j)(r)
+
+
+# Per forward model: the start of Gauss-Newton from a given sigma0 does not depend on the
+# data (v_model, J and the first step's factorisation at sigma0), so a run over many images
+# computes it once. A few settings (sigma0, method, lam, p, log_param) are kept per model.
+_FIRST_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_FIRST_STEPS_KEPT = 4
+
+
+def _owns_jacobian(fm) -> bool:
+    """Our ForwardModel returns a new J on every call, so a step may overwrite it; a
+    model of another kind might keep and reuse its J."""
+    return isinstance(fm, ForwardModel)
+
+
+def clear_start_cache(fm=None) -> None:
+    """Forget the cached start of Gauss-Newton (see ``_first_step``): ``fm``'s, or every model's."""
+    if fm is None:
+        _FIRST_STEPS.clear()
     else:
-        d = np.ones(m)
-    d = d * (scale / d.mean())
-    if M <= m:
-        scale_cols = 1.0 / np.sqrt(d)
-        Js = J * scale_cols[None, :]              # J R^-1/2: G = Js Js^T is one symmetric product
-        G = Js @ Js.T
-        G[np.diag_indices_from(G)] += lam
-        y = sla.solve(G, r, assume_a="pos")
-        return (Js.T @ y) * (scale_cols if y.ndim == 1 else scale_cols[:, None])
-    H = J.T @ J
-    H[np.diag_indices_from(H)] += lam * d
-    return sla.solve(H, J.T @ r, assume_a="pos")
+        _FIRST_STEPS.pop(fm, None)
 
 
+def _first_step(fm, sigma: np.ndarray, method: str, lam: float, p: float, log_param: bool, need_step: bool):
+    """``(v_model, step or None, laplacian)`` at the initial ``sigma``, cached per model."""
+    # only our ForwardModel is known to be a fixed map (another kind of model: no cache)
+    entries = _FIRST_STEPS.setdefault(fm, {}) if _owns_jacobian(fm) else {}
+    key = (sigma.tobytes(), method, float(lam), float(p), bool(log_param))
+    hit = entries.get(key)
+    if hit is not None and (hit[1] is not None or not need_step):
+        return hit
+    laplacian = None
+    if method == "smooth":
+        laplacian = next((e[2] for e in entries.values() if e[2] is not None), None)
+        if laplacian is None:
+            laplacian = SmoothPrior(smoothness_matrix(fm.mesh))
+    v_model, J = fm.jacobian(sigma)
+    step = (_Step(J, method, lam, p, laplacian, sigma if log_param else None, overwrite_j=_owns_jacobian(fm))
+            if need_step else None)
+    entries.pop(key, None)
+    entries[key] = (v_model, step, laplacian)
+    while len(entries) > _FIRST_STEPS_KEPT:
+        entries.pop(next(iter(entries)))
+    return entries[key]
+
+
+@single_blas_thread
 def gauss_newton(fm, v, sigma0=1.0, method: str = "kotre", lam: float = 3.0, p: float = 0.5,
                  max_iter: int = 6, tol: float = 1e-4, log_param: bool = True,
                  line_search: bool = True, max_halvings: int = 6, max_step: float = 2.0, min_sigma: float = 1e-4,
-                 lam_decay: float = 1.0, lam_min: float = 0.0, grid=None, verbose: bool = False) -> GNResult:
-    """Absolute Gauss-Newton reconstruction of element conductivities from voltages ``v`` (M,)."""
+                 lam_decay: float = 1.0, lam_min: float = 0.0, grid=None, verbose: bool = False,
+                 iterates=None) -> GNResult:
+    """Absolute Gauss-Newton reconstruction of element conductivities from voltages ``v`` (M,).
+
+    ``iterates(k, sigma)``, when given, is called after each accepted iteration k = 1, 2, ...
+    (how tuning scores every iteration count in one run)."""
     _check_method(method)
     v = fm.check_voltages(v)
     if v.ndim != 1:
@@ -146,14 +260,17 @@ def gauss_newton(fm, v, sigma0=1.0, method: str = "kotre", lam: float = 3.0, p: 
     if int(max_iter) < 0:
         raise InputError(f"max_iter must be >= 0, got {max_iter}")
     sigma = _initial_sigma(fm, sigma0)
-    laplacian = SmoothPrior(smoothness_matrix(fm.mesh)) if method == "smooth" else None
-    v_model, J = fm.jacobian(sigma)
+    # the first step's operator depends on sigma0 and the settings only: cached per model
+    v_model, step, laplacian = _first_step(fm, sigma, method, float(lam), p, log_param, int(max_iter) > 0)
     res_norm = float(np.linalg.norm(v - v_model))
     result = GNResult(sigma=sigma, history=[res_norm])
     for it in range(int(max_iter)):
         r = v - v_model
-        Jx = J * sigma[None, :] if log_param else J
-        dx = regularised_step(Jx, r, method, lam, p, laplacian)
+        if it > 0:
+            # the log-parameter Jacobian J diag(sigma) is applied inside the step; J is
+            # not needed afterwards, so the step may scale it in place
+            step = _Step(J, method, lam, p, laplacian, sigma if log_param else None, overwrite_j=_owns_jacobian(fm))
+        dx = step(r)
         # a step that changes some conductivity by more than a factor e^max_step is
         # shortened as a whole (its direction kept): the linearisation is not trusted there
         biggest = float(np.max(np.abs(dx))) if dx.size else 0.0
@@ -178,6 +295,8 @@ def gauss_newton(fm, v, sigma0=1.0, method: str = "kotre", lam: float = 3.0, p: 
         result.history.append(res_norm)
         result.steps.append(t)
         result.n_iter = it + 1
+        if iterates is not None:
+            iterates(it + 1, sigma)
         if verbose:
             print(f"gn iter {it + 1}: |r| = {res_norm:.4e}, step {t:g}, lam {lam:.3g}")
         lam = max(lam * lam_decay, lam_min)
