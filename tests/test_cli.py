@@ -644,9 +644,11 @@ def _last_line(stderr: str) -> str:
 def test_ctrl_c_stops_simulate_with_its_partial_file(tmp_path):
     out = tmp_path / "big.h5"
     partial = tmp_path / "big.h5.partial"
-    argv = ["simulate", "--profile", "smoke", "--set", "data.n_train=2000", "--out", out, "--workers", "2",
+    argv = ["simulate", "--profile", "smoke", "--set", "data.n_train=8000", "--out", out, "--workers", "2",
             "--chunk-size", "4", "--seed", "1"]
-    # the progress bar shows a rate once the first chunks are done ("?sample/s" before that)
+    # the progress bar shows a rate once the first chunks are done ("?sample/s" before that);
+    # 8,000 samples, so that even a fast machine is still simulating when the signal comes
+    # (2,000 smoke samples once finished first under load: exit 0)
     rc, stderr = _interrupt_when(argv, lambda: partial.exists() and re.search(
         r"[0-9]sample/s", (tmp_path / "stderr.txt").read_text()) is not None, tmp_path)
     assert rc == 130

@@ -10,7 +10,7 @@ from dgm_eit.commands.common import add_device_arg, add_seed_arg
 HELP = "reconstruct images with a trained run (a data-set split, or --voltages FILE.npy)"
 # the score model's samplers (dgm_eit.models.samplers.SAMPLERS; a test keeps them equal),
 # listed here so that --help stays fast
-SAMPLER_NAMES = ("pc", "ode", "csd", "dps")
+SAMPLER_NAMES = ("pc", "ode", "csd", "dds", "dps")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

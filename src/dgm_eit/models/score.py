@@ -6,6 +6,9 @@ matching, Song et al. 2021); measurements enter at reconstruction time, by
 * ``csd`` (CSD*, the paper's method): the Gauss-Newton image replaces the reverse process's
   state at time ``t0`` (``mode="replace"``, the reference code) or is forward-diffused to it
   (``mode="ccdf"``, Chung et al. 2022), then the reverse process runs to the end;
+* ``dds`` (CSD* with data consistency): the same start, and every reverse step denoises the
+  state, takes a proximal Gauss-Newton step on the measured voltages
+  (:mod:`dgm_eit.recon.consistency`) and re-noises the result (Chung et al. 2024);
 * ``dps``: every reverse step also descends ``||v - F(x0_hat(x_t))||`` through the
   differentiable EIT operator (Chung et al. 2023; the paper's general CSD, eq. 25);
 * ``pc`` / ``ode``: unconditional samples of the prior (a check of the prior, not a
@@ -308,7 +311,8 @@ class ScoreModel(GenerativeModel):
         if stage != "score":
             raise InputError(f"score model has one training stage 'score', got {stage!r}")
         x0 = self.normalise_image(self._check_images(batch["sigma"], "sigma"))[:, None]
-        t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * (1 - self.sde.eps) + self.sde.eps
+        t_max = float(self.cfg.get("train_t_max", 1.0))
+        t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * (t_max - self.sde.eps) + self.sde.eps
         z = torch.randn_like(x0)
         mean, std = self.sde.marginal_prob(x0, t)
         std = std[:, None, None, None]
