@@ -129,8 +129,9 @@ class Simulator:
             tuning = tune_gauss_newton(self.coarse, self.grid, np.stack([s["v"] for s in val]),
                                        np.stack([s["sigma"] for s in val]), self.gn_kwargs, factors, iters)
         settings = gn_settings(self.cfg, self.coarse, tuning)
-        (log or _log)(f"GN tuned on {n} validation images in {time.perf_counter() - started:.0f} s: "
-            f"lam = {settings['lam']:.3g}, {settings['max_iter']} iterations (val MSE {settings['val_mse']:.4g})")
+        if log is not None:
+            log(f"GN tuned on {n} validation images in {time.perf_counter() - started:.0f} s: "
+                f"lam = {settings['lam']:.3g}, {settings['max_iter']} iterations (val MSE {settings['val_mse']:.4g})")
         return settings
 
     def measure(self, seed: int, split: str, index: int) -> dict[str, np.ndarray]:
@@ -476,7 +477,7 @@ def _simulate_locked(cfg, out: Path, sizes, *, seed, workers, overwrite, schedul
         # the inversion mesh fixes M and the grid fixes H x W: ask a simulator in this process
         with _report_slow(log, "building meshes"):
             sim = simulator_for(cfg_json)
-        settings = sim.gn_settings(seed, log)
+        settings = sim.gn_settings(seed, log if progress else None)
         partial = storage.PartialFile.create(
             partial_path, config_json=cfg_json, identity=identity, seed=int(seed), sizes=sizes,
             image_size=sim.image_size, n_meas=sim.n_meas, chunk_size=int(chunk_size or DEFAULT_CHUNK_SIZE),
