@@ -311,8 +311,7 @@ class ScoreModel(GenerativeModel):
         if stage != "score":
             raise InputError(f"score model has one training stage 'score', got {stage!r}")
         x0 = self.normalise_image(self._check_images(batch["sigma"], "sigma"))[:, None]
-        t_max = float(self.cfg.get("train_t_max", 1.0))
-        t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * (t_max - self.sde.eps) + self.sde.eps
+        t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * (1 - self.sde.eps) + self.sde.eps
         z = torch.randn_like(x0)
         mean, std = self.sde.marginal_prob(x0, t)
         std = std[:, None, None, None]
