@@ -218,6 +218,7 @@ def test_level_masks_match_the_organisers_rule(ref):
         assert not (p.measurements[mask][:, gone] != 0).any()
         assert not (p.injections[p.meas_excitation[mask]][:, gone] != 0).any()
     assert counts[0] == 2356 and all(a > b for a, b in zip(counts, counts[1:]))
+    assert counts[-1] == 513   # level 7: the 513 voltages a published KTC2023 study (Tyni et al., BIEM) reports
 
 
 @pytest.mark.parametrize("level", [0, 8, 1.5, "two"])
