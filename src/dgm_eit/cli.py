@@ -26,6 +26,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "tune-t0": "tune_t0",
     "bench": "bench",
+    "ktc-score": "ktc_score",
 }
 
 

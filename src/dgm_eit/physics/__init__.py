@@ -3,7 +3,7 @@
 from dgm_eit.physics.fem import ForwardModel, forward_model_from_config
 from dgm_eit.physics.grid import PixelGrid
 from dgm_eit.physics.mesh import Mesh, disk_mesh, pyeit_like_mesh
-from dgm_eit.physics.protocol import Protocol, make_protocol
+from dgm_eit.physics.protocol import Protocol, make_protocol, same_pattern_protocol
 
 
 def __getattr__(name):
@@ -16,4 +16,4 @@ def __getattr__(name):
 
 
 __all__ = ["EITOperator", "ForwardModel", "Mesh", "PixelGrid", "Protocol", "disk_mesh", "forward_model_from_config",
-           "make_protocol", "operator_from_config", "pyeit_like_mesh"]
+           "make_protocol", "operator_from_config", "pyeit_like_mesh", "same_pattern_protocol"]

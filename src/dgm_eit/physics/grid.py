@@ -1,8 +1,10 @@
 """Pixel grid <-> mesh element mapping.
 
-The grid has ``size x size`` pixels on the square [-1, 1]^2 with y up: pixel (row, col) has
-centre ``x = -1 + (col + 0.5) * 2/size``, ``y = 1 - (row + 0.5) * 2/size`` (row 0 = top).
-A pixel is inside the disk when its centre is (``x^2 + y^2 <= 1``); images are 0 outside.
+The grid has ``size x size`` pixels on the square [-R, R]^2 with y up, R = ``mesh.radius``
+(1 for the unit disk; 0.115 m for the KTC2023 tank, whose 256 x 256 images cover that
+square): pixel (row, col) has centre ``x = -R + (col + 0.5) * 2R/size``,
+``y = R - (row + 0.5) * 2R/size`` (row 0 = top). A pixel is inside the disk when its centre
+is (``x^2 + y^2 <= R^2``); images are 0 outside.
 
 Both directions are sparse matrices built once:
 - ``to_image``: an inside pixel takes the value of the element containing its centre
@@ -45,10 +47,11 @@ class PixelGrid:
         self.mesh = mesh
         self.size = size
         self.shape = (size, size)
-        step = 2.0 / size
-        c = -1 + (np.arange(size) + 0.5) * step
+        R = float(getattr(mesh, "radius", 1.0))
+        step = 2.0 * R / size
+        c = -R + (np.arange(size) + 0.5) * step
         self.x, self.y = np.meshgrid(c, -c)  # (H, W), row 0 = top
-        self.inside = self.x**2 + self.y**2 <= 1.0
+        self.inside = self.x**2 + self.y**2 <= R * R
         self.inside.setflags(write=False)
         m = mesh.n_elements
         n_pix = size * size
@@ -74,8 +77,8 @@ class PixelGrid:
         if empty.size:
             # elements smaller than a sub-pixel: the pixel at the centroid (clipped inside)
             cen = mesh.centroids[empty]
-            col = np.clip(np.floor((cen[:, 0] + 1) / step), 0, size - 1).astype(np.int64)
-            row = np.clip(np.floor((1 - cen[:, 1]) / step), 0, size - 1).astype(np.int64)
+            col = np.clip(np.floor((cen[:, 0] + R) / step), 0, size - 1).astype(np.int64)
+            row = np.clip(np.floor((R - cen[:, 1]) / step), 0, size - 1).astype(np.int64)
             pix = row * size + col
             bad = ~self.inside.ravel()[pix]
             if bad.any():

@@ -1,7 +1,11 @@
-"""Triangular meshes of the unit disk with boundary electrodes.
+"""Triangular meshes of a disk with boundary electrodes.
 
-Electrode ``k`` of ``L`` is centred at angle ``2*pi*k/L``: electrode 0 sits at the point
-(1, 0) and the numbering runs counter-clockwise. Point electrodes are single boundary
+Electrode ``k`` of ``L`` is centred at angle ``first_electrode_angle + 2*pi*k/L``; by default
+(angle 0, radius 1) electrode 0 sits at the point (1, 0), and the numbering always runs
+counter-clockwise. A disk of another ``radius`` (e.g. a real tank, 0.115 m for KTC2023) is
+the unit-disk mesh scaled: ``h0`` and ``electrode_width`` are then lengths in the same unit
+as ``radius``, so the triangulation (and every node's index) is that of the unit disk with
+``h0/radius`` and ``electrode_width/radius``, rotated by the angle and scaled. Point electrodes are single boundary
 nodes; complete-electrode-model (CEM) electrodes are boundary arcs of arc length
 ``electrode_width`` whose end points are mesh nodes, so the arcs are resolved by edges.
 
@@ -42,6 +46,8 @@ class Mesh:
     nodes in counter-clockwise order), ``electrode_edges``: one (k, 2) array per electrode
     of the boundary edges covering the arc (empty for point electrodes).
     ``ref_node`` is the grounded node of the point-electrode model (not an electrode).
+    ``radius`` is the radius of the disk the mesh covers (1 for the unit disk; informative,
+    for consumers such as pixel grids; the FEM uses only the node coordinates).
     """
 
     nodes: np.ndarray
@@ -51,6 +57,7 @@ class Mesh:
     electrode_edges: tuple = ()
     ref_node: int = 0
     description: str = ""
+    radius: float = 1.0
     areas: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -167,20 +174,60 @@ def _boundary_angles(n_electrodes: int, h0: float, electrode_model: str, width: 
 
 
 def disk_mesh(n_electrodes: int = 16, h0: float = 0.1, electrode_model: str = "point",
-              electrode_width: float = 0.2) -> Mesh:
-    """Mesh of the unit disk with ``n_electrodes`` equally spaced electrodes (cached).
+              electrode_width: float = 0.2, radius: float = 1.0, first_electrode_angle: float = 0.0) -> Mesh:
+    """Mesh of a disk of ``radius`` with ``n_electrodes`` equally spaced electrodes (cached).
 
     ``h0`` is the boundary edge length (the finest size); central triangles have edges of
     about ``2.7*h0``. ``electrode_width`` (CEM only) is the arc length of one electrode.
+    Both are lengths in the unit of ``radius``: a real tank is meshed in its own unit
+    (metres), so contact impedances and conductivities keep their physical values instead
+    of being rescaled by hand. ``first_electrode_angle`` (radians, counter-clockwise from
+    the x axis) is the centre of electrode 0, so a device's own electrode numbering (KTC2023:
+    electrode 1 at 90 degrees) needs no relabelling. The defaults (radius 1, angle 0) give
+    exactly the meshes of earlier versions.
     Equal parameters return the same (read-only) object, however they are spelled.
     """
     try:
         n_electrodes, h0, electrode_width = int(n_electrodes), float(h0), float(electrode_width)
+        radius, first_electrode_angle = float(radius), float(first_electrode_angle)
     except (TypeError, ValueError):
-        raise InputError("disk_mesh: n_electrodes, h0 and electrode_width must be numbers") from None
+        raise InputError("disk_mesh: n_electrodes, h0, electrode_width, radius and first_electrode_angle "
+                         "must be numbers") from None
+    if not (np.isfinite(radius) and radius > 0):
+        raise InputError(f"disk radius must be positive, got {radius}")
+    if not np.isfinite(first_electrode_angle):
+        raise InputError(f"first_electrode_angle must be a finite angle in radians, got {first_electrode_angle}")
     if electrode_model == "point":
         electrode_width = 0.0  # unused; one cache entry for every width
-    return _disk_mesh(n_electrodes, h0, electrode_model, electrode_width)
+    if radius == 1.0 and first_electrode_angle == 0.0:
+        return _disk_mesh(n_electrodes, h0, electrode_model, electrode_width)
+    return _placed_disk_mesh(n_electrodes, h0, electrode_model, electrode_width, radius,
+                             float(np.mod(first_electrode_angle, 2 * np.pi)))
+
+
+@functools.lru_cache(maxsize=16)
+def _placed_disk_mesh(n_electrodes: int, h0: float, electrode_model: str, electrode_width: float,
+                      radius: float, angle: float) -> Mesh:
+    """The unit-disk mesh (sizes relative to the radius) rotated by ``angle`` and scaled.
+
+    Rotating the finished mesh, rather than the boundary before meshing, keeps the
+    triangulation identical to the unit disk's, so a result on one is comparable with the
+    other node by node; only coordinates change."""
+    try:
+        unit = _disk_mesh(n_electrodes, h0 / radius, electrode_model, electrode_width / radius)
+    except InputError as err:
+        if radius == 1.0:
+            raise
+        raise InputError(f"{err} (sizes relative to the radius {radius:g}: h0={h0:g}, "
+                         f"electrode_width={electrode_width:g} are lengths in the radius's unit)") from None
+    c, s = np.cos(angle), np.sin(angle)
+    nodes = radius * (unit.nodes @ np.array([[c, s], [-s, c]]))
+    desc = f"disk R={radius:g} h0={h0:g} L={n_electrodes} {electrode_model}"
+    if angle:
+        desc += f" first electrode at {np.degrees(angle):g} deg"
+    return Mesh(nodes, unit.elements, unit.electrode_nodes, electrode_model=electrode_model,
+                electrode_edges=unit.electrode_edges, ref_node=unit.ref_node, description=desc,
+                radius=radius)
 
 
 @functools.lru_cache(maxsize=16)
@@ -230,7 +277,14 @@ def _disk_mesh(n_electrodes: int, h0: float, electrode_model: str, electrode_wid
                 description=f"disk h0={h0:g} L={n_electrodes} {electrode_model}")
 
 
-disk_mesh.cache_clear = _disk_mesh.cache_clear
+
+
+def _cache_clear() -> None:
+    _disk_mesh.cache_clear()
+    _placed_disk_mesh.cache_clear()
+
+
+disk_mesh.cache_clear = _cache_clear
 
 
 def pyeit_like_mesh(nodes, elements, electrode_nodes, ref_node: int | None = None) -> Mesh:

@@ -85,6 +85,50 @@ def _pair_protocol(n_electrodes: int, dist_exc: int, step_meas: int, name: str) 
     return Protocol(np.array(injections), np.array(measurements), np.array(excitation, dtype=np.int64), name)
 
 
+def same_pattern_protocol(injections, pattern, *, columns: bool = False, name: str = "same-pattern") -> Protocol:
+    """Every injection measured with the same patterns: ``E*K`` rows, injection-major.
+
+    Row ``i*K + k`` is pattern ``k`` measured during injection ``i``, which is the order of
+    KTC2023's ``Uel`` (the 31 differences of injection 1, then of injection 2, ...).
+
+    ``columns=False``: ``injections`` (E, L) and ``pattern`` (K, L), one pattern per row,
+    as in :class:`Protocol`. ``columns=True``: the files' orientation, one pattern per
+    COLUMN: ``injections`` (L, E) (KTC's ``Inj``, 32 x 76) and ``pattern`` (L, K) (KTC's
+    ``Mpat``, 32 x 31). The orientation must be said, not guessed: with 32 electrodes and
+    31 or 76 patterns a guess could be wrong without any error. A mismatch is refused with
+    a message that names the shapes and the other orientation when that one would fit.
+    """
+    try:
+        inj = np.array(injections, dtype=np.float64)
+        pat = np.array(pattern, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError("injections and pattern must be numeric matrices") from None
+    if inj.ndim != 2 or pat.ndim != 2:
+        raise InputError(f"injections and pattern must be 2-D matrices, got shapes {inj.shape} and {pat.shape}")
+    axis = 0 if columns else 1          # the electrode axis
+    if inj.shape[axis] != pat.shape[axis]:
+        other = 1 - axis
+        hint = ""
+        if inj.shape[other] == pat.shape[other]:
+            hint = (f"; they agree on axis {other}: " +
+                    ("pass columns=True for one pattern per column (KTC's Inj (32, 76), Mpat (32, 31))"
+                     if not columns else "pass columns=False for one pattern per row"))
+        layout = "(electrodes, patterns)" if columns else "(patterns, electrodes)"
+        raise InputError(f"injections {inj.shape} and pattern {pat.shape} do not have the same number of "
+                         f"electrodes on axis {axis} (expected {layout} for columns={columns}){hint}")
+    if columns:
+        inj, pat = inj.T, pat.T
+    if not (np.all(np.isfinite(inj)) and np.all(np.isfinite(pat))):
+        raise InputError("injections and pattern must be finite (NaN marks missing data in measured voltages, "
+                         "never in the protocol)")
+    n_exc, n_pat = len(inj), len(pat)
+    if n_exc == 0 or n_pat == 0:
+        raise InputError(f"a protocol needs at least one injection and one pattern, got {n_exc} and {n_pat}")
+    measurements = np.tile(pat, (n_exc, 1))
+    excitation = np.repeat(np.arange(n_exc, dtype=np.int64), n_pat)
+    return Protocol(inj, measurements, excitation, name)
+
+
 def make_protocol(name: str = "adjacent", n_electrodes: int = 16) -> Protocol:
     """Named protocol for ``n_electrodes`` electrodes: ``adjacent`` or ``opposite``."""
     n_electrodes = int(n_electrodes)
