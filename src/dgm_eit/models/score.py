@@ -263,8 +263,8 @@ class ScoreModel(GenerativeModel):
 
     DEFAULT_SAMPLING = {"sampler": "csd", "solver": "pc", "t0": 0.45, "n_steps": 450,
                         "corrector_steps": 1, "snr": 0.056, "mode": "replace", "zeta": 100.0,
-                        "dps_init": "gn", "n_samples": 1, "eta": 1.0, "dc_weight": 1.0, "dc_steps": 1,
-                        "dc_refresh": 1}
+                        "dps_init": "gn", "n_samples": 1, "eta": 1.0, "dc_weight": 3.0, "dc_steps": 1,
+                        "dc_refresh": 0}
 
     def __init__(self, cfg: dict, info: DataInfo):
         super().__init__(cfg, info)
