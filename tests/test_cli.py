@@ -582,6 +582,21 @@ def test_tune_t0_same_seed_same_table(work, score_run, tmp_path):
     assert a != c
 
 
+def test_tune_t0_sweeps_the_sampler_it_is_given_and_records_it(work, score_run, tmp_path):
+    run = _copy_run(score_run, tmp_path)
+
+    def sweep(sampler):
+        assert main([str(a) for a in ["tune-t0", "--run", run, "--data", work["data"], *TINY_SWEEP,
+                                      "--sampler", sampler]]) == 0
+        return json.loads((run / "tuned_csd.json").read_text())
+
+    plain, consistent = sweep("csd"), sweep("dds")
+    assert plain["best"]["sampler"] == "csd" and consistent["best"]["sampler"] == "dds"
+    # same seed and grid: only the data-consistency steps differ
+    assert [r["t0"] for r in plain["table"]] == [r["t0"] for r in consistent["table"]]
+    assert [r["mse"] for r in plain["table"]] != [r["mse"] for r in consistent["table"]]
+
+
 def test_reconstruct_refuses_unknown_sampler(work, score_run, tmp_path, capsys):
     fails(capsys, ["reconstruct", "--run", score_run, "--data", work["data"], "--out", tmp_path / "r.h5",
                    "--sampler", "bogus", "--device", "cpu"], "bogus")

@@ -43,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reverse step counts, e.g. 25,50,100 (default: the config's n_steps)")
     parser.add_argument("--modes", type=_str_list, default=None, metavar="LIST",
                         help="insertion modes: replace, ccdf, or replace,ccdf for both (default: the config's mode)")
-    parser.add_argument("--solver", default=None, choices=("pc", "ode"), help="inner sampler (default: the config's)")
+    parser.add_argument("--sampler", default=None, choices=("csd", "dds"),
+                        help="csd (the paper's CSD*) or dds (CSD* with data consistency; the noise level is the "
+                             "data set's) (default: the config's csd.sampler when it is one of these, else csd)")
+    parser.add_argument("--solver", default=None, choices=("pc", "ode"), help="inner sampler of csd (default: the config's)")
     parser.add_argument("--corrector-steps", type=int, default=None, metavar="C",
                         help="Langevin steps per predictor step (default: the config's)")
     parser.add_argument("--n-val", type=int, default=64, metavar="K",
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dgm_eit import runtime
-    from dgm_eit.data.storage import read_split
+    from dgm_eit.data.storage import dataset_config, read_split
     from dgm_eit.errors import InputError
     from dgm_eit.files import write_text
     from dgm_eit.metrics import per_sample
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if model.name != "score":
         raise InputError(f"{args.run} holds a {model.name!r} run; tune-t0 needs a score run")
     csd = cfg["csd"]
+    sampler = args.sampler or (csd["sampler"] if csd["sampler"] in ("csd", "dds") else "csd")
     t0s = args.t0 or default_t0_grid(float(csd["t0"]))
     steps = args.steps or [int(csd["n_steps"])]
     modes = args.modes or [csd["mode"]]
@@ -104,24 +108,28 @@ def run(args: argparse.Namespace) -> int:
     if arrays["gn"].shape[-1] != info.image_size:
         raise InputError(f"{args.data} has {arrays['gn'].shape[-1]}-pixel images, the run was trained on {info.image_size}")
     arrays = {k: np.ascontiguousarray(a, dtype=np.float32) for k, a in arrays.items()}
+    # dds weighs the measurements by their noise level: the one this data set was made with
+    snr_db = dataset_config(args.data).get("data", {}).get("snr_db")
+    if snr_db is not None:
+        cfg = {**cfg, "data": {**cfg["data"], "snr_db": snr_db}}
     n = len(arrays["gn"])
     gn_metrics = per_sample(arrays["gn"], arrays["sigma"])
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    log(f"tune-t0: {len(t0s) * len(steps) * len(modes)} settings on {n} validation images; "
+    log(f"tune-t0: sampler {sampler}, {len(t0s) * len(steps) * len(modes)} settings on {n} validation images; "
         f"GN: MSE={np.mean(gn_metrics['MSE']):.5f} SSIM={np.mean(gn_metrics['SSIM']):.4f}")
     rows = sweep(model, cfg, arrays, t0s=t0s, steps=steps, modes=modes, solver=solver,
-                 corrector_steps=corrector, seed=args.seed, batch_size=args.batch_size, log=log)
+                 corrector_steps=corrector, seed=args.seed, batch_size=args.batch_size, log=log, sampler=sampler)
     best = pick_best(rows, args.tolerance)
     result = {
         "metric": "mse", "split": "val", "n_val": n, "seed": int(args.seed),
         "data": str(Path(args.data).resolve()), "tolerance": float(args.tolerance),
         "gn": {"mse": float(np.mean(gn_metrics["MSE"])), "ssim": float(np.mean(gn_metrics["SSIM"]))},
         "table": rows,
-        "best": {k: best[k] for k in ("t0", "n_steps", "mode", "solver", "corrector_steps")},
+        "best": {"sampler": sampler, **{k: best[k] for k in ("t0", "n_steps", "mode", "solver", "corrector_steps")}},
         "best_scores": {k: best[k] for k in ("mse", "ssim", "nfe")},
     }
     path = Path(args.run) / TUNED_FILE
     write_text(path, json.dumps(result, indent=2))
-    print(f"{path}: best t0={best['t0']:g} n_steps={best['n_steps']} mode={best['mode']} "
+    print(f"{path}: best {sampler} t0={best['t0']:g} n_steps={best['n_steps']} mode={best['mode']} "
           f"(NFE {best['nfe']}, val MSE {best['mse']:.5f}, SSIM {best['ssim']:.4f})")
     return 0
