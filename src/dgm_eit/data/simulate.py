@@ -415,7 +415,7 @@ def _open_resumable(partial_path: Path, identity: str, overwrite: bool) -> stora
                    "re-run that command to finish it, or pass --overwrite to discard it")
     else:
         return partial
-    empty = not any(partial.done(split).any() for split in storage.SPLITS)
+    empty = not partial.has_finished_chunk
     partial.close()
     if overwrite or empty:   # a partial file without one finished chunk has no work to lose
         return None
@@ -513,7 +513,7 @@ def _simulate_locked(cfg, out: Path, sizes, *, seed, workers, overwrite, schedul
     except InputError:
         # a deterministic failure (e.g. Gauss-Newton refusing a sample) before any chunk was
         # finished leaves no partial file that would block the corrected command
-        if not any(partial.done(split).any() for split in storage.SPLITS):
+        if not partial.has_finished_chunk:
             partial.close()
             partial_path.unlink(missing_ok=True)
         raise

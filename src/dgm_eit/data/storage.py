@@ -187,13 +187,6 @@ def partial_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def tmp_path(path: str | Path) -> Path:
-    """The old fixed temporary name (``FILE.tmp``); writers now use unique names
-    (:func:`dgm_eit.files.temp_sibling`)."""
-    path = Path(path)
-    return path.with_name(path.name + ".tmp")
-
-
 def _sync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -270,6 +263,11 @@ class PartialFile:
     @property
     def identity(self) -> str:
         return str(self.f.attrs["identity"])
+
+    @property
+    def has_finished_chunk(self) -> bool:
+        """Whether any chunk is done: a file without one holds no work to lose."""
+        return any(self.done(split).any() for split in SPLITS)
 
     @property
     def gn_settings(self) -> dict:

@@ -241,6 +241,8 @@ def physics_operator(config: dict, image_size: int):
 
 
 # ------------------------------------------------------------------------------ model
+# the samplers that read the voltages, and what to call them in messages
+MEASUREMENT_SAMPLERS = {"dps": "guided sampling (dps)", "dds": "data-consistent sampling (dds)"}
 SAMPLE_KEYS = ("sampler", "solver", "t0", "n_steps", "corrector_steps", "snr", "mode",
                "zeta", "dps_init", "n_samples", "eta", "dc_weight", "dc_steps", "dc_refresh")
 
@@ -370,7 +372,7 @@ class ScoreModel(GenerativeModel):
         level at ``t`` (raw conductivity units)."""
         from dgm_eit.recon.consistency import ProximalGaussNewton, noise_std_from_snr
 
-        operator = self._operator(opts, "data-consistent sampling (dds)")
+        operator = self._operator(opts, MEASUREMENT_SAMPLERS["dds"])
         snr_db = opts.get("snr_db")
         if snr_db is None and isinstance(opts.get("config"), dict):
             snr_db = opts["config"].get("data", {}).get("snr_db")
@@ -405,9 +407,7 @@ class ScoreModel(GenerativeModel):
 
     def _likelihood(self, opts: dict, v: torch.Tensor):
         """Data misfit ``||v - F(x)||`` per sample, ``x`` normalised images (B,1,H,W)."""
-        operator = self._operator(opts, "guided sampling (dps)")
-        if v.shape[-1] != self.info.n_meas:
-            raise InputError(f"voltage vector has {v.shape[-1]} values, the model expects {self.info.n_meas}")
+        operator = self._operator(opts, MEASUREMENT_SAMPLERS["dps"])
         # the FEM needs positive conductivity; a crude x0_hat early on can dip below zero
         floor = 1e-3 * float(self.sigma_mean.abs()) + 1e-6
 
@@ -449,17 +449,16 @@ class ScoreModel(GenerativeModel):
                 raise InputError(f"sampler {name!r} starts from the Gauss-Newton image: the batch needs 'gn'")
             gn = self._check_images(batch["gn"].to(device), "gn")
             init = self.normalise_image(gn)[:, None].repeat_interleave(n, dim=0)
-        if name == "dps":
+        if name in MEASUREMENT_SAMPLERS:
             if "v" not in batch:
-                raise InputError("guided sampling (dps) needs the voltages: the batch needs 'v'")
-            v = batch["v"].to(device).repeat_interleave(n, dim=0)
-            likelihood = self._likelihood(opts, v)
-        if name == "dds":
-            if "v" not in batch:
-                raise InputError("data-consistent sampling (dds) needs the voltages: the batch needs 'v'")
+                raise InputError(f"{MEASUREMENT_SAMPLERS[name]} needs the voltages: the batch needs 'v'")
             if batch["v"].shape[-1] != self.info.n_meas:
                 raise InputError(f"voltage vector has {batch['v'].shape[-1]} values, the model expects {self.info.n_meas}")
-            consistency = self._consistency(opts, settings, batch["v"].repeat_interleave(n, dim=0))
+            v = batch["v"].to(device).repeat_interleave(n, dim=0)
+            if name == "dps":
+                likelihood = self._likelihood(opts, v)
+            else:
+                consistency = self._consistency(opts, settings, v)
         x, nfe = sampler(self.score, (b * n, 1, size, size), generator=generator, init=init,
                          likelihood=likelihood, consistency=consistency, device=device)
         images = self.denormalise_image(x[:, 0]) * self.support

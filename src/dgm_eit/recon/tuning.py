@@ -38,8 +38,7 @@ def tuning_grid(cfg: dict) -> tuple[list[float], list[int], int]:
     return factors, iters, images
 
 
-def tune_gauss_newton(fm, grid, v: np.ndarray, truth: np.ndarray, base: dict, lam_factors, iters,
-                      progress=None) -> dict:
+def tune_gauss_newton(fm, grid, v: np.ndarray, truth: np.ndarray, base: dict, lam_factors, iters) -> dict:
     """Grid search of GN's ``lam`` and ``max_iter`` on validation voltages ``v`` (N, M) with
     ground-truth images ``truth`` (N, H, W).
 
@@ -68,8 +67,6 @@ def tune_gauss_newton(fm, grid, v: np.ndarray, truth: np.ndarray, base: dict, la
                 errors[k].append(float(np.mean((grid.to_image(sigma) - target) ** 2)))
         for k in iters:
             rows.append({"lam": lam, "max_iter": k, "val_mse": float(np.mean(errors[k]))})
-        if progress is not None:
-            progress(len(v))
     best = min(rows, key=lambda r: r["val_mse"])
     return {**best, "candidates": rows, "n_images": int(len(v))}
 
