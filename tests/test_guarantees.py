@@ -518,3 +518,19 @@ def test_5_a_truncated_tuned_csd_json_is_named(work, tmp_path, capsys):
     fails(capsys, ["reconstruct", "--run", run, "--data", work["data"], "--out", tmp_path / "r.h5", "--sampler",
                    "csd", "--limit", "1", "--device", "cpu"], str(run / "tuned_csd.json"), "tune-t0")
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_10_a_swallowed_ctrl_c_is_remembered_for_the_next_safe_point():
+    import signal
+
+    from dgm_eit.runtime import sigint_latch
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with sigint_latch() as interrupted:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)   # the handler runs here
+        except KeyboardInterrupt:
+            pass   # as a finaliser would swallow it
+        assert interrupted.is_set()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -78,6 +79,33 @@ def stop_pool(pool, grace: float = 0.0, interrupt: bool = False) -> None:
 
 
 MAX_SEED = 2**48
+
+
+@contextlib.contextmanager
+def sigint_latch():
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered in the yielded
+    ``threading.Event``. A KeyboardInterrupt that lands inside a finaliser or a library
+    callback is swallowed ("Exception ignored in ..."), and the job would run to the end; a
+    loop that checks the event at its safe points raises it again there. Only the main
+    thread's default handler is replaced (and restored); elsewhere the event never fires."""
+    import signal
+    import threading
+
+    event = threading.Event()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield event
+        return
+
+    def handler(signum, frame):
+        event.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def check_seed(seed) -> int:

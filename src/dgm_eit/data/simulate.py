@@ -270,7 +270,7 @@ def _pool_context():
 
 
 def run_tasks(cfg_json: str, seed: int, tasks: list[Task], *, workers: int = 1, scheduler: str | None = None,
-              timed: bool = False) -> Iterator[tuple[Task, dict[str, np.ndarray]]]:
+              timed: bool = False, interrupted=None) -> Iterator[tuple[Task, dict[str, np.ndarray]]]:
     """Yield ``(task, arrays)`` as chunks finish (any order); ``(task, (arrays, cpu_s))`` if ``timed``."""
     if not tasks:
         return
@@ -284,10 +284,10 @@ def run_tasks(cfg_json: str, seed: int, tasks: list[Task], *, workers: int = 1, 
             for task in tasks:
                 yield task, _compute_chunk(cfg_json, seed, task.split, task.start, task.stop, timed)
     else:
-        yield from _run_pool(cfg_json, seed, tasks, workers, timed)
+        yield from _run_pool(cfg_json, seed, tasks, workers, timed, interrupted)
 
 
-def _run_pool(cfg_json, seed, tasks, workers, timed=False):
+def _run_pool(cfg_json, seed, tasks, workers, timed=False, interrupted=None):
     ctx = _pool_context()
     alive_r, alive_w = ctx.Pipe(duplex=False)
     pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
@@ -304,7 +304,10 @@ def _run_pool(cfg_json, seed, tasks, workers, timed=False):
                 task = queue.pop()
                 running[pool.submit(simulate_chunk, cfg_json, seed, task.split, task.start, task.stop,
                                      timed)] = task
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            # a bounded wait, so that a Ctrl-C swallowed elsewhere is raised again within 0.5 s
+            finished, _ = wait(running, timeout=0.5, return_when=FIRST_COMPLETED)
+            if interrupted is not None and interrupted.is_set():
+                raise KeyboardInterrupt
             for future in finished:
                 task = running.pop(future)
                 yield task, future.result()
@@ -500,10 +503,16 @@ def _simulate_locked(cfg, out: Path, sizes, *, seed, workers, overwrite, schedul
 
         bar = tqdm(total=total, initial=resumed, unit="sample", desc=f"simulate {out.name}",
                    file=sys.stderr, disable=not progress, dynamic_ncols=True, smoothing=0.1)
+        from dgm_eit.runtime import sigint_latch
+
         try:
-            for task, arrays in run_tasks(cfg_json, seed, pending, workers=workers, scheduler=scheduler):
-                partial.write_chunk(task.split, task.chunk, arrays)
-                bar.update(task.size)
+            with sigint_latch() as interrupted:
+                for task, arrays in run_tasks(cfg_json, seed, pending, workers=workers, scheduler=scheduler,
+                                              interrupted=interrupted):
+                    partial.write_chunk(task.split, task.chunk, arrays)
+                    bar.update(task.size)
+                    if interrupted.is_set():   # a Ctrl-C swallowed while writing: stop here
+                        raise KeyboardInterrupt
         except BrokenProcessPool as err:
             # a worker killed from outside (out of memory, SIGKILL): finished chunks are kept
             raise OSError(f"a simulation worker process died ({err}); re-run the same command to resume") from None
