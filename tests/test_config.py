@@ -3,12 +3,12 @@ import json
 import pytest
 
 from dgm_eit.cli import main
-from dgm_eit.config import PROFILES, ConfigError, apply_overrides, flatten, load_config
+from dgm_eit.config import STUDY_PROFILES, ConfigError, apply_overrides, flatten, load_config
 
 
 def test_profiles_share_one_key_set():
-    keys = {name: set(flatten(load_config(name))) for name in PROFILES}
-    for name in PROFILES:
+    keys = {name: set(flatten(load_config(name))) for name in STUDY_PROFILES}
+    for name in STUDY_PROFILES:
         assert keys[name] == keys["smoke"], f"profile {name} differs: {keys[name] ^ keys['smoke']}"
 
 

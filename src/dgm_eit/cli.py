@@ -26,6 +26,7 @@ COMMANDS = {
     "evaluate": "evaluate",
     "tune-t0": "tune_t0",
     "bench": "bench",
+    "ktc": "ktc",
     "ktc-score": "ktc_score",
 }
 

@@ -19,7 +19,9 @@ from typing import Any, Iterable
 
 from dgm_eit.errors import InputError
 
-PROFILES = ("smoke", "quick", "paper")
+PROFILES = ("smoke", "quick", "paper", "ktc")
+# the profiles of the paper's study share one key set; "ktc" (the real-data study) has its own
+STUDY_PROFILES = ("smoke", "quick", "paper")
 
 
 class ConfigError(InputError):

@@ -146,6 +146,29 @@ def dataset_config(cfg: dict, spec: DataSpec) -> dict:
     return cfg
 
 
+def check_run_manifest(root: Path, path: Path, seed: int, cfg: dict, ignore: tuple[str, ...]) -> None:
+    """Refuse to mix stages made with a different config or seed into one output directory
+    (keys starting with one of ``ignore`` may change); a new directory gets the manifest."""
+    if path.exists():
+        old = read_json(path, "use a new --out (or restore the file)")
+        if old.get("seed") != seed:
+            raise InputError(f"{root} was made with --seed {old.get('seed')}, not {seed}; "
+                             "use another --out or the same seed")
+        before, now = flatten(old.get("config", {})), flatten(cfg)
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and not k.startswith(ignore))
+        if changed:
+            shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+            raise InputError(f"{root} was made with a different config ({shown}"
+                             f"{', ...' if len(changed) > 5 else ''}); use another --out")
+    else:
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            # e.g. a training run: its metrics.csv would be overwritten by the report's
+            raise InputError(f"{root} exists and is not a dgm-eit run output directory (no {path.name}); "
+                             "use a new --out")
+        root.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"seed": seed, "config": cfg}, indent=2, sort_keys=True))
+
+
 class Layout:
     """Where each stage writes under the output directory."""
 
@@ -383,32 +406,10 @@ class Experiment:
     # -- bookkeeping ---------------------------------------------------------------------
 
     def _check_manifest(self) -> None:
-        """Refuse to mix stages made with a different config or seed into one report."""
-        manifest = {"seed": self.seed, "config": self.cfg}
-        path = self.layout.manifest
-        if path.exists():
-            old = read_json(path, "use a new --out (or restore the file)")
-            if old.get("seed") != self.seed:
-                raise InputError(f"{self.layout.root} was made with --seed {old.get('seed')}, not {self.seed}; "
-                                 "use another --out or the same seed")
-            # which tests and methods to run may change between calls; what they compute may not
-            ignore = ("run.tests", "run.methods", "run.figure_samples", "run.jobs", "run.train_max_minutes",
-                      "run.expected_time", "train.progress", "train.threads")
-            before, now = flatten(old.get("config", {})), flatten(self.cfg)
-            changed = sorted(k for k in set(before) | set(now)
-                             if before.get(k) != now.get(k) and not k.startswith(ignore))
-            if changed:
-                shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
-                raise InputError(f"{self.layout.root} was made with a different config ({shown}"
-                                 f"{', ...' if len(changed) > 5 else ''}); use another --out")
-        else:
-            root = self.layout.root
-            if root.exists() and (not root.is_dir() or any(root.iterdir())):
-                # e.g. a training run: its metrics.csv would be overwritten by the report's
-                raise InputError(f"{root} exists and is not a dgm-eit run output directory (no run.json); "
-                                 "use a new --out")
-            root.mkdir(parents=True, exist_ok=True)
-            write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
+        # which tests and methods to run may change between calls; what they compute may not
+        check_run_manifest(self.layout.root, self.layout.manifest, self.seed, self.cfg,
+                           ignore=("run.tests", "run.methods", "run.figure_samples", "run.jobs",
+                                   "run.train_max_minutes", "run.expected_time", "train.progress", "train.threads"))
 
     def _load_stage_records(self) -> None:
         path = self.layout.stages

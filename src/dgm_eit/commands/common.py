@@ -8,7 +8,7 @@ import argparse
 def add_profile_args(parser: argparse.ArgumentParser, default: str = "quick",
                      example: str = "data.n_train=500") -> None:
     parser.add_argument("--profile", default=default,
-                        help="smoke | quick | paper, or a .toml file (default: %(default)s)")
+                        help="smoke | quick | paper | ktc, or a .toml file (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override one config key, e.g. --set {example} (repeatable)")
 

@@ -72,6 +72,13 @@ def summarise(path) -> dict:
 
 def _describe(cfg: dict) -> list[str]:
     d, p, m, s, g = (cfg.get(k, {}) for k in ("data", "phantom", "mesh", "simulation", "gn"))
+    if "tank" in cfg:
+        t = cfg["tank"]
+        return [f"profile {cfg.get('profile', '?')}: KTC2023 tank, {p.get('count_min')}-{p.get('count_max')} objects "
+                f"({', '.join(p.get('shapes', []))}), levels {t.get('train_levels')}, images "
+                f"{d.get('image_size')}x{d.get('image_size')} of sigma / sigma_water in [0, 2]",
+                f"meshes h0 {t.get('sim_h0')} m (simulation) and {t.get('h0')} m (reconstruction); noise "
+                f"{t.get('noise_scale')} x the organisers' model; 'gn' = the linearised difference image"]
     lines = [f"profile {cfg.get('profile', '?')}: {d.get('anomalies')} anomalies ({p.get('kind', 'circles')}), "
              f"SNR {d.get('snr_db')} dB, images {d.get('image_size')}x{d.get('image_size')}"]
     if p:

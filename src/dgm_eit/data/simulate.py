@@ -41,7 +41,7 @@ from dgm_eit.runtime import check_seed, stop_pool
 
 # Config sections whose values change the simulated arrays; a file made with equal
 # sections (and seed) is the same data set, whatever the other sections say.
-DATA_SECTIONS = ("mesh", "simulation", "data", "phantom", "gn")
+DATA_SECTIONS = ("mesh", "simulation", "data", "phantom", "gn", "tank", "linear")
 SPLIT_INDEX = {split: k for k, split in enumerate(storage.SPLITS)}
 DEFAULT_CHUNK_SIZE = 16
 # Below this many samples, default --workers runs in this process: worker start-up (about
@@ -169,12 +169,15 @@ _SIMULATOR_LOCK = threading.Lock()
 _THREADS_LIMITED = False
 
 
-def simulator_for(cfg_json: str) -> Simulator:
+def simulator_for(cfg_json: str):
     """The process's cached :class:`Simulator` for a config (JSON text as the key)."""
     with _SIMULATOR_LOCK:
         sim = _SIMULATORS.get(cfg_json)
         if sim is None:
-            sim = Simulator(json.loads(cfg_json))
+            from dgm_eit.ktc.simulate import KTCSimulator, is_ktc
+
+            cfg = json.loads(cfg_json)
+            sim = KTCSimulator(cfg) if is_ktc(cfg) else Simulator(cfg)
             _SIMULATORS.clear()  # one config per process at a time; meshes are large
             _SIMULATORS[cfg_json] = sim
         return sim
@@ -366,8 +369,19 @@ def _log(message: str) -> None:
 
 def check_config(cfg: dict, seed: int) -> dict[str, int]:
     """Cheap checks before any process starts: sizes, seed, phantom parameters."""
+    from dgm_eit.ktc.simulate import check_levels, is_ktc
+    from dgm_eit.ktc.phantoms import phantom_sampler as tank_phantom_sampler
+
     check_seed(seed)
     sizes = split_sizes(cfg)
+    if is_ktc(cfg):
+        sampler = tank_phantom_sampler(cfg)
+        for index in range(3):
+            sampler.sample(sample_rng(seed, "train", index))
+        check_levels(cfg["tank"]["train_levels"])
+        if cfg["linear"]["tune_prior_std"] and int(cfg["data"]["n_val"]) < 1:
+            raise InputError("tuning the linearised step (linear.tune_prior_std) needs data.n_val >= 1")
+        return sizes
     sampler = phantom_sampler(cfg)
     # rejection sampling failing is the practical test of "the anomalies cannot fit"
     for index in range(3):
@@ -577,5 +591,7 @@ def resolve_simulation_config(cfg: dict, *, anomalies: int | None = None, snr_db
 def default_output(cfg: dict, seed: int) -> Path:
     d = cfg["data"]
     profile = str(cfg.get("profile", "custom")).replace("+", "_").replace("/", "_")
+    if "anomalies" not in d:
+        return Path("data") / f"{profile}-seed{seed}.h5"
     return Path("data") / f"{profile}-a{d['anomalies']}-snr{float(d['snr_db']):g}-seed{seed}.h5"
 

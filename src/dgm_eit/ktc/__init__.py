@@ -1,0 +1,1 @@
+"""KTC2023 real-data study: tank model, phantoms, simulated training data, segmentation, the challenge run."""

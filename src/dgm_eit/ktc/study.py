@@ -1,0 +1,312 @@
+"""``dgm-eit run --profile ktc``: the generative models on the real KTC2023 tank.
+
+Stages, in order, each reused when its output exists (re-run the command to resume):
+
+1. ``DIR/data/ktc.h5``: simulated tank data (:mod:`dgm_eit.ktc.simulate`), with the
+   linearised step's prior chosen on its validation split;
+2. ``DIR/runs/{cvae,cnf,score}``: the three models, trained by the same trainer as in the
+   paper's study (two at a time on two cores);
+3. ``DIR/methods.json``: every method's own settings (GN's iteration count, CSD*'s t0) and
+   segmentation thresholds, chosen on the first ``run.tune_images`` simulated validation
+   images by the challenge's score -- never on the real targets;
+4. ``DIR/submissions/<method>/level_<L>/<n>.mat``: the four public targets at every level of
+   ``run.levels``, in the challenge's output format, then ``scores.csv``, ``report.md`` and
+   ``figures/`` (recomputed on every run).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from dgm_eit.datasets import ktc2023 as ktc
+from dgm_eit.errors import InputError
+from dgm_eit.files import read_json, write_text
+
+METHODS = ("linear", "gn", "cvae", "cnf", "csd")
+METHOD_NAMES = {"linear": "linearised", "gn": "GN", "cvae": "CVAE", "cnf": "CNF", "csd": "CSD*"}
+MODEL_OF = {"cvae": "cvae", "cnf": "cnf", "csd": "score"}
+TRAIN_ORDER = ("score", "cnf", "cvae")   # slowest first, so two parallel jobs end together
+MANIFEST = "run.json"
+# keys a re-run may change: which methods and levels are reported, and how the work is spread
+RESUME_FREE = ("run.methods", "run.levels", "run.figure_level", "run.jobs", "run.train_max_minutes",
+               "run.expected_time", "train.progress", "train.threads")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def check_methods(cfg: dict) -> list[str]:
+    methods = cfg["run"]["methods"]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InputError(f"run.methods: unknown or no method(s) {unknown or methods}; choose from {', '.join(METHODS)}")
+    return [m for m in METHODS if m in methods]
+
+
+class Methods:
+    """The five reconstructions of one study directory, for simulated or real difference data."""
+
+    def __init__(self, cfg: dict, root: Path, *, seed: int = 0, device: str = "cpu"):
+        from dgm_eit.data.storage import dataset_gn_settings
+        from dgm_eit.ktc.simulate import KTCSimulator, apply_linear_settings
+
+        self.root, self.seed, self.device = Path(root), int(seed), device
+        data = self.root / "data" / "ktc.h5"
+        self.linear_settings = dataset_gn_settings(data) if data.is_file() else {}
+        self.cfg = apply_linear_settings(cfg, self.linear_settings)
+        self.sim = KTCSimulator(self.cfg)
+        self._models: dict[str, object] = {}
+
+    def model(self, name: str):
+        if name not in self._models:
+            from dgm_eit.train import load_run
+
+            self._models[name] = load_run(self.root / "runs" / name, self.device)[0]
+        return self._models[name]
+
+    def linear(self, dv: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        return np.stack([self.sim.recon.linear(d, m) for d, m in zip(dv, masks)])
+
+    def reconstruct(self, method: str, dv: np.ndarray, masks: np.ndarray, settings: dict | None = None) -> dict:
+        """``dv`` (N, M) difference voltages (NaN allowed where masked), ``masks`` (N, M) bool ->
+        ``{"recon": (N, H, W)}`` relative conductivity (+ ``"recon_std"`` for sampled methods)."""
+        from dgm_eit.reconstruct import reconstruct_arrays
+
+        settings = settings or {}
+        lin = self.linear(dv, masks)
+        if method == "linear":
+            return {"recon": lin}
+        if method == "gn":
+            its = int(settings.get("iterations", max(self.cfg["iterated"]["iterations"])))
+            return {"recon": np.stack([self.sim.recon.gauss_newton(d, m, its) for d, m in zip(dv, masks)])}
+        run = self.cfg["run"]
+        v = np.where(masks, np.nan_to_num(dv), 0.0)
+        opts = {"n_samples": int(settings.get("n_samples", run[f"{method}_samples"]))}
+        if method == "csd":
+            opts.update(config=self.cfg, sampler="csd", t0=float(settings.get("t0", self.cfg["csd"]["t0"])),
+                        n_steps=int(settings.get("n_steps", self.cfg["csd"]["n_steps"])))
+        out = reconstruct_arrays(self.model(MODEL_OF[method]), v, lin, seed=self.seed, **opts)
+        return {k: out[k] for k in ("recon", "recon_std") if k in out}
+
+    def gn_path(self, dv, masks, counts) -> dict[int, np.ndarray]:
+        """GN images after each count in ``counts`` (one run to the largest)."""
+        return self.sim.recon.gauss_newton_path(dv, masks, counts)
+
+
+def load_study(run_dir) -> tuple[dict, dict]:
+    """``(config, chosen settings per method)`` of a finished ``dgm-eit run --profile ktc`` directory."""
+    root = Path(run_dir)
+    if not (root / MANIFEST).is_file():
+        raise InputError(f"{root} is not a directory made by dgm-eit run --profile ktc (no {MANIFEST})")
+    cfg = read_json(root / MANIFEST, "re-run dgm-eit run --profile ktc").get("config", {})
+    from dgm_eit.ktc.simulate import is_ktc
+
+    if not is_ktc(cfg):
+        raise InputError(f"{root} holds a run of the paper's study, not of the KTC tank (--profile ktc)")
+    if not (root / "methods.json").is_file():
+        raise InputError(f"{root} has no methods.json: the study has not finished; re-run the same "
+                         "dgm-eit run command to finish it")
+    return cfg, read_json(root / "methods.json", "re-run the same dgm-eit run command to make it again")
+
+
+def validation_set(methods: Methods, n: int) -> dict:
+    """The first ``n`` validation samples, remade from the data set's seed: difference
+    voltages, masks, 32-px targets and 256-px class truths."""
+    sim, seed = methods.sim, methods.seed
+    rows = [sim.measure(seed, "val", i) for i in range(n)]
+    return {"dv": np.stack([r["v"] for r in rows]), "masks": np.stack([r["mask"] for r in rows]),
+            "truths": np.stack([sim.truth_classes(seed, "val", i) for i in range(n)])}
+
+
+def choose_settings(methods: Methods, method: str, val: dict, log: Callable = _log) -> dict:
+    """A method's own settings and thresholds, by the mean challenge score on ``val``."""
+    from dgm_eit.ktc.segment import tune_thresholds, upsample
+
+    started = time.perf_counter()
+    candidates: list[tuple[dict, np.ndarray]] = []
+    run = methods.cfg["run"]
+    if method == "gn":
+        paths = methods.gn_path(val["dv"], val["masks"], methods.cfg["iterated"]["iterations"])
+        candidates = [({"iterations": k}, images) for k, images in paths.items()]
+    elif method == "csd" and run["csd_tune_t0"]:
+        n = min(int(run["csd_tune_images"]), len(val["dv"]))
+        sub = {k: a[:n] for k, a in val.items()}
+        best = None
+        for t0 in run["csd_tune_t0"]:
+            for steps in run["csd_tune_steps"]:
+                s = {"t0": float(t0), "n_steps": int(steps), "n_samples": 1}
+                images = methods.reconstruct("csd", sub["dv"], sub["masks"], s)["recon"]
+                score = tune_thresholds(upsample(images), sub["truths"])["score"]
+                log(f"  csd t0 = {t0:g}, {steps} steps: val score {score:.3f} ({n} images, 1 sample)")
+                if best is None or score > best[1]:
+                    best = (s, score)
+        chosen = {k: v for k, v in best[0].items() if k != "n_samples"}
+        candidates = [(chosen, methods.reconstruct("csd", val["dv"], val["masks"], chosen)["recon"])]
+    else:
+        candidates = [({}, methods.reconstruct(method, val["dv"], val["masks"])["recon"])]
+    rows = []
+    for settings, images in candidates:
+        seg = tune_thresholds(upsample(images), val["truths"])
+        rows.append({**settings, **{k: seg[k] for k in ("low", "high", "score", "resistive", "conductive")}})
+    best = max(rows, key=lambda r: r["score"])
+    best = {**best, "n_images": len(val["dv"]), "seconds": time.perf_counter() - started}
+    if len(rows) > 1:
+        best["candidates"] = rows
+    log(f"  {method}: thresholds {best['low']:g} / {best['high']:g}, val score {best['score']:.3f} "
+        f"({best['seconds']:.0f} s)")
+    return best
+
+
+def real_targets(directory: Path, levels) -> tuple[list[int], dict]:
+    """The targets ``data<n>.mat`` of ``directory`` with ``ref.mat``: per level, difference
+    voltages and masks (N, M), plus the truths when ``true<n>.mat`` exist."""
+    directory = Path(directory)
+    ref = ktc.load_reference(directory / "ref.mat")
+    numbers = sorted(int(p.stem[4:]) for p in directory.glob("data*.mat") if p.stem[4:].isdigit())
+    if not numbers:
+        raise InputError(f"{directory} holds no data<n>.mat files")
+    frames = [ktc.load_measurement(directory / f"data{n}.mat") for n in numbers]
+    out = {}
+    for level in levels:
+        mask = ktc.level_mask(level, ref.injections, ref.pattern) & np.isfinite(ref.voltages)
+        dv = np.stack([f.voltages - ref.voltages for f in frames])
+        out[level] = {"dv": dv, "masks": mask[None, :] & np.isfinite(dv)}
+    truths = {n: ktc.load_truth(directory / f"true{n}.mat") for n in numbers if (directory / f"true{n}.mat").is_file()}
+    return numbers, {"levels": out, "truths": truths}
+
+
+def write_submission(directory: Path, numbers, classes: np.ndarray) -> None:
+    """``<n>.mat`` with a uint8 ``reconstruction`` per target, as the challenge's entry point writes."""
+    import scipy.io as sio
+
+    from dgm_eit.files import atomic_path
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for n, image in zip(numbers, classes):
+        with atomic_path(directory / f"{n}.mat") as tmp:
+            with open(tmp, "wb") as fh:
+                sio.savemat(fh, {"reconstruction": np.asarray(image, dtype=np.uint8)})
+
+
+class Study:
+    def __init__(self, cfg: dict, out, *, seed: int = 0, device: str = "cpu", log: Callable = _log):
+        from dgm_eit.ktc.simulate import is_ktc
+        from dgm_eit.runtime import check_seed
+
+        if not is_ktc(cfg):
+            raise InputError("the KTC study needs a config with a [tank] section (--profile ktc)")
+        self.cfg, self.out, self.seed, self.device, self.log = cfg, Path(out), check_seed(seed), device, log
+        self.methods_list = check_methods(cfg)
+        self.levels = [int(k) for k in cfg["run"]["levels"]]
+        if not self.levels or any(k not in ktc.LEVELS for k in self.levels):
+            raise InputError(f"run.levels must list levels among 1..7, got {cfg['run']['levels']}")
+        self.timings: dict[str, float] = {}
+
+    @property
+    def models(self) -> list[str]:
+        return [m for m in TRAIN_ORDER if any(MODEL_OF.get(x) == m for x in self.methods_list)]
+
+    def _timed(self, name: str, fn: Callable, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        return result
+
+    def run(self) -> dict:
+        from dgm_eit.experiments import check_run_manifest, simulate_stage
+
+        check_run_manifest(self.out, self.out / MANIFEST, self.seed, self.cfg, ignore=RESUME_FREE)
+        data = self.out / "data" / "ktc.h5"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        if not data.is_file():
+            self.log("[stage] simulate the tank data")
+        self._timed("simulate", simulate_stage, self.cfg, data, self.seed)
+        self._timed("train", self._train, data)
+        methods = Methods(self.cfg, self.out, seed=self.seed, device=self.device)
+        chosen = self._timed("choose settings on validation", self._choose, methods)
+        results = self._timed("reconstruct the real targets", self._targets, methods, chosen)
+        from dgm_eit.ktc.report import write_report
+
+        manifest = {"seed": self.seed, "timings": self.timings}
+        paths = write_report(self.out, self.cfg, methods, chosen, results, manifest)
+        return {"chosen": chosen, "results": results, "paths": paths}
+
+    def _train(self, data: Path) -> None:
+        from dgm_eit.experiments import _timed_call, _worker_init, train_stage
+        from dgm_eit.runtime import cpu_count
+
+        pending = [m for m in self.models if not (self.out / "runs" / m / "done").exists()]
+        (self.out / "runs").mkdir(exist_ok=True)
+        jobs = int(self.cfg["run"]["jobs"]) or cpu_count()
+        if jobs <= 1 or len(pending) <= 1:
+            for m in pending:
+                self.log(f"[stage] train {m}")
+                train_stage(m, data, self.out / "runs" / m, self.cfg, self.seed, self.device)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, cpu_count() // jobs)
+        with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {}
+            for m in pending:
+                cfg = copy.deepcopy(self.cfg)
+                cfg["train"]["threads"] = threads
+                futures[pool.submit(_timed_call, train_stage, dict(model=m, data=data, run_dir=self.out / "runs" / m,
+                                                                   cfg=cfg, seed=self.seed, device=self.device,
+                                                                   progress=False))] = m
+                self.log(f"[queue] train {m}")
+            try:
+                for future in as_completed(futures):
+                    self.log(f"[done] train {futures[future]} ({future.result():.0f} s)")
+            except KeyboardInterrupt:
+                from dgm_eit.runtime import stop_pool
+
+                stop_pool(pool, grace=3.0, interrupt=True)
+                raise
+
+    def _choose(self, methods: Methods) -> dict:
+        path = self.out / "methods.json"
+        chosen = read_json(path, "the chosen method settings") if path.is_file() else {}
+        missing = [m for m in self.methods_list if m not in chosen]
+        if missing:
+            n = min(int(self.cfg["run"]["tune_images"]), int(self.cfg["data"]["n_val"]))
+            self.log(f"[stage] choose settings and thresholds on {n} validation images: {', '.join(missing)}")
+            val = validation_set(methods, n)
+            for m in missing:
+                chosen[m] = choose_settings(methods, m, val, self.log)
+                write_text(path, json.dumps(chosen, indent=2))
+        return chosen
+
+    def _targets(self, methods: Methods, chosen: dict) -> dict:
+        from dgm_eit.ktc.segment import segment_images
+
+        from dgm_eit.ktc.tank import public_dir
+
+        numbers, real = real_targets(public_dir(), self.levels)
+        results = {"numbers": numbers, "truths": real["truths"], "methods": {}}
+        for m in self.methods_list:
+            per_level = {}
+            for level in self.levels:
+                start = time.perf_counter()
+                out = methods.reconstruct(m, real["levels"][level]["dv"], real["levels"][level]["masks"], chosen[m])
+                seconds = (time.perf_counter() - start) / len(numbers)
+                classes = segment_images(out["recon"], chosen[m]["low"], chosen[m]["high"])
+                write_submission(self.out / "submissions" / m / f"level_{level}", numbers, classes)
+                scores = [ktc.score(c, real["truths"][n]) for c, n in zip(classes, numbers)]
+                per_level[level] = {**out, "classes": classes, "scores": scores, "seconds_per_image": seconds}
+            results["methods"][m] = per_level
+            total = sum(per_level[k]["scores"][i] for k in per_level for i in range(len(numbers)))
+            self.log(f"[done] {m}: " + ", ".join(f"L{k} {sum(per_level[k]['scores']):.2f}" for k in per_level)
+                     + f" (total {total:.2f})")
+        return results

@@ -1,0 +1,198 @@
+"""The KTC2023 tank as simulations and reconstructions see it; the linearised difference
+reconstruction and its iterated (Gauss-Newton) form.
+
+:class:`Tank` builds, from the ``[tank]`` config section and the shipped empty-tank frame
+(:func:`public_dir`), everything a sample or a real measurement needs:
+
+- the background conductivity and contact impedance **fitted to the reference frame**
+  (:func:`dgm_eit.datasets.ktc2023.fit_reference`, on the simulation mesh) and the fit's
+  relative residual;
+- a fine forward model (``sim_h0``, makes the training data) and a coarse one (``h0``,
+  reconstructs): two meshes, so the learned data never see the inverse crime;
+- the organisers' noise model, ``std_i^2 = (rel |U_ref,i|)^2 + (abs max|U_ref|)^2``, from
+  the measured frame, times ``noise_scale``.
+
+Images are **relative conductivity** ``sigma / sigma_water`` on the coarse mesh's pixel grid
+(1 = water, 0 outside the disk). :class:`DifferenceReconstructor` is the linearised
+difference step with a Gaussian smoothness prior, ``x = 1 + (J^T S^-1 J + G^-1)^-1 J^T S^-1 dv``
+(``J``: Jacobian at the water-filled tank in that pixel basis; ``S``: noise covariance; ``G``:
+prior covariance ``std^2 exp(-d^2 / (2 l^2))`` between pixel centres, plus a small nugget so
+that it inverts). Its iterated form relinearises at the current image (Gauss-Newton on the
+same posterior). Measurements a level drops (or NaN in a file) are left out by a mask.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg as la
+
+from dgm_eit.datasets import ktc2023 as ktc
+from dgm_eit.errors import InputError
+
+# Gaussian-kernel covariances are numerically singular; a nugget of this share of the
+# variance keeps G invertible without changing the images visibly
+NUGGET = 1e-3
+# iterated reconstructions keep the relative conductivity in this range (the FEM needs > 0)
+X_MIN, X_MAX = 1e-3, 1e3
+
+
+def public_dir() -> Path:
+    """The shipped copy of the four public KTC2023 targets and the reference frame."""
+    return Path(str(resources.files("dgm_eit.ktc").joinpath("public")))
+
+
+@functools.lru_cache(maxsize=2)
+def _fit(h0: float):
+    ref = ktc.load_reference(public_dir() / "ref.mat")
+    return ref, ktc.fit_reference(ref, h0=h0)
+
+
+class Tank:
+    """Meshes, fitted background, noise model and pixel grid of one ``[tank]`` config."""
+
+    def __init__(self, cfg: dict):
+        from dgm_eit.physics import ForwardModel, PixelGrid
+
+        t = cfg["tank"]
+        self.sim_h0, self.h0 = float(t["sim_h0"]), float(t["h0"])
+        if not 0 < self.sim_h0 <= self.h0:
+            raise InputError(f"need 0 < tank.sim_h0 <= tank.h0 (simulate on the finer mesh), got "
+                             f"{self.sim_h0} and {self.h0}")
+        for key in ("noise_relative", "noise_absolute", "noise_scale"):
+            if not float(t[key]) >= 0:
+                raise InputError(f"tank.{key} must be >= 0, got {t[key]}")
+        self.ref, self.fit = _fit(self.sim_h0)
+        self.sigma_bg = float(self.fit.sigma)
+        self.contact_impedance = float(self.fit.contact_impedance)
+        protocol = ktc.tank_protocol(self.ref.injections, self.ref.pattern)
+
+        def model(h0):
+            return ForwardModel(ktc.tank_mesh(h0), protocol, electrode_model="cem",
+                                contact_impedance=self.contact_impedance)
+
+        self.fine, self.coarse = model(self.sim_h0), model(self.h0)
+        self.grid = PixelGrid(self.coarse.mesh, size=int(cfg["data"]["image_size"]))
+        u = self.ref.voltages
+        rel, ab = float(t["noise_relative"]), float(t["noise_absolute"])
+        std = float(t["noise_scale"]) * np.sqrt((rel * np.abs(u)) ** 2 + (ab * np.nanmax(np.abs(u))) ** 2)
+        if not np.all(std > 0):
+            raise InputError("the noise model gives a zero standard deviation; set tank.noise_absolute > 0")
+        self.noise_std = std
+        self.u_water = self.fine.forward(np.full(self.fine.n_elements, self.sigma_bg))
+
+    @property
+    def n_meas(self) -> int:
+        return int(self.fine.n_meas)
+
+    def describe(self) -> str:
+        f = self.fit
+        return (f"tank: background {self.sigma_bg:.4g} S/m and contact impedance {self.contact_impedance:.3g} Ohm m "
+                f"fitted to ref.mat (relative residual {f.residual:.1%}{', z at its lower bound' if f.at_lower_bound else ''}); "
+                f"simulation mesh {self.fine.mesh.n_nodes} nodes (h0 = {self.sim_h0:g} m), reconstruction mesh "
+                f"{self.coarse.mesh.n_nodes} nodes (h0 = {self.h0:g} m), {self.grid.size} x {self.grid.size} pixels")
+
+
+def level_masks(inj, mpat) -> dict[int, np.ndarray]:
+    return {level: ktc.level_mask(level, inj, mpat) for level in ktc.LEVELS}
+
+
+class DifferenceReconstructor:
+    """Linearised (and iterated) difference reconstruction on the tank's coarse mesh."""
+
+    def __init__(self, tank: Tank, prior_std: float, corr_length: float):
+        if not (prior_std > 0 and corr_length > 0):
+            raise InputError(f"the smoothness prior needs std > 0 and correlation length > 0, got {prior_std}, "
+                             f"{corr_length}")
+        self.tank, self.prior_std, self.corr_length = tank, float(prior_std), float(corr_length)
+        grid = tank.grid
+        self.inside = np.flatnonzero(grid.inside.ravel())
+        # element values = A @ pixel values (inside pixels only)
+        self.A = grid.element_matrix[:, self.inside].tocsc()
+        self.v_water = tank.coarse.forward(np.full(tank.coarse.n_elements, tank.sigma_bg))
+        self.J0 = self._jacobian(np.ones(len(self.inside)))[1]
+        xy = np.stack([grid.x.ravel()[self.inside], grid.y.ravel()[self.inside]], axis=1)
+        d2 = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
+        gamma = np.exp(-d2 / (2 * self.corr_length**2)) + NUGGET * np.eye(len(xy))
+        self.prior_precision = la.cho_solve(la.cho_factor(gamma), np.eye(len(xy))) / self.prior_std**2
+        self.weights = 1.0 / tank.noise_std**2
+        self._linear: dict[bytes, np.ndarray] = {}
+
+    def _jacobian(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model voltages and d v / d x (relative conductivity per inside pixel) at image ``x``."""
+        sigma = self.tank.sigma_bg * (self.A @ x)
+        v, J = self.tank.coarse.jacobian(sigma)
+        return v, (self.A.T @ J.T).T * self.tank.sigma_bg
+
+    def _step_matrix(self, J: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(J^T W J + G^-1)^-1 J^T W on the kept rows: maps a data residual to an image step."""
+        Jm, w = J[mask], self.weights[mask]
+        H = Jm.T @ (Jm * w[:, None]) + self.prior_precision
+        return la.cho_solve(la.cho_factor(H), Jm.T * w[None, :])
+
+    def _mask(self, dv: np.ndarray, mask) -> np.ndarray:
+        keep = np.isfinite(dv).all(axis=0) if dv.ndim == 2 else np.isfinite(dv)
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != keep.shape:
+                raise InputError(f"measurement mask has shape {mask.shape}, the voltages {keep.shape}")
+            keep = keep & mask
+        if keep.sum() < 10:
+            raise InputError(f"only {int(keep.sum())} usable measurements: nothing to reconstruct from")
+        return keep
+
+    def _check(self, dv) -> np.ndarray:
+        dv = np.asarray(dv, dtype=np.float64)
+        if dv.ndim not in (1, 2) or dv.shape[-1] != self.tank.n_meas:
+            raise InputError(f"difference voltages must have shape ({self.tank.n_meas},) or (N, "
+                             f"{self.tank.n_meas}), got {dv.shape}")
+        return dv
+
+    def image(self, x: np.ndarray) -> np.ndarray:
+        """Inside-pixel values (..., P) -> images (..., H, W), 0 outside the disk."""
+        size = self.tank.grid.size
+        out = np.zeros(x.shape[:-1] + (size * size,))
+        out[..., self.inside] = x
+        return out.reshape(x.shape[:-1] + (size, size))
+
+    def linear(self, dv, mask=None) -> np.ndarray:
+        """One linearised step from water: images (N, H, W) (or (H, W)) of ``dv`` = U - U_ref."""
+        dv = self._check(dv)
+        keep = self._mask(dv, mask)
+        key = keep.tobytes()
+        if key not in self._linear:
+            self._linear[key] = self._step_matrix(self.J0, keep)
+        x = 1.0 + np.nan_to_num(dv[..., keep]) @ self._linear[key].T
+        return self.image(x)
+
+    def gauss_newton(self, dv, mask=None, iterations: int = 3) -> np.ndarray:
+        """``iterations`` Gauss-Newton steps on the same posterior (1 = :meth:`linear`)."""
+        dv = self._check(dv)
+        images = self.gauss_newton_path(np.atleast_2d(dv), None if mask is None else np.atleast_2d(mask),
+                                        [int(iterations)])[int(iterations)]
+        return images[0] if dv.ndim == 1 else images
+
+    def gauss_newton_path(self, dv, masks, counts) -> dict[int, np.ndarray]:
+        """Images (N, H, W) after each iteration count in ``counts``, from one run to the largest;
+        ``masks`` (N, M) bool or None (NaN in ``dv`` is always left out)."""
+        dv = np.atleast_2d(self._check(dv))
+        counts = sorted({int(k) for k in counts})
+        if not counts or counts[0] < 1:
+            raise InputError(f"Gauss-Newton iteration counts must be >= 1, got {counts}")
+        out = {k: [] for k in counts}
+        for i, row in enumerate(dv):
+            keep = self._mask(row, None if masks is None else masks[i])
+            x = np.ones(len(self.inside))
+            v, J = self.v_water, self.J0
+            for k in range(1, counts[-1] + 1):
+                if k > 1:
+                    v, J = self._jacobian(x)
+                # linearised residual around x; the step is taken from the prior mean (water)
+                r = row[keep] - (v - self.v_water)[keep] + J[keep] @ (x - 1.0)
+                x = np.clip(1.0 + self._step_matrix(J, keep) @ r, X_MIN, X_MAX)
+                if k in out:
+                    out[k].append(x)
+        return {k: self.image(np.stack(xs)) for k, xs in out.items()}

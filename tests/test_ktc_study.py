@@ -1,0 +1,211 @@
+"""The KTC2023 study: tank model, linearised and GN difference reconstructions, segmentation
+and its threshold choice, the simulated tank data set, ``dgm-eit run --profile ktc`` and the
+``dgm-eit ktc`` entry point, on small meshes and tiny data the tests make."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.io as sio
+
+from dgm_eit.cli import main
+from dgm_eit.config import load_config
+from dgm_eit.datasets import ktc2023 as ktc
+from dgm_eit.errors import InputError
+from dgm_eit.ktc import segment
+from dgm_eit.ktc.tank import DifferenceReconstructor, Tank, public_dir
+
+# coarse meshes and a 16-pixel grid: every test here takes seconds
+SMALL = ["tank.sim_h0=0.006", "tank.h0=0.008", "data.image_size=16", "linear.tune_prior_std=[0.5,2.0]",
+         "linear.tune_corr_length=[0.06]", "linear.tune_images=8"]
+TINY_RUN = SMALL + ["data.n_train=32", "data.n_val=12", "run.tune_images=8", "run.levels=[1,4]",
+                    "cvae.vae.epochs=1", "cvae.regressor.epochs=1", "cnf.flow.epochs=1", "score.score.epochs=1",
+                    "run.csd_tune_t0=[0.5]", "run.csd_tune_images=4", "run.cnf_samples=4", "run.csd_samples=2",
+                    "csd.n_steps=5", "run.csd_tune_steps=[5]", "iterated.iterations=[2]", "train.progress=false",
+                    "run.jobs=1", "cnf.hidden_channels=[8,8,8]", "cnf.cond_channels=[4,4,4]", "score.nf=8"]
+
+
+def small_cfg(*extra):
+    return load_config("ktc", SMALL + list(extra))
+
+
+@pytest.fixture(scope="module")
+def tank():
+    return Tank(small_cfg())
+
+
+@pytest.fixture(scope="module")
+def rec(tank):
+    return DifferenceReconstructor(tank, 1.0, 0.06)
+
+
+def inclusion_dv(tank, value, centre=(0.05, 0.0), radius=0.025):
+    """Fine-mesh difference voltages of one disk of relative conductivity ``value``."""
+    c = tank.fine.mesh.centroids
+    inside = np.hypot(c[:, 0] - centre[0], c[:, 1] - centre[1]) < radius
+    sigma = tank.sigma_bg * np.where(inside, value, 1.0)
+    return tank.fine.forward(sigma) - tank.u_water
+
+
+def test_tank_is_fitted_to_the_shipped_reference(tank):
+    assert 0.6 < tank.sigma_bg < 0.9 and tank.fit.residual < 0.12
+    assert tank.noise_std.shape == (ktc.N_MEAS,) and np.all(tank.noise_std > 0)
+    # the organisers' model: 0.05 % of |U_ref| and 0.01 % of its maximum
+    u = tank.ref.voltages
+    assert tank.noise_std[0] == pytest.approx(np.hypot(5e-4 * abs(u[0]), 1e-4 * np.abs(u).max()))
+    assert "fitted to ref.mat" in tank.describe()
+    for key, value in (("tank.sim_h0", 0.01), ("tank.noise_scale", -1)):
+        with pytest.raises(InputError, match=key):
+            Tank(small_cfg(f"{key}={value}"))
+
+
+def test_linear_image_finds_a_conductive_and_a_resistive_inclusion(tank, rec):
+    grid = tank.grid
+    near = np.hypot(grid.x - 0.05, grid.y) < 0.02
+    for value, sign in ((20.0, 1), (0.01, -1)):
+        image = rec.linear(inclusion_dv(tank, value))
+        assert image.shape == grid.shape and np.all(image[~grid.inside] == 0)
+        contrast = image[near].mean() - 1.0
+        assert sign * contrast > 0.1, (value, contrast)
+        assert sign * contrast > abs(image[grid.inside & ~near].mean() - 1.0)
+
+
+def test_masked_and_nan_measurements_are_left_out_alike(tank, rec):
+    dv = inclusion_dv(tank, 20.0)
+    mask = ktc.level_mask(3, tank.ref.injections, tank.ref.pattern)
+    with_nan = np.where(mask, dv, np.nan)
+    garbage = np.where(mask, dv, 1e3)
+    np.testing.assert_allclose(rec.linear(with_nan), rec.linear(garbage, mask))
+    assert not np.allclose(rec.linear(dv), rec.linear(dv, mask))
+    with pytest.raises(InputError, match="usable measurements"):
+        rec.linear(np.full(ktc.N_MEAS, np.nan))
+    with pytest.raises(InputError, match="shape"):
+        rec.linear(dv[:100])
+    with pytest.raises(InputError, match="mask"):
+        rec.linear(dv, mask[:10])
+
+
+def test_gauss_newton_starts_at_the_linear_step_and_fits_the_data_better(tank, rec):
+    dv = inclusion_dv(tank, 50.0, radius=0.03)
+    path = rec.gauss_newton_path(dv[None], None, [1, 4])
+    np.testing.assert_allclose(path[1][0], rec.linear(dv), atol=1e-12)
+    np.testing.assert_allclose(rec.gauss_newton(dv, None, 4), path[4][0])
+
+    def misfit(image):
+        x = image[tank.grid.inside]
+        v, _ = rec._jacobian(x)
+        return np.sum(((dv - (v - rec.v_water)) / tank.noise_std) ** 2)
+
+    assert misfit(path[4][0]) < 0.7 * misfit(path[1][0])
+    with pytest.raises(InputError, match="iteration counts"):
+        rec.gauss_newton_path(dv[None], None, [0])
+
+
+def test_upsample_and_segment():
+    img = np.ones((16, 16))
+    img[6:10, 2:5] = 0.0       # resistive
+    img[6:10, 11:14] = 2.0     # conductive
+    up = segment.upsample(img)
+    assert up.shape == (256, 256) and up[0, 0] == 1.0      # water outside the disk, not 0
+    classes = segment.segment(up, 0.5, 1.5)
+    assert classes.dtype == np.uint8 and set(np.unique(classes)) == {0, 1, 2}
+    assert classes[128, 50] == 1 and classes[128, 200] == 2 and classes[10, 128] == 0
+    np.testing.assert_array_equal(segment.segment_images(img[None], 0.5, 1.5)[0], classes)
+    with pytest.raises(InputError, match="low < 1 < high"):
+        segment.segment(up, 1.2, 1.5)
+
+
+def test_threshold_choice_matches_the_exact_score():
+    rng = np.random.default_rng(0)
+    truths, images = [], []
+    for _ in range(4):
+        t = np.zeros((256, 256), np.uint8)
+        r, c = rng.integers(40, 160, 2)
+        t[r:r + 50, c:c + 50] = 1 + rng.integers(2)
+        truths.append(t)
+        # images whose objects sit at 0.6 (resistive) and 1.6 (conductive) plus noise
+        images.append(1.0 + 0.6 * ((t == 2) * 1.0 - (t == 1)) + 0.05 * rng.standard_normal(t.shape))
+    best = segment.tune_thresholds(np.stack(images), np.stack(truths))
+    assert 0.5 < best["low"] < 0.85 and 1.15 < best["high"] < 1.55
+    exact = np.mean([ktc.score(segment.segment(x, best["low"], best["high"]), t) for x, t in zip(images, truths)])
+    assert best["score"] == pytest.approx(exact, abs=1e-5) and best["score"] > 0.95
+
+
+def test_simulated_tank_data_set(tmp_path):
+    from dgm_eit.data.simulate import simulate_dataset
+    from dgm_eit.data.storage import dataset_gn_settings, read_split
+    from dgm_eit.ktc.simulate import KTCSimulator, apply_linear_settings
+
+    cfg = small_cfg("data.n_train=6", "data.n_val=8", "data.n_test=0")
+    paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
+    for p in paths:
+        simulate_dataset(cfg, p, seed=3, workers=1, progress=False)
+    a, b = (read_split(p, "val", keys=("sigma", "v", "gn")) for p in paths)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    settings = dataset_gn_settings(paths[0])
+    assert settings["kind"] == "ktc-linear" and settings["tuned"] and len(settings["candidates"]) == 2
+    assert settings["prior_std"] in (0.5, 2.0) and settings["tuned_on"] == "val[:8]"
+    sim = KTCSimulator(apply_linear_settings(cfg, settings))
+    assert set(np.unique(a["sigma"])) <= {0.0} | set(np.unique(a["sigma"][:, sim.inside]))
+    assert a["sigma"].min() >= 0 and a["sigma"].max() <= 2
+    for i in range(8):
+        m = sim.measure(3, "val", i)
+        # dropped measurements are 0 in v and left out of the conditioning image
+        assert np.all(a["v"][i][~m["mask"]] == 0)
+        np.testing.assert_allclose(a["gn"][i], sim.recon.linear(m["v"], m["mask"]), atol=1e-5)
+        assert sim.truth_classes(3, "val", i).shape == (256, 256)
+
+
+def test_ktc_run_and_entry_point(tmp_path, capsys):
+    from dgm_eit.ktc.study import load_study
+
+    out = tmp_path / "study"
+    args = ["run", "--profile", "ktc", "--out", str(out), "--seed", "1"] + [a for s in TINY_RUN for a in ("--set", s)]
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    assert "Nothing here was tuned on the real targets" in report and "| CSD* |" in report
+    scores = (out / "scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + 5 * 2 * 4    # methods x levels x targets
+    cfg, chosen = load_study(out)
+    assert set(chosen) == {"linear", "gn", "cvae", "cnf", "csd"} and chosen["gn"]["iterations"] == 2
+    # the submissions are the challenge's format and score as scores.csv says
+    rows = [r.split(",") for r in scores[1:]]
+    for method, level, target, score, _ in rows[:8]:
+        pred = ktc.load_reconstruction(out / "submissions" / method / f"level_{level}" / f"{target}.mat")
+        truth = ktc.load_truth(public_dir() / f"true{target}.mat")
+        assert ktc.score(pred, truth) == pytest.approx(float(score), abs=1e-6)
+    # re-running reuses every stage and gives the same scores (the time column aside)
+    def table():
+        return [r.split(",")[:4] for r in (out / "scores.csv").read_text().splitlines()]
+
+    first = table()
+    assert main(args) == 0
+    assert table() == first
+    # the entry point on the public files at level 4 reproduces the study's submission
+    pred_dir = tmp_path / "pred"
+    assert main(["ktc", str(public_dir()), str(pred_dir), "4", "--run", str(out), "--method", "linear"]) == 0
+    for n in range(1, 5):
+        np.testing.assert_array_equal(sio.loadmat(pred_dir / f"{n}.mat")["reconstruction"],
+                                      sio.loadmat(out / "submissions" / "linear" / "level_4" / f"{n}.mat")["reconstruction"])
+    assert main(["ktc", str(public_dir()), str(tmp_path / "best"), "1", "--run", str(out)]) == 0
+    assert len(list((tmp_path / "best").glob("*.mat"))) == 4
+    # a changed config is refused, not mixed into the same directory
+    capsys.readouterr()
+    assert main(args + ["--set", "phantom.gap=0.1"]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_ktc_entry_point_errors(tmp_path, capsys):
+    from test_cli import fails
+
+    fails(capsys, ["ktc", public_dir(), tmp_path / "o", "8", "--run", tmp_path], "level")
+    fails(capsys, ["ktc", public_dir(), tmp_path / "o", "1", "--run", tmp_path], "not a directory made by")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"seed": 0, "config": load_config("ktc")}))
+    (tmp_path / "run" / "methods.json").write_text(json.dumps({"linear": {"low": 0.5, "high": 1.5, "score": 0.5}}))
+    fails(capsys, ["ktc", tmp_path / "in", tmp_path / "o", "1", "--run", tmp_path / "run"], "ref.mat")
+    assert not (tmp_path / "o").exists()
