@@ -209,6 +209,20 @@ def simulate_stage(cfg: dict, out: Path, seed: int) -> None:
     simulate_dataset(cfg, out, seed=seed, progress=bool(cfg["train"]["progress"]), overwrite=True)
 
 
+def dataset_done(path: Path, log: Callable[[str], None]) -> bool:
+    """A run's data set exists and opens (the run's manifest vouches for its config)."""
+    from dgm_eit.data.storage import open_dataset
+
+    if not path.exists():
+        return False
+    try:
+        open_dataset(path).close()
+    except InputError as err:
+        log(f"[redo]  {err}")   # the stage makes it again
+        return False
+    return True
+
+
 def train_stage(model: str, data: Path, run_dir: Path, cfg: dict, seed: int, device: str,
                 progress: bool | None = None) -> None:
     from dgm_eit.train import train
@@ -559,17 +573,7 @@ class Experiment:
     # -- stage actions ---------------------------------------------------------------------
 
     def _dataset_done(self, spec: DataSpec) -> bool:
-        from dgm_eit.data.storage import open_dataset
-
-        path = self.layout.data(spec)
-        if not path.exists():
-            return False
-        try:
-            open_dataset(path).close()
-        except InputError as err:
-            self.log(f"[redo]  {err}")   # the stage makes it again
-            return False
-        return True
+        return dataset_done(self.layout.data(spec), self.log)
 
     def _recon_done(self, path: Path) -> bool:
         """The reconstruction exists and reads; a damaged one is named and removed, so it is redone."""

@@ -118,9 +118,15 @@ def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, man
               "|---|---|---|---|---|---|"]
     for m in results["methods"]:
         c = chosen[m]
-        own = ", ".join(f"{k} = {c[k]:g}" for k in ("iterations", "t0", "n_steps") if k in c) or "-"
+        own = ", ".join(f"{k} = {c[k]:.3g}" for k in ("iterations", "prior_std", "t0", "n_steps", "dc_weight")
+                        if k in c) or "-"
         lines.append(f"| {METHOD_NAMES[m]} | {own} | {c['low']:g} / {c['high']:g} | {c['score']:.3f} | "
                      f"{c['resistive']:.3f} | {c['conductive']:.3f} |")
+    if "linear_model" in chosen.get("csd", {}):
+        lm = chosen["csd"]["linear_model"]
+        lines += ["", f"CSD* samples with a data-consistency step at every reverse step (`dds`): the linearised model "
+                  f"in the models' representation, dv ~ {lm['gain']:.3g} J (x - 1), fitted on {lm['n_samples']} training "
+                  f"samples; its error, {lm['error_scale']:.3g} x the measurement noise (RMS), weights the data term."]
     lines += ["", "Segmentation (every method): the relative-conductivity image is upsampled bilinearly to 256 x 256 "
               "(water outside the disk); below `low` is resistive, above `high` conductive. The models reconstruct "
               "sigma / sigma_water clipped to [0, 2] (plastic ~0, water 1, metal 2); CNF and CSD* give the mean of "

@@ -60,11 +60,13 @@ class Methods:
         from dgm_eit.ktc.simulate import KTCSimulator, apply_linear_settings
 
         self.root, self.seed, self.device = Path(root), int(seed), device
-        data = self.root / "data" / "ktc.h5"
-        self.linear_settings = dataset_gn_settings(data) if data.is_file() else {}
+        self.data = self.root / "data" / "ktc.h5"
+        self.linear_settings = dataset_gn_settings(self.data) if self.data.is_file() else {}
         self.cfg = apply_linear_settings(cfg, self.linear_settings)
         self.sim = KTCSimulator(self.cfg)
         self._models: dict[str, object] = {}
+        self._recons: dict[float, object] = {}
+        self._fidelity = None
 
     def model(self, name: str):
         if name not in self._models:
@@ -73,8 +75,36 @@ class Methods:
             self._models[name] = load_run(self.root / "runs" / name, self.device)[0]
         return self._models[name]
 
+    def recon(self, prior_std: float | None = None):
+        """The difference reconstructor of the data set's prior, or of another prior std (GN's own)."""
+        if prior_std is None or prior_std == self.sim.recon.prior_std:
+            return self.sim.recon
+        if prior_std not in self._recons:
+            from dgm_eit.ktc.tank import DifferenceReconstructor
+
+            self._recons[prior_std] = DifferenceReconstructor(self.sim.tank, prior_std, self.sim.recon.corr_length)
+        return self._recons[prior_std]
+
+    @property
+    def fidelity(self):
+        """CSD*'s linearised data term, its gain and error level fitted on the training split."""
+        if self._fidelity is None:
+            from dgm_eit.data.storage import read_split
+            from dgm_eit.ktc.posterior import LinearisedFidelity, fit_linear_model
+
+            train = read_split(self.data, "train", keys=("sigma", "v_clean"))
+            n = min(len(train["sigma"]), int(self.cfg["csd_dds"]["fit_samples"]))
+            self.linear_model = fit_linear_model(self.sim.recon, train["sigma"][:n], train["v_clean"][:n])
+            self._fidelity = LinearisedFidelity(self.sim.recon, self.linear_model["gain"],
+                                                self.linear_model["error_scale"])
+        return self._fidelity
+
     def linear(self, dv: np.ndarray, masks: np.ndarray) -> np.ndarray:
         return np.stack([self.sim.recon.linear(d, m) for d, m in zip(dv, masks)])
+
+    def gn_path(self, dv, masks, counts, prior_std: float | None = None) -> dict[int, np.ndarray]:
+        """GN images after each count in ``counts`` (one run to the largest)."""
+        return self.recon(prior_std).gauss_newton_path(dv, masks, counts)
 
     def reconstruct(self, method: str, dv: np.ndarray, masks: np.ndarray, settings: dict | None = None) -> dict:
         """``dv`` (N, M) difference voltages (NaN allowed where masked), ``masks`` (N, M) bool ->
@@ -82,24 +112,27 @@ class Methods:
         from dgm_eit.reconstruct import reconstruct_arrays
 
         settings = settings or {}
+        run = self.cfg["run"]
+        if method == "gn":
+            its = int(settings.get("iterations", max(self.cfg["iterated"]["iterations"])))
+            return {"recon": self.gn_path(dv, masks, [its], settings.get("prior_std"))[its]}
         lin = self.linear(dv, masks)
         if method == "linear":
             return {"recon": lin}
-        if method == "gn":
-            its = int(settings.get("iterations", max(self.cfg["iterated"]["iterations"])))
-            return {"recon": np.stack([self.sim.recon.gauss_newton(d, m, its) for d, m in zip(dv, masks)])}
-        run = self.cfg["run"]
-        v = np.where(masks, np.nan_to_num(dv), 0.0)
-        opts = {"n_samples": int(settings.get("n_samples", run[f"{method}_samples"]))}
+        n = int(settings.get("n_samples", run[f"{method}_samples"]))
+        csd = {**self.cfg["csd"], **{k: settings[k] for k in ("t0", "n_steps", "dc_weight") if k in settings}}
+        if method == "csd" and run["csd_sampler"] == "dds":
+            from dgm_eit.ktc.posterior import sample_dds
+
+            return sample_dds(self.model("score"), lin, dv, masks, self.fidelity, t0=float(csd["t0"]),
+                              n_steps=int(csd["n_steps"]), dc_weight=float(csd["dc_weight"]), n_samples=n,
+                              eta=float(csd["eta"]), mode=csd["mode"], seed=self.seed)
+        opts = {"n_samples": n}
         if method == "csd":
-            opts.update(config=self.cfg, sampler="csd", t0=float(settings.get("t0", self.cfg["csd"]["t0"])),
-                        n_steps=int(settings.get("n_steps", self.cfg["csd"]["n_steps"])))
+            opts.update(config=self.cfg, sampler="csd", t0=float(csd["t0"]), n_steps=int(csd["n_steps"]))
+        v = np.where(masks, np.nan_to_num(dv), 0.0)
         out = reconstruct_arrays(self.model(MODEL_OF[method]), v, lin, seed=self.seed, **opts)
         return {k: out[k] for k in ("recon", "recon_std") if k in out}
-
-    def gn_path(self, dv, masks, counts) -> dict[int, np.ndarray]:
-        """GN images after each count in ``counts`` (one run to the largest)."""
-        return self.sim.recon.gauss_newton_path(dv, masks, counts)
 
 
 def load_study(run_dir) -> tuple[dict, dict]:
@@ -127,40 +160,54 @@ def validation_set(methods: Methods, n: int) -> dict:
             "truths": np.stack([sim.truth_classes(seed, "val", i) for i in range(n)])}
 
 
+def _candidates(methods: Methods, method: str, val: dict, log: Callable) -> list[tuple[dict, np.ndarray]]:
+    """``(settings, validation images)`` of every setting a method tries on validation data."""
+    from dgm_eit.ktc.segment import tune_thresholds, upsample
+
+    cfg = methods.cfg
+    if method == "gn":
+        # GN gets its own prior: iterating changes which weight is best
+        base = methods.sim.recon.prior_std
+        out = []
+        for scale in cfg["iterated"]["prior_scale"]:
+            paths = methods.gn_path(val["dv"], val["masks"], cfg["iterated"]["iterations"], base * float(scale))
+            out += [({"iterations": k, "prior_std": base * float(scale)}, images) for k, images in paths.items()]
+        return out
+    run = cfg["run"]
+    if method != "csd" or not run["csd_tune_t0"]:
+        return [({}, methods.reconstruct(method, val["dv"], val["masks"])["recon"])]
+    # CSD*: t0, steps (and the data term's weight) on a subset with one sample, then the full set
+    n = min(int(run["csd_tune_images"]), len(val["dv"]))
+    weights = run["csd_tune_dc_weight"] if run["csd_sampler"] == "dds" else [None]
+    best = None
+    for t0 in run["csd_tune_t0"]:
+        for steps in run["csd_tune_steps"]:
+            for weight in weights:
+                s = {"t0": float(t0), "n_steps": int(steps)} | ({} if weight is None else {"dc_weight": float(weight)})
+                images = methods.reconstruct("csd", val["dv"][:n], val["masks"][:n], {**s, "n_samples": 1})["recon"]
+                score = tune_thresholds(upsample(images), val["truths"][:n])["score"]
+                log(f"  csd {', '.join(f'{k} = {v:g}' for k, v in s.items())}: val score {score:.3f} "
+                    f"({n} images, 1 sample)")
+                if best is None or score > best[1]:
+                    best = (s, score)
+    return [(best[0], methods.reconstruct("csd", val["dv"], val["masks"], best[0])["recon"])]
+
+
 def choose_settings(methods: Methods, method: str, val: dict, log: Callable = _log) -> dict:
     """A method's own settings and thresholds, by the mean challenge score on ``val``."""
     from dgm_eit.ktc.segment import tune_thresholds, upsample
 
     started = time.perf_counter()
-    candidates: list[tuple[dict, np.ndarray]] = []
-    run = methods.cfg["run"]
-    if method == "gn":
-        paths = methods.gn_path(val["dv"], val["masks"], methods.cfg["iterated"]["iterations"])
-        candidates = [({"iterations": k}, images) for k, images in paths.items()]
-    elif method == "csd" and run["csd_tune_t0"]:
-        n = min(int(run["csd_tune_images"]), len(val["dv"]))
-        sub = {k: a[:n] for k, a in val.items()}
-        best = None
-        for t0 in run["csd_tune_t0"]:
-            for steps in run["csd_tune_steps"]:
-                s = {"t0": float(t0), "n_steps": int(steps), "n_samples": 1}
-                images = methods.reconstruct("csd", sub["dv"], sub["masks"], s)["recon"]
-                score = tune_thresholds(upsample(images), sub["truths"])["score"]
-                log(f"  csd t0 = {t0:g}, {steps} steps: val score {score:.3f} ({n} images, 1 sample)")
-                if best is None or score > best[1]:
-                    best = (s, score)
-        chosen = {k: v for k, v in best[0].items() if k != "n_samples"}
-        candidates = [(chosen, methods.reconstruct("csd", val["dv"], val["masks"], chosen)["recon"])]
-    else:
-        candidates = [({}, methods.reconstruct(method, val["dv"], val["masks"])["recon"])]
     rows = []
-    for settings, images in candidates:
+    for settings, images in _candidates(methods, method, val, log):
         seg = tune_thresholds(upsample(images), val["truths"])
         rows.append({**settings, **{k: seg[k] for k in ("low", "high", "score", "resistive", "conductive")}})
     best = max(rows, key=lambda r: r["score"])
     best = {**best, "n_images": len(val["dv"]), "seconds": time.perf_counter() - started}
     if len(rows) > 1:
         best["candidates"] = rows
+    if method == "csd" and methods.cfg["run"]["csd_sampler"] == "dds":
+        best["linear_model"] = methods.linear_model
     log(f"  {method}: thresholds {best['low']:g} / {best['high']:g}, val score {best['score']:.3f} "
         f"({best['seconds']:.0f} s)")
     return best
@@ -222,14 +269,14 @@ class Study:
         return result
 
     def run(self) -> dict:
-        from dgm_eit.experiments import check_run_manifest, simulate_stage
+        from dgm_eit.experiments import check_run_manifest, dataset_done, simulate_stage
 
         check_run_manifest(self.out, self.out / MANIFEST, self.seed, self.cfg, ignore=RESUME_FREE)
         data = self.out / "data" / "ktc.h5"
         data.parent.mkdir(parents=True, exist_ok=True)
-        if not data.is_file():
+        if not dataset_done(data, self.log):
             self.log("[stage] simulate the tank data")
-        self._timed("simulate", simulate_stage, self.cfg, data, self.seed)
+            self._timed("simulate", simulate_stage, self.cfg, data, self.seed)
         self._timed("train", self._train, data)
         methods = Methods(self.cfg, self.out, seed=self.seed, device=self.device)
         chosen = self._timed("choose settings on validation", self._choose, methods)

@@ -17,8 +17,10 @@ Images are **relative conductivity** ``sigma / sigma_water`` on the coarse mesh'
 difference step with a Gaussian smoothness prior, ``x = 1 + (J^T S^-1 J + G^-1)^-1 J^T S^-1 dv``
 (``J``: Jacobian at the water-filled tank in that pixel basis; ``S``: noise covariance; ``G``:
 prior covariance ``std^2 exp(-d^2 / (2 l^2))`` between pixel centres, plus a small nugget so
-that it inverts). Its iterated form relinearises at the current image (Gauss-Newton on the
-same posterior). Measurements a level drops (or NaN in a file) are left out by a mask.
+that it inverts). Gauss-Newton iterates on ``u = log x`` with the same prior on ``u`` (so
+conductivity stays positive and plastic, where d v / d x grows without bound, stays
+tractable); its first iterate is ``exp`` of the linearised step's change. Measurements a
+level drops (or NaN in a file) are left out by a mask.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from dgm_eit.errors import InputError
 # Gaussian-kernel covariances are numerically singular; a nugget of this share of the
 # variance keeps G invertible without changing the images visibly
 NUGGET = 1e-3
-# iterated reconstructions keep the relative conductivity in this range (the FEM needs > 0)
-X_MIN, X_MAX = 1e-3, 1e3
+# Gauss-Newton keeps the relative conductivity in this range: plastic and metal saturate the
+# data long before (the FEM needs > 0, and its Jacobian blows up as sigma -> 0)
+X_MIN, X_MAX = 1e-2, 1e2
 
 
 def public_dir() -> Path:
@@ -131,7 +134,13 @@ class DifferenceReconstructor:
         """(J^T W J + G^-1)^-1 J^T W on the kept rows: maps a data residual to an image step."""
         Jm, w = J[mask], self.weights[mask]
         H = Jm.T @ (Jm * w[:, None]) + self.prior_precision
-        return la.cho_solve(la.cho_factor(H), Jm.T * w[None, :])
+        B = Jm.T * w[None, :]
+        try:
+            return la.cho_solve(la.cho_factor(H), B)
+        except la.LinAlgError:
+            # rounding made a badly scaled H indefinite: solve on its eigenvalues, floored
+            lam, U = la.eigh((H + H.T) / 2)
+            return U @ ((U.T @ B) / np.maximum(lam, lam[-1] * 1e-12)[:, None])
 
     def _mask(self, dv: np.ndarray, mask) -> np.ndarray:
         keep = np.isfinite(dv).all(axis=0) if dv.ndim == 2 else np.isfinite(dv)
@@ -182,17 +191,19 @@ class DifferenceReconstructor:
         counts = sorted({int(k) for k in counts})
         if not counts or counts[0] < 1:
             raise InputError(f"Gauss-Newton iteration counts must be >= 1, got {counts}")
+        bounds = np.log(X_MIN), np.log(X_MAX)
         out = {k: [] for k in counts}
         for i, row in enumerate(dv):
             keep = self._mask(row, None if masks is None else masks[i])
-            x = np.ones(len(self.inside))
+            u = np.zeros(len(self.inside))
             v, J = self.v_water, self.J0
             for k in range(1, counts[-1] + 1):
                 if k > 1:
-                    v, J = self._jacobian(x)
-                # linearised residual around x; the step is taken from the prior mean (water)
-                r = row[keep] - (v - self.v_water)[keep] + J[keep] @ (x - 1.0)
-                x = np.clip(1.0 + self._step_matrix(J, keep) @ r, X_MIN, X_MAX)
+                    v, J = self._jacobian(np.exp(u))
+                Ju = J * np.exp(u)[None, :]          # d v / d u = d v / d x * x
+                # linearised residual around u; the step is taken from the prior mean (water, u = 0)
+                r = row[keep] - (v - self.v_water)[keep] + Ju[keep] @ u
+                u = np.clip(self._step_matrix(Ju, keep) @ r, *bounds)
                 if k in out:
-                    out[k].append(x)
+                    out[k].append(np.exp(u))
         return {k: self.image(np.stack(xs)) for k, xs in out.items()}
