@@ -68,7 +68,7 @@ class Methods:
 
     def model(self, name: str):
         if name not in self._models:
-            from dgm_eit.train import load_run
+            from dgm_eit.runs import load_run
 
             self._models[name] = load_run(self.root / "runs" / name, self.device)[0]
         return self._models[name]
@@ -222,7 +222,8 @@ class Study:
         return result
 
     def run(self) -> dict:
-        from dgm_eit.experiments import check_run_manifest, simulate_stage
+        from dgm_eit.runs import check_manifest as check_run_manifest
+        from dgm_eit.stages import simulate_stage
 
         check_run_manifest(self.out, self.out / MANIFEST, self.seed, self.cfg, ignore=RESUME_FREE)
         data = self.out / "data" / "ktc.h5"
@@ -241,7 +242,7 @@ class Study:
         return {"chosen": chosen, "results": results, "paths": paths}
 
     def _train(self, data: Path) -> None:
-        from dgm_eit.experiments import _timed_call, _worker_init, train_stage
+        from dgm_eit.stages import timed_call as _timed_call, train_stage, worker_init as _worker_init
         from dgm_eit.runtime import cpu_count
 
         pending = [m for m in self.models if not (self.out / "runs" / m / "done").exists()]
