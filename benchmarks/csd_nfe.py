@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-
-import numpy as np
 
 # (label, reconstruct options); the first entry is the paper's reference budget
 SETTINGS = [
@@ -48,28 +45,28 @@ def main(argv=None) -> int:
 
     from dgm_eit.data.storage import read_split
     from dgm_eit.metrics import per_sample
-    from dgm_eit.reconstruct import reconstruct_arrays
+    from dgm_eit.models.posterior import SamplingSettings
+    from dgm_eit.runs import load_run, tuned_sampling
     from dgm_eit.runtime import limit_threads
-    from dgm_eit.train import load_run
+    from dgm_eit.tuning import sweep
 
     limit_threads()
     model, cfg, _ = load_run(args.run)
     arrays = read_split(args.data, "val", keys=("sigma", "v", "gn"))
     n = min(args.n_val, len(arrays["v"]))
-    sigma, v, gn = (arrays[k][:n] for k in ("sigma", "v", "gn"))
-    base = {"sampler": "csd", "config": cfg, "run_dir": args.run}
-    if args.t0 is not None:
-        base["t0"] = args.t0
+    arrays = {k: a[:n] for k, a in arrays.items()}
+    # t0 and insertion mode as a reconstruction of this run would use them
+    base = SamplingSettings.resolve(cfg["csd"], tuned_sampling(args.run), {"t0": args.t0})
 
-    gn_metrics = per_sample(gn, sigma)
+    gn_metrics = per_sample(arrays["gn"], arrays["sigma"])
     print(f"{'GN':28s} {'':>5s}  MSE {gn_metrics['MSE'].mean():.5f}  SSIM {gn_metrics['SSIM'].mean():.4f}")
     rows = []
     for label, opts in SETTINGS:
-        start = time.perf_counter()
-        out = reconstruct_arrays(model, v, gn, seed=args.seed, **base, **opts)
-        m = per_sample(out["recon"], sigma)
-        row = dict(setting=label, nfe=int(out["nfe"]), mse=float(m["MSE"].mean()),
-                   ssim=float(m["SSIM"].mean()), ms_per_image=1e3 * (time.perf_counter() - start) / n)
+        result, = sweep(model, cfg, arrays, t0s=[base.t0], steps=[opts["n_steps"]], modes=[base.mode],
+                        solver=opts["solver"], corrector_steps=opts.get("corrector_steps", base.corrector_steps),
+                        seed=args.seed, sampler="csd")
+        row = dict(setting=label, nfe=int(result["nfe"]), mse=result["mse"], ssim=result["ssim"],
+                   ms_per_image=1e3 * result["seconds_per_image"])
         rows.append(row)
         print(f"{label:28s} {row['nfe']:5d}  MSE {row['mse']:.5f}  SSIM {row['ssim']:.4f}  "
               f"{row['ms_per_image']:7.1f} ms/img", flush=True)

@@ -173,7 +173,8 @@ def test_bad_input_is_refused():
 
 
 def test_trains_with_the_shared_trainer_and_reloads(tiny_dataset, tmp_path):
-    from dgm_eit.train import load_run, train
+    from dgm_eit.runs import load_run
+    from dgm_eit.train import train
 
     cfg = load_config("smoke", ["train.threads=1", "train.progress=false", "cnf.flow.epochs=2"])
     result = train("cnf", tiny_dataset, tmp_path / "run", cfg, seed=3)

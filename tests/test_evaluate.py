@@ -7,7 +7,8 @@ import pytest
 from dgm_eit.cli import main
 from dgm_eit.data.storage import read_split
 from dgm_eit.errors import InputError
-from dgm_eit.metrics import evaluate, evaluate_file
+from dgm_eit.metrics import evaluate
+from dgm_eit.results import evaluate_file
 
 
 def test_npy_and_hdf5_predictions_score_like_the_arrays(tiny_dataset, tmp_path):

@@ -241,7 +241,8 @@ def test_5_a_truncated_run_json_is_named(gn_run, tmp_path, capsys):
 
 def test_5_a_truncated_reconstruction_in_a_run_is_named_and_redone(gn_run, work, tmp_path):
     from dgm_eit.config import load_config
-    from dgm_eit.experiments import Experiment, read_recon
+    from dgm_eit.experiments import Experiment
+    from dgm_eit.results import read_recon
 
     good = tmp_path / "good.h5"
     assert main([str(a) for a in _recon(work, good)]) == 0

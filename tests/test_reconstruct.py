@@ -8,7 +8,8 @@ from dgm_eit.config import load_config
 from dgm_eit.errors import InputError
 from dgm_eit.models.cvae import CVAE
 from dgm_eit.reconstruct import gn_images, reconstruct_split, reconstruct_voltages
-from dgm_eit.train import load_run, train
+from dgm_eit.runs import load_run
+from dgm_eit.train import train
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,12 @@ import pytest
 from dgm_eit.cli import main
 from dgm_eit.config import load_config
 from dgm_eit.data.storage import read_split
-from dgm_eit.experiments import METHOD_NAMES, METHODS, Experiment, settings_for
-from dgm_eit.metrics import METRICS, evaluate, evaluate_file
-from dgm_eit.report import CSV_COLUMNS, PAPER_RESULTS, paper_mse_change
+from dgm_eit.experiments import Experiment
+from dgm_eit.methods import get_method, select_methods
+from dgm_eit.metrics import METRICS, evaluate
+from dgm_eit.paper import PAPER_RESULTS, paper_mse_change, settings_for
+from dgm_eit.report import CSV_COLUMNS
+from dgm_eit.results import DataSpec, evaluate_file
 
 ARGS = ["--profile", "smoke", "--seed", "0", "--set", "train.progress=false"]
 
@@ -38,7 +41,8 @@ def test_smoke_run_makes_every_row_table_and_figure(smoke_run):
     settings = settings_for(cfg)
     assert len(settings) == 6
     rows = _csv_rows(out)
-    assert len(rows) == len(settings) * len(METHODS) * len(METRICS)
+    methods = select_methods(cfg["run"]["methods"])
+    assert len(rows) == len(settings) * len(methods) * len(METRICS)
     seen = {(r["test"], r["train_set"], r["test_set"], r["method"], r["metric"]) for r in rows}
     assert len(seen) == len(rows)
     for r in rows:
@@ -53,8 +57,8 @@ def test_smoke_run_makes_every_row_table_and_figure(smoke_run):
     report = (out / "report.md").read_text()
     header = "| Method | MSE | PSNR | SSIM | RE | AE | DR | MSE vs GN | paper MSE vs GN |"
     assert report.count(header) == 6
-    for method in METHODS:
-        assert len(re.findall(rf"^\| {re.escape(METHOD_NAMES[method])}( \(\w+\))? \|", report, re.M)) >= 6
+    for method in methods:
+        assert len(re.findall(rf"^\| {re.escape(method.name)}( \(\w+\))? \|", report, re.M)) >= 6
     assert "## Efficiency" in report and "| CSD* | 2a_40dB |" in report
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", report)
     assert len(figures) == 6
@@ -65,7 +69,6 @@ def test_smoke_run_makes_every_row_table_and_figure(smoke_run):
 
 def test_report_states_the_gn_settings_each_test_set_chose_on_validation(smoke_run):
     from dgm_eit.data.storage import dataset_gn_settings
-    from dgm_eit.experiments import DataSpec
 
     out, _ = smoke_run
     report = (out / "report.md").read_text()
@@ -78,7 +81,7 @@ def test_report_states_the_gn_settings_each_test_set_chose_on_validation(smoke_r
         section = report.split(f"### {s.title}")[1].split("###")[0]
         assert line in section
     # the models that read GN images for new voltages make them with the data set's settings
-    from dgm_eit.train import load_run
+    from dgm_eit.runs import load_run
 
     _, cfg, _ = load_run(exp.layout.run("cnf", DataSpec(2, 25.0)))
     chosen = dataset_gn_settings(exp.layout.data(DataSpec(2, 25.0)))
@@ -169,7 +172,8 @@ def test_plan_trains_conditional_models_per_set_and_one_prior_per_anomaly_count(
 
 
 def test_csd_settings_are_chosen_on_the_validation_split_of_each_tables_training_data(smoke_run):
-    from dgm_eit.experiments import DataSpec, dataset_config, recon_attrs
+    from dgm_eit.experiments import config_for
+    from dgm_eit.results import recon_attrs
     from dgm_eit.tuning import tune_on_validation
 
     out, _ = smoke_run
@@ -177,13 +181,14 @@ def test_csd_settings_are_chosen_on_the_validation_split_of_each_tables_training
     run = cfg["run"]
     exp = Experiment(cfg, out)
     two_hi, two_lo, four_hi, four_lo = DataSpec(2, 40.0), DataSpec(2, 25.0), DataSpec(4, 40.0), DataSpec(4, 25.0)
-    assert exp.tuning_set("csd", two_hi, two_hi) == two_hi     # T1
-    assert exp.tuning_set("csd", two_hi, two_lo) == two_lo     # T2: the 25 dB set CVAE and CNF learn from
+    csd = get_method("csd")
+    assert exp.tuning_set(csd, two_hi, two_hi) == two_hi     # T1
+    assert exp.tuning_set(csd, two_hi, two_lo) == two_lo     # T2: the 25 dB set CVAE and CNF learn from
     # T3: the training anomaly count at the test noise level, never the 2-anomaly distribution
-    assert exp.tuning_set("csd", four_hi, two_hi) == four_hi
-    assert exp.tuning_set("csd", four_hi, two_lo) == four_lo
+    assert exp.tuning_set(csd, four_hi, two_hi) == four_hi
+    assert exp.tuning_set(csd, four_hi, two_lo) == four_lo
     best, rows = tune_on_validation(exp.layout.run("score", four_hi), exp.layout.data(four_lo),
-                                    dataset_config(cfg, two_lo), t0s=run["csd_tune_t0"],
+                                    config_for(cfg, two_lo), t0s=run["csd_tune_t0"],
                                     steps=run["csd_tune_steps"], n_images=run["csd_tune_images"], seed=0,
                                     sampler=run["csd_sampler"])
     assert len(rows) == len(run["csd_tune_t0"]) * len(run["csd_tune_steps"])
@@ -195,8 +200,6 @@ def test_csd_settings_are_chosen_on_the_validation_split_of_each_tables_training
 
 
 def test_test3_alone_still_simulates_the_set_that_tunes_csd(tmp_path):
-    from dgm_eit.experiments import DataSpec
-
     cfg = load_config("smoke")
     cfg["run"]["tests"] = ["T3"]
     assert DataSpec(4, 25.0) in Experiment(cfg, tmp_path / "run").datasets()

@@ -119,14 +119,18 @@ def test_csd_from_t0_zero_returns_the_gauss_newton_image():
 
 
 def test_settings_come_from_config_then_tuned_file_then_options(tmp_path):
-    model = make_model()
+    from dgm_eit.models.posterior import SamplingSettings
+    from dgm_eit.reconstruct import run_options
+    from dgm_eit.runs import tuned_sampling
+
     section = dict(load_config("smoke")["csd"], t0=0.3, n_steps=7)
-    assert model.sampling_options({"csd": section})["t0"] == 0.3
+    assert SamplingSettings.resolve(section).t0 == 0.3
+    assert tuned_sampling(tmp_path) == {}
     (tmp_path / "tuned_csd.json").write_text(json.dumps({"best": {"t0": 0.25, "n_steps": 5}}))
-    got = model.sampling_options({"config": {"csd": section}, "run_dir": tmp_path})
-    assert (got["t0"], got["n_steps"]) == (0.25, 5)
-    got = model.sampling_options({"csd": section, "run_dir": tmp_path, "t0": 0.1})
-    assert (got["t0"], got["n_steps"]) == (0.1, 5)
+    got = SamplingSettings.resolve(section, run_options(tmp_path, {"csd": section}, {}))
+    assert (got.t0, got.n_steps) == (0.25, 5)
+    got = SamplingSettings.resolve(section, run_options(tmp_path, {"csd": section}, {"t0": 0.1, "sampler": None}))
+    assert (got.t0, got.n_steps, got.sampler) == (0.1, 5, "csd")
 
 
 def test_guided_reconstruction_with_a_linear_operator_runs():
@@ -145,15 +149,16 @@ def test_guided_reconstruction_with_a_linear_operator_runs():
 
 def test_guided_step_lowers_the_data_misfit_on_a_tiny_mesh():
     pytest.importorskip("dgm_eit.physics")
+    from dgm_eit.models.posterior import posterior_sampler
     from dgm_eit.models.samplers import measurement_guidance
-    from dgm_eit.models.score import physics_operator
+    from dgm_eit.physics import operator_from_config
 
     config = load_config("smoke", ["mesh.h0=0.3"])
-    op = physics_operator(config, SIZE)
+    op = operator_from_config(config, SIZE)
     model = make_model().eval()
     batch = make_batch(2)
     v = op(batch["sigma"].to(torch.float64))
-    misfit = model._likelihood({"config": config}, v)
+    misfit = posterior_sampler(model, {"config": config, "sampler": "dps"}).data_misfit(v)
     x = model.normalise_image(batch["gn"])[:, None]
     t = torch.full((2,), 0.3)
     guidance = measurement_guidance(model.sde, model.score, misfit, zeta=1e-3)
@@ -184,15 +189,17 @@ def test_bad_input_is_refused():
 def test_trained_with_the_shared_trainer_then_tuned_and_reloaded(tmp_path, tiny_dataset):
     train = pytest.importorskip("dgm_eit.train")
     from dgm_eit.cli import main
+    from dgm_eit.reconstruct import run_options
+    from dgm_eit.runs import load_run
 
     # one thread: the suite shares a small machine, and oversubscribed threads crawl
     cfg = load_config("smoke", ["csd.n_steps=3", "train.threads=1", "score.score.epochs=1"])
     run = tmp_path / "run"
     train.train("score", tiny_dataset, run, cfg, seed=0, device="cpu", progress=False)
-    model, full_cfg, info = train.load_run(run)
+    model, full_cfg, info = load_run(run)
     assert isinstance(model, ScoreModel) and info.image_size == 16
     batch = make_batch(2)
-    out = model.reconstruct(batch, generator=torch.Generator().manual_seed(0), config=full_cfg, run_dir=run)
+    out = model.reconstruct(batch, generator=torch.Generator().manual_seed(0), **run_options(run, full_cfg, {}))
     assert out["recon"].shape == (2, SIZE, SIZE)
     assert out["nfe"] == 3 * (1 + full_cfg["csd"]["corrector_steps"])
 
@@ -211,7 +218,7 @@ def test_trained_with_the_shared_trainer_then_tuned_and_reloaded(tmp_path, tiny_
     expected = float(np.mean((gn * disk_mask(SIZE).numpy() - truth) ** 2))
     gn_row = next(r for r in tuned["table"] if r["t0"] == 0.0)
     assert gn_row["nfe"] == 0 and gn_row["mse"] == pytest.approx(expected, rel=1e-5)
-    out = model.reconstruct(batch, generator=torch.Generator().manual_seed(0), config=full_cfg, run_dir=run)
+    out = model.reconstruct(batch, generator=torch.Generator().manual_seed(0), **run_options(run, full_cfg, {}))
     assert out["nfe"] == (0 if tuned["best"]["t0"] == 0 else 2 * (1 + full_cfg["csd"]["corrector_steps"]))
     assert main(["tune-t0", "--run", str(run), "--data", str(tiny_dataset), "--t0", "1.5"]) == 2
 

@@ -87,7 +87,7 @@ def test_driver_resumes_only_unfinished_chunks(tmp_path, monkeypatch):
     again = _StandIn()
     monkeypatch.setattr(sim_mod, "simulator_for", lambda cfg_json: again)
     with pytest.raises(InputError, match=r"unfinished simulation that was simulated with another config "
-                                         r"\(differs in: seed\)"):
+                                         r"\(seed: 2 -> 3\)"):
         sim_mod.simulate_dataset(cfg, out, seed=3, workers=1, progress=False)
     assert again.calls == []
     # an unfinished run keeps its own chunk size
@@ -204,7 +204,7 @@ def test_workers_do_not_change_the_file(reference, tmp_path, capsys):
     # another config: refused, file untouched; --overwrite replaces it
     before = _digest(out)
     assert main(args[:-2] + ["--snr-db", "25", "--workers", "1", "--out", str(out)]) == 2
-    assert "differs in: data.snr_db" in capsys.readouterr().err
+    assert "another config (data.snr_db: 40.0 -> 25.0)" in capsys.readouterr().err
     assert _digest(out) == before
     assert main(args + ["--snr-db", "25", "--workers", "1", "--overwrite"]) == 0
     assert _digest(out) != before

@@ -1,14 +1,11 @@
 import hashlib
 import json
-import pickle
 
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from dgm_eit.data import storage
-from dgm_eit.data.dataset import EITDataset
 from dgm_eit.errors import InputError
 
 
@@ -57,30 +54,6 @@ def test_truncated_and_missing_files(tiny_dataset, tmp_path):
     storage.partial_path(tmp_path / "half.h5").write_bytes(b"")
     with pytest.raises(InputError, match="unfinished simulation"):
         storage.open_dataset(tmp_path / "half.h5")
-
-
-def test_eit_dataset_is_lazy_and_worker_safe(tiny_dataset):
-    ds = EITDataset(tiny_dataset, "train", keys=("sigma", "v", "gn", "v_clean"))
-    assert len(ds) == 24 and ds._file is None
-    item = ds[3]
-    assert item["sigma"].dtype == torch.float32 and item["sigma"].shape == (16, 16)
-    assert item["v_clean"].shape == (208,)
-    # pickling (what a DataLoader worker gets) carries no open handle
-    clone = pickle.loads(pickle.dumps(ds))
-    assert clone._file is None
-    torch.testing.assert_close(clone[3]["v"], item["v"])
-    with pytest.raises(IndexError):
-        ds[24]
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, shuffle=False)
-    batches = list(loader)
-    assert len(batches) == 3
-    expected = storage.read_split(tiny_dataset, "train", ("sigma",))["sigma"]
-    np.testing.assert_array_equal(torch.cat([b["sigma"] for b in batches]).numpy(), expected)
-    ds.close()
-    clone.close()
-    _edit(tiny_dataset, lambda f: f.attrs.__setitem__("complete", False))
-    with pytest.raises(InputError, match="incomplete"):
-        EITDataset(tiny_dataset, "test")
 
 
 def _chunk(split, start, stop, size=4, n_meas=6):

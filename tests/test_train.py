@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from dgm_eit.cli import main
 from dgm_eit.config import ConfigError, load_config
 from dgm_eit.errors import InputError
-from dgm_eit.train import EMA, learning_rate, load_run, train
+from dgm_eit.runs import load_run
+from dgm_eit.train import EMA, learning_rate, train
 
 # several steps per epoch, a sampled latent target and dropout: resume must restore the
 # data order and the noise stream, mid-epoch and across the stage boundary

@@ -45,6 +45,23 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_ABSENT = "<absent>"
+
+
+def config_changes(old: dict, new: dict, ignore: Iterable[str] = (), limit: int = 5) -> str:
+    """The keys whose values differ between two nested configs, as ``"a.b: 1 -> 2, ..."`` (at most
+    ``limit`` shown); ``""`` when they agree. Keys under a prefix in ``ignore`` may differ.
+
+    The one check behind "this output was made with another config" (data sets, training
+    runs, run directories); each caller chooses what may change between its calls."""
+    before, now = flatten(old), flatten(new)
+    ignore = tuple(ignore)
+    changed = sorted(k for k in set(before) | set(now)
+                     if before.get(k, _ABSENT) != now.get(k, _ABSENT) and not k.startswith(ignore))
+    shown = ", ".join(f"{k}: {before.get(k, _ABSENT)!r} -> {now.get(k, _ABSENT)!r}" for k in changed[:limit])
+    return shown + (f", ... ({len(changed) - limit} more)" if len(changed) > limit else "")
+
+
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)

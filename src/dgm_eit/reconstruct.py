@@ -2,7 +2,9 @@
 
 Every model is served through ``GenerativeModel.reconstruct(batch, n_samples=...,
 generator=..., **opts)``; options such as ``sampler=`` pass through untouched, so the
-score model's samplers are reachable from the command line.
+score model's samplers are reachable from the command line. A run's options come, by
+rising priority, from its config (``config=``), the settings ``dgm-eit tune-t0`` chose for
+it, and the caller.
 """
 
 from __future__ import annotations
@@ -13,10 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dgm_eit import runtime
+from dgm_eit.data.storage import dataset_config, open_dataset, read_split
 from dgm_eit.errors import InputError
-from dgm_eit.files import atomic_path
+from dgm_eit.files import atomic_path, require_file
+from dgm_eit.models.posterior import SETTING_KEYS
+from dgm_eit.physics import PixelGrid, forward_model_from_config
+from dgm_eit.recon import gauss_newton, gn_config
+from dgm_eit.results import write_recon_file
+from dgm_eit.runs import load_run, tuned_sampling
 from dgm_eit.runtime import check_seed
-from dgm_eit.train import load_run
 
 
 def _sync(device: torch.device) -> None:
@@ -132,25 +140,7 @@ def _warn(messages: list[str]) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def write_recon_file(path, result: dict, attrs: dict) -> Path:
-    """The reconstruction file of docs/DESIGN.md, written to ``PATH.tmp`` then renamed."""
-    import h5py
-
-    path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("recon", data=result["recon"])
-        if "recon_std" in result:
-            f.create_dataset("recon_std", data=result["recon_std"])
-        f.attrs["seconds_per_image"] = float(result["seconds_per_image"])
-        f.attrs["nfe"] = int(result["nfe"])
-        for key, value in attrs.items():
-            f.attrs[key] = value
-    return path
-
-
 def _has_array(path, split: str, key: str) -> bool:
-    from dgm_eit.data.storage import open_dataset
-
     with open_dataset(path) as f:
         return split in f and key in f[split]
 
@@ -167,20 +157,21 @@ def _check_finite(arrays: dict, data_path, split: str) -> None:
                              f"(first in sample {int(np.flatnonzero(bad)[0])})")
 
 
+def run_options(run_dir, cfg: dict, opts: dict) -> dict:
+    """The caller's options over the settings tune-t0 chose for the run, with the run's config
+    (the score model reads ``[csd]`` and, to sample on the voltages, ``[mesh]`` from it)."""
+    given = {k: v for k, v in opts.items() if v is not None}
+    return {"config": cfg, **tuned_sampling(run_dir), **given}
+
+
 def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_samples: int | None = None,
                       sampler: str | None = None, seed: int = 0, device: str = "auto",
                       batch_size: int = 64, weights: str = "model", limit: int | None = None,
                       progress: bool = False, **opts) -> dict:
     """Reconstruct a split of a data-set file; write ``out`` (HDF5) when given."""
-    from dgm_eit import runtime
-    from dgm_eit.data.storage import read_split
-
     model, cfg, info = load_run(run_dir, runtime.resolve_device(device), weights=weights)
-    # the score model reads [csd], [mesh] (guided sampling) and tuned_csd.json from these
-    opts.setdefault("config", cfg)
-    opts.setdefault("run_dir", str(run_dir))
+    opts = run_options(run_dir, cfg, opts)
     # the noise level of these measurements (data-consistent sampling weighs them by it)
-    from dgm_eit.data.storage import dataset_config
     opts.setdefault("snr_db", dataset_config(data_path).get("data", {}).get("snr_db"))
     keys = ["v"]
     if model.needs_gn or _has_array(data_path, split, "gn"):
@@ -209,8 +200,8 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
             attrs["n_samples"] = int(n_samples)
         if sampler is not None:
             attrs["sampler"] = sampler
-        # sampler settings given explicitly (e.g. chosen on validation by dgm-eit run)
-        attrs.update({k: opts[k] for k in ("t0", "n_steps", "mode", "solver", "corrector_steps") if k in opts})
+        # sampler settings chosen on validation (by dgm-eit run or tune-t0) or given explicitly
+        attrs.update({k: opts[k] for k in SETTING_KEYS if k in opts})
         write_recon_file(out, result, attrs)
     return result
 
@@ -218,18 +209,10 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
 def gn_images(cfg: dict, v: np.ndarray, image_size: int) -> np.ndarray:
     """Gauss-Newton images (N,H,W) for voltages (N,M) on the run's ``[mesh]``/``[gn]`` config,
     the same way the simulator makes a data set's ``gn`` arrays."""
-    from dgm_eit.physics import ForwardModel, PixelGrid, disk_mesh, make_protocol
-    from dgm_eit.recon import gauss_newton, gn_config
-
-    m = cfg["mesh"]
-    protocol = make_protocol(m["protocol"], n_electrodes=int(m["n_electrodes"]))
-    mesh = disk_mesh(n_electrodes=int(m["n_electrodes"]), h0=float(m["h0"]),
-                     electrode_model=m["electrode_model"], electrode_width=float(m["electrode_width"]))
-    fm = ForwardModel(mesh, protocol, electrode_model=m["electrode_model"],
-                      contact_impedance=float(m["contact_impedance"]))
+    fm = forward_model_from_config(cfg, "mesh")
     if fm.n_meas != v.shape[1]:
         raise InputError(f"the run's [mesh] protocol gives {fm.n_meas} measurements, the voltages have {v.shape[1]}")
-    grid = PixelGrid(mesh, size=image_size)
+    grid = PixelGrid(fm.mesh, size=image_size)
     kwargs = gn_config(cfg)
     images = [np.asarray(grid.to_image(np.asarray(gauss_newton(fm, row.astype(np.float64), **kwargs).sigma)))
               for row in v]
@@ -238,8 +221,6 @@ def gn_images(cfg: dict, v: np.ndarray, image_size: int) -> np.ndarray:
 
 def load_voltages(path) -> tuple[np.ndarray, bool]:
     """``(v (N,M) float32, was_one_vector)`` from a ``.npy`` file holding (M,) or (N,M)."""
-    from dgm_eit.files import require_file
-
     path = require_file(path, "voltage file")
     try:
         v = np.load(path, allow_pickle=False)
@@ -266,8 +247,6 @@ def reconstruct_voltages(run_dir, v: np.ndarray, *, n_samples: int | None = None
                          source: str = "voltages", **opts) -> dict:
     """Reconstruct raw voltages (N,M); computes the GN images when the model needs them.
     ``source`` names the voltages in messages (the user's file)."""
-    from dgm_eit import runtime
-
     model, cfg, info = load_run(run_dir, runtime.resolve_device(device), weights=weights)
     v = np.asarray(v, dtype=np.float32)
     if v.ndim == 1:
@@ -282,8 +261,7 @@ def reconstruct_voltages(run_dir, v: np.ndarray, *, n_samples: int | None = None
         raise InputError(f"no voltage vectors to reconstruct (shape {v.shape})")
     _warn(check_voltages(v, info, source))
     gn = gn_images(cfg, v, info.image_size) if model.needs_gn else None
-    opts.setdefault("config", cfg)
-    opts.setdefault("run_dir", str(run_dir))
+    opts = run_options(run_dir, cfg, opts)
     if sampler is not None:
         opts["sampler"] = sampler
     return reconstruct_arrays(model, v, gn, n_samples=n_samples, seed=seed, batch_size=batch_size, **opts)

@@ -1,11 +1,7 @@
-"""Tables, CSV and figures of an experiment run, and the paper's published numbers to compare with.
+"""``report.md``, ``metrics.csv`` and figures of a run, from its :class:`~dgm_eit.results.RunResult`.
 
-:data:`PAPER_RESULTS` holds the paper's Tables 1-6 (mean, std over its test sets) as
-printed; they are reference data, not results of this code. Two oddities of the source
-are kept as printed: Table 3's CSD* row repeats the CNF row from SSIM on, and Tables 5-6
-(Test 3) have no GN row, so the paper's relative MSE change there is taken against the
-GN row of the table with the same test set (Table 1 for 2 anomalies / 40 dB, Table 3 for
-2 anomalies / 25 dB), which is the same reconstruction.
+Only records reach this module (data flows run -> results -> report); the paper's numbers
+to compare with come from :mod:`dgm_eit.paper`.
 """
 
 from __future__ import annotations
@@ -19,71 +15,17 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from dgm_eit.files import atomic_path, write_text
+from dgm_eit.methods import GAUSS_NEWTON
 from dgm_eit.metrics import LOWER_IS_BETTER, METRICS, Summary
+from dgm_eit.paper import PAPER_PARAMETERS, PAPER_RESULTS, TESTS, paper_mse_change
+from dgm_eit.recon.tuning import describe
+from dgm_eit.results import RunResult, SettingResult
 
 # decimals per metric in tables: enough to separate methods at the paper's scale
 DIGITS = {"MSE": 5, "PSNR": 2, "SSIM": 3, "RE": 3, "AE": 4, "DR": 3}
 
 CSV_COLUMNS = ("test", "train_set", "test_set", "method", "metric", "mean", "std", "n")
 PER_SAMPLE_COLUMNS = ("test", "train_set", "test_set", "method", "index", *METRICS)
-
-
-def _row(*values: float) -> dict[str, tuple[float, float]]:
-    return {m: (values[2 * i], values[2 * i + 1]) for i, m in enumerate(METRICS)}
-
-
-# paper table number -> method -> metric -> (mean, std); Li et al., Tables 1-6
-PAPER_RESULTS: dict[int, dict[str, dict[str, tuple[float, float]]]] = {
-    1: {  # Test 1: 2 anomalies, 40 dB
-        "GN": _row(0.0032, 0.0004, 28.850, 0.675, 0.874, 0.011, 0.034, 0.003, 0.026, 0.002, 1.045, 0.066),
-        "CVAE": _row(0.0014, 0.0005, 32.804, 1.631, 0.969, 0.008, 0.009, 0.002, 0.007, 0.001, 1.058, 0.022),
-        "CNF": _row(0.0011, 0.0005, 33.789, 2.715, 0.969, 0.007, 0.008, 0.001, 0.006, 0.001, 0.920, 0.020),
-        "CSD*": _row(0.0015, 0.0006, 32.673, 4.670, 0.976, 0.009, 0.006, 0.002, 0.005, 0.001, 1.001, 0.002),
-    },
-    2: {  # Test 1: 4 anomalies, 40 dB
-        "GN": _row(0.0140, 0.006, 26.317, 1.034, 0.794, 0.047, 0.061, 0.015, 0.078, 0.019, 1.199, 0.107),
-        "CVAE": _row(0.0121, 0.004, 26.282, 1.507, 0.882, 0.019, 0.033, 0.006, 0.042, 0.008, 1.110, 0.068),
-        "CNF": _row(0.0040, 0.003, 30.981, 2.764, 0.962, 0.021, 0.014, 0.006, 0.011, 0.005, 0.752, 0.044),
-        "CSD*": _row(0.0070, 0.004, 28.217, 2.499, 0.952, 0.025, 0.014, 0.007, 0.011, 0.006, 1.000, 0.004),
-    },
-    3: {  # Test 2: 2 anomalies, 25 dB (CSD* prior trained on 40 dB)
-        "GN": _row(0.0067, 0.0009, 24.271, 0.992, 0.804, 0.018, 0.059, 0.004, 0.046, 0.003, 0.891, 0.068),
-        "CVAE": _row(0.0035, 0.0015, 28.996, 1.812, 0.945, 0.014, 0.014, 0.004, 0.011, 0.003, 1.062, 0.025),
-        "CNF": _row(0.0063, 0.0014, 25.652, 2.807, 0.932, 0.019, 0.018, 0.006, 0.014, 0.005, 0.933, 0.131),
-        "CSD*": _row(0.0060, 0.0025, 25.453, 2.807, 0.932, 0.019, 0.018, 0.006, 0.014, 0.005, 0.933, 0.132),
-    },
-    4: {  # Test 2: 4 anomalies, 25 dB (CSD* prior trained on 40 dB)
-        "GN": _row(0.0164, 0.003, 24.752, 1.018, 0.747, 0.031, 0.092, 0.012, 0.072, 0.009, 1.108, 0.129),
-        "CVAE": _row(0.0134, 0.005, 25.838, 1.416, 0.868, 0.023, 0.044, 0.010, 0.035, 0.007, 1.104, 0.031),
-        "CNF": _row(0.0093, 0.004, 26.839, 1.760, 0.922, 0.019, 0.026, 0.007, 0.020, 0.006, 0.631, 0.065),
-        "CSD*": _row(0.0100, 0.004, 26.347, 1.768, 0.928, 0.022, 0.020, 0.009, 0.016, 0.007, 0.999, 0.002),
-    },
-    5: {  # Test 3: trained on 4 anomalies / 40 dB, tested on 2 anomalies / 40 dB
-        "CVAE": _row(0.0061, 0.0028, 27.965, 1.209, 0.919, 0.013, 0.027, 0.007, 0.021, 0.005, 1.262, 0.192),
-        "CNF": _row(0.0008, 0.0004, 35.031, 2.691, 0.973, 0.006, 0.008, 0.001, 0.006, 0.001, 0.805, 0.041),
-        "CSD*": _row(0.0015, 0.0009, 34.082, 7.267, 0.966, 0.023, 0.008, 0.004, 0.006, 0.003, 1.003, 0.005),
-    },
-    6: {  # Test 3: trained on 4 anomalies / 40 dB, tested on 2 anomalies / 25 dB
-        "CVAE": _row(0.0149, 0.006, 24.459, 1.628, 0.870, 0.030, 0.048, 0.014, 0.038, 0.011, 1.313, 0.198),
-        "CNF": _row(0.0074, 0.0023, 25.067, 1.388, 0.903, 0.018, 0.024, 0.005, 0.019, 0.004, 0.596, 0.094),
-        "CSD*": _row(0.0064, 0.0024, 24.747, 2.809, 0.918, 0.024, 0.021, 0.007, 0.016, 0.005, 0.903, 0.153),
-    },
-}
-
-# Test 3 tables have no GN row: the same GN reconstruction is in the table with that test set
-PAPER_GN_TABLE = {1: 1, 2: 2, 3: 3, 4: 4, 5: 1, 6: 3}
-
-# the paper's model sizes (REFERENCE.md section 2), for the efficiency table
-PAPER_PARAMETERS = {"CVAE": 0.94e6, "CNF": 4.8e6, "CSD*": 4.1e6}
-
-
-def paper_mse_change(table: int, method: str) -> float | None:
-    """The paper's relative MSE change of ``method`` against GN in ``table``, in percent."""
-    rows = PAPER_RESULTS.get(table, {})
-    if method not in rows:
-        return None
-    gn = PAPER_RESULTS[PAPER_GN_TABLE[table]]["GN"]["MSE"][0]
-    return 100.0 * (rows[method]["MSE"][0] - gn) / gn
 
 
 def format_metric(metric: str, summary: Summary) -> str:
@@ -217,19 +159,19 @@ SAMPLER_TEXT = {
 }
 
 
-def setting_section(sr, cfg: dict) -> str:
-    """One results table of a run (a ``SettingResult`` of :mod:`dgm_eit.experiments`)."""
+def setting_section(sr: SettingResult, cfg: dict) -> str:
+    """One results table of a run."""
     s = sr.setting
     lines = [f"### {s.title} (paper Table {s.paper_table})", ""]
-    gn = sr.get("gn")
+    gn = sr.get(GAUSS_NEWTON.key)
     rows, extra = {}, {}
     for mr in sr.methods:
         label = mr.name if mr.train_set is None or mr.train_set == s.data else f"{mr.name} ({mr.train_set.label})"
         rows[label] = mr.summaries
         ours = None
-        if gn is not None and mr.method != "gn":
+        if gn is not None and mr.method != GAUSS_NEWTON.key:
             ours = 100.0 * (mr.summaries["MSE"].mean - gn.summaries["MSE"].mean) / gn.summaries["MSE"].mean
-        paper = paper_mse_change(s.paper_table, mr.name) if mr.method != "gn" else None
+        paper = paper_mse_change(s.paper_table, mr.name) if mr.method != GAUSS_NEWTON.key else None
         extra[label] = {"MSE vs GN": format_percent(ours), "paper MSE vs GN": format_percent(paper)}
     if rows:
         n = next(iter(sr.methods)).summaries["MSE"].n
@@ -239,8 +181,6 @@ def setting_section(sr, cfg: dict) -> str:
                      + ", ".join(f"{m} MSE {v['MSE'][0]:.4f} / SSIM {v['SSIM'][0]:.3f}"
                                  for m, v in PAPER_RESULTS[s.paper_table].items()) + ".")
     if sr.gn_settings:
-        from dgm_eit.recon.tuning import describe
-
         lines += ["", f"GN: {describe(sr.gn_settings)}; the models that read a GN image read these."]
     for mr in sr.methods:
         if mr.sampling:
@@ -255,14 +195,11 @@ def setting_section(sr, cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def efficiency_section(result) -> str:
-    from dgm_eit.experiments import METHOD_NAMES
-
+def efficiency_section(result: RunResult) -> str:
     rows = []
     for row in result.efficiency:
-        name = METHOD_NAMES[row.method]
-        paper = PAPER_PARAMETERS.get(name if row.method != "guided" else "CSD*")
-        rows.append([name, row.train_set.label if row.train_set else "-", _count(row.parameters),
+        paper = PAPER_PARAMETERS.get(row.model)
+        rows.append([row.name, row.train_set.label if row.train_set else "-", _count(row.parameters),
                      _count(paper) if paper else "-", _seconds(row.train_seconds), _count(row.train_steps),
                      _seconds(row.seconds_per_image), _count(row.nfe), row.device])
     text = markdown_table(["Method", "trained on", "parameters", "paper parameters", "training wall time",
@@ -273,15 +210,15 @@ def efficiency_section(result) -> str:
                    "validation sweep that chose CSD*'s t0 (`[run]` csd_tune_*).")
 
 
-def beats_gn_section(result) -> str:
+def beats_gn_section(result: RunResult) -> str:
     lines = []
     for sr in result.settings:
-        gn = sr.get("gn")
+        gn = sr.get(GAUSS_NEWTON.key)
         if gn is None:
             continue
         verdicts = []
         for mr in sr.methods:
-            if mr.method == "gn":
+            if mr.method == GAUSS_NEWTON.key:
                 continue
             better = mr.summaries["MSE"].mean < gn.summaries["MSE"].mean
             verdicts.append(f"{mr.name} {'yes' if better else '**no**'}")
@@ -289,7 +226,7 @@ def beats_gn_section(result) -> str:
     return "\n".join(lines)
 
 
-def stages_section(result) -> str:
+def stages_section(result: RunResult) -> str:
     rows = []
     for name, record in result.stages.items():
         status = record.get("status", "?")
@@ -309,8 +246,8 @@ def expected_time(cfg: dict) -> str:
     return str(cfg["run"]["expected_time"])
 
 
-def render_report(result) -> str:
-    """The text of ``report.md`` for a ``RunResult`` of :mod:`dgm_eit.experiments`."""
+def render_report(result: RunResult) -> str:
+    """The text of ``report.md``."""
     cfg = result.cfg
     data = cfg["data"]
     # stages reused from earlier (interrupted) calls keep the time they took then
@@ -333,8 +270,7 @@ def render_report(result) -> str:
         "Bold: the best mean of each column. \"MSE vs GN\" is the relative change of the mean MSE against Gauss-Newton on the same test set, "
         "ours beside the paper's. Figures share one colour scale per figure (the ground truth's range).",
     ]
-    for test, heading in (("T1", "Test 1: low noise"), ("T2", "Test 2: high noise"),
-                          ("T3", "Test 3: generalisation (trained on 4 anomalies)")):
+    for test, (heading, _) in TESTS.items():
         sections = [sr for sr in result.settings if sr.setting.test == test]
         if not sections:
             continue
@@ -350,7 +286,7 @@ def render_report(result) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result) -> dict[str, Path]:
+def write_outputs(result: RunResult) -> dict[str, Path]:
     """Write ``report.md``, ``metrics.csv`` and ``metrics_per_sample.csv``; figures are already in place."""
     out = Path(result.out)
     paths = {"report": out / "report.md", "metrics": out / "metrics.csv",

@@ -2,19 +2,15 @@
 
 The trainer knows a model only through :class:`~dgm_eit.models.base.GenerativeModel`:
 its stages, the parameters each stage trains, the stage's settings and its loss. It
-owns everything else: the run directory, data order, optimiser, learning-rate warm-up
-and schedule, gradient clipping, EMA, early stopping, checkpoints and resume, and
-DistributedDataParallel when started by ``torchrun``.
+owns everything else: data order, optimiser, learning-rate warm-up and schedule,
+gradient clipping, EMA, early stopping, checkpoints and resume, and
+DistributedDataParallel when started by ``torchrun``. What it writes is laid out in
+:mod:`dgm_eit.runs`.
 
-Run directory::
-
-    config.json          {"model", "data", "seed", "config"}: what the run was made with
-    data_info.json       shapes and normalisation statistics of the training split
-    checkpoints/last.pt  everything needed to continue (written atomically)
-    metrics.csv          one row per epoch
-    best.safetensors     weights with the best validation loss of the latest stage
-    model.safetensors    final weights (EMA where the stage uses it)
-    done                 marker: training finished
+Per stage, as NVlabs/edm's ``training_loop``: everything the stage needs (optimiser, EMA,
+data order, the loss module) is built once by :meth:`Trainer._setup_stage`, then
+:meth:`Trainer._train_epoch` and :meth:`Trainer._end_epoch` alternate until the stage's
+epochs or patience run out, and :meth:`Trainer._finish_stage` hands its weights on.
 
 Resume is exact on CPU: the data order comes from a ``torch.Generator`` whose state at
 the start of the current epoch is checkpointed (the permutation is regenerated and the
@@ -25,9 +21,7 @@ neither depends on nor disturbs the training noise.
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import math
 import os
 import sys
@@ -38,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dgm_eit.config import flatten
+from dgm_eit import runs
+from dgm_eit.data.storage import dataset_gn_settings, read_split, split_sizes
 from dgm_eit.errors import InputError
-from dgm_eit.files import write_bytes, write_text
+from dgm_eit.files import write_bytes
 from dgm_eit.runtime import check_seed
 from dgm_eit.models import MODELS
 from dgm_eit.models.base import DataInfo, GenerativeModel
@@ -48,62 +43,7 @@ from dgm_eit.models.base import DataInfo, GenerativeModel
 STAGE_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "grad_clip", "warmup_steps", "ema",
               "schedule", "patience")
 SCHEDULES = ("constant", "cosine", "plateau")
-METRIC_FIELDS = ("stage", "epoch", "step", "train_loss", "val_loss", "lr", "wall_s")
 CHECKPOINT_FORMAT = 1
-
-
-# ---------------------------------------------------------------------------------
-# small utilities
-
-
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Model state as safetensors, written atomically (tensors copied: safetensors refuses shared storage)."""
-    from safetensors.torch import save
-
-    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    write_bytes(path, save(state, metadata={"format": "pt"}))
-
-
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise InputError(f"{path} does not exist")
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises several error types for a damaged file
-        raise InputError(f"{path} is not a readable safetensors file ({err})") from None
-    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:   # they would give NaN images with exit 0
-        raise InputError(f"{path} holds NaN or infinite weights (in {bad[0]}{' and others' if len(bad) > 1 else ''})")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise InputError(f"{path} does not match the model in this run: {_state_dict_error(err)}") from None
-
-
-def _state_dict_error(err: RuntimeError) -> str:
-    """The informative part of torch's multi-line load_state_dict error."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    detail = lines[1:] or lines
-    return "; ".join(detail[:2])[:300]
-
-
-def read_split_arrays(path: Path, split: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    from dgm_eit.data.storage import read_split
-
-    return read_split(path, split, keys=keys)
-
-
-def _config_differences(old: dict, new: dict, limit: int = 6) -> list[str]:
-    a, b = flatten(old), flatten(new)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
-    if len(diffs) > limit:
-        diffs = diffs[:limit] + [f"... ({len(diffs) - limit} more)"]
-    return diffs
 
 
 # ---------------------------------------------------------------------------------
@@ -282,6 +222,28 @@ class TrainResult:
     stopped_by: str | None = None   # "max_minutes" | "stop_after_steps" | None
 
 
+@dataclass
+class StageContext:
+    """What one training stage is run with, built once by ``Trainer._setup_stage``."""
+
+    stage: str
+    settings: dict              # the stage's [<model>.<stage>] table
+    params: list
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    data_order: torch.Generator
+    loss_module: torch.nn.Module   # the model's loss, DDP-wrapped when distributed
+    per_rank: int               # training examples each rank sees per epoch
+    batch_size: int             # per rank
+    steps_per_epoch: int
+    total_steps: int
+    last_checkpoint: float      # perf_counter time of the latest checkpoint
+
+    @property
+    def epochs(self) -> int:
+        return int(self.settings["epochs"])
+
+
 class _StageLoss(torch.nn.Module):
     """Gives DDP a forward() that is the model's loss for one stage."""
 
@@ -298,58 +260,6 @@ class _Stop(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-def run_meta(model_name: str, data_path: Path, seed: int, cfg: dict) -> dict:
-    return {"model": model_name, "data": str(Path(data_path).resolve()), "seed": int(seed), "config": cfg}
-
-
-# trainer settings that change how a run proceeds but not what it computes
-_RESUME_FREE_KEYS = ("threads", "progress", "checkpoint_minutes")
-
-
-def _training_relevant(cfg: dict, model_name: str) -> dict:
-    """The config sections a resumed run must share with the original: the model's own
-    section and the trainer's numerics (other models' sections may change freely)."""
-    train_cfg = {k: v for k, v in cfg.get("train", {}).items() if k not in _RESUME_FREE_KEYS}
-    return {model_name: cfg.get(model_name, {}), "train": train_cfg}
-
-
-def _prepare_run_dir(out: Path, meta: dict, dist: Dist) -> bool:
-    """Create or validate the run directory; True when it already holds a finished run."""
-    cfg_path = out / "config.json"
-    if cfg_path.is_file():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as err:
-            raise InputError(f"{cfg_path} is not valid JSON ({err}); use a new --out") from None
-        if old.get("model") != meta["model"]:
-            raise InputError(f"{out} holds a {old.get('model')!r} run, not {meta['model']!r}; use a new --out")
-        if old.get("data") != meta["data"]:
-            raise InputError(f"{out} was trained on {old.get('data')}, not {meta['data']}; use a new --out")
-        if old.get("seed") != meta["seed"]:
-            raise InputError(f"{out} was trained with --seed {old.get('seed')}, not {meta['seed']}; use a new --out")
-        name = meta["model"]
-        diffs = _config_differences(_training_relevant(old.get("config", {}), name),
-                                    _training_relevant(meta["config"], name))
-        if diffs:
-            raise InputError(f"{out} was made with a different config ({'; '.join(diffs)}); "
-                             "re-run with the same settings to resume, or use a new --out")
-        return (out / "done").is_file()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"{out} exists and is not a dgm-eit run directory (no config.json); use a new --out")
-    if dist.main:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_text(cfg_path, json.dumps(meta, indent=2, sort_keys=True))
-    return False
-
-
-def _write_metrics(out: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out / "metrics.csv", buf.getvalue())
 
 
 def _batches(arrays: dict[str, torch.Tensor], idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
@@ -395,9 +305,9 @@ class Trainer:
     def _load_data(self) -> None:
         keys = tuple(self.model_cls.data_keys)
         need = tuple(dict.fromkeys(("sigma", "v") + keys))   # DataInfo needs sigma and v
-        train = read_split_arrays(self.data_path, "train", need)
+        train = read_split(self.data_path, "train", keys=need)
         self.info = DataInfo.from_arrays(train["sigma"], train["v"])
-        val = read_split_arrays(self.data_path, "val", keys)
+        val = read_split(self.data_path, "val", keys=keys)
         # a NaN in the data would surface later as a NaN loss with advice to lower the lr
         for split, arrays in (("train", train), ("val", val)):
             for key, a in arrays.items():
@@ -424,7 +334,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------
     def _checkpoint_path(self) -> Path:
-        return self.out / "checkpoints" / "last.pt"
+        return self.out / runs.CHECKPOINT_FILE
 
     def _save_checkpoint(self, st: TrainState, optimizer, ema: EMA | None, epoch_gen_state) -> None:
         if not self.dist.main:
@@ -443,7 +353,7 @@ class Trainer:
         buf = io.BytesIO()
         torch.save(state, buf)
         write_bytes(self._checkpoint_path(), buf.getvalue())
-        _write_metrics(self.out, st.metrics)
+        runs.write_training_metrics(self.out, st.metrics)
 
     def _load_checkpoint(self) -> dict | None:
         path = self._checkpoint_path()
@@ -471,7 +381,7 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"], strict=True)
         except RuntimeError as err:
-            raise InputError(f"checkpoint {path} does not match the model ({_state_dict_error(err)}); "
+            raise InputError(f"checkpoint {path} does not match the model ({runs.state_dict_error(err)}); "
                              "delete it to start again") from None
         return state
 
@@ -479,7 +389,6 @@ class Trainer:
     def run(self) -> TrainResult:
         from contextlib import nullcontext
 
-        from dgm_eit.data.storage import split_sizes
         from dgm_eit.files import output_lock, require_file
 
         try:
@@ -496,17 +405,14 @@ class Trainer:
             self.dist.close()
 
     def _run(self) -> TrainResult:
-        meta = run_meta(self.model_name, self.data_path, self.seed, self.cfg)
-        # models that read GN images must make them for new voltages exactly as the data set did
-        from dgm_eit.data.storage import dataset_gn_settings
-        meta["gn_settings"] = dataset_gn_settings(self.data_path)
+        meta = runs.run_meta(self.model_name, self.data_path, self.seed, self.cfg, dataset_gn_settings(self.data_path))
         fresh = not self.out.exists()
         # rank 0 creates the directory first, so the others find a complete config.json
         if self.dist.main:
-            finished = _prepare_run_dir(self.out, meta, self.dist)
+            finished = runs.prepare_run_dir(self.out, meta, create=True)
         self.dist.barrier()
         if not self.dist.main:
-            finished = _prepare_run_dir(self.out, meta, self.dist)
+            finished = runs.prepare_run_dir(self.out, meta, create=False)
         if finished:
             return TrainResult(self.out, True, -1, None)
         try:
@@ -522,7 +428,7 @@ class Trainer:
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
         if self.dist.main:
-            self.info.save(self.out / "data_info.json")
+            self.info.save(self.out / runs.DATA_INFO_FILE)
 
         saved = self._load_checkpoint()
         st = TrainState()
@@ -550,8 +456,8 @@ class Trainer:
                 self.dist.barrier()
                 return TrainResult(self.out, False, st.step, stopped)
         if self.dist.main:
-            save_weights(self.model, self.out / "model.safetensors")
-            write_text(self.out / "done", json.dumps({"step": st.step, "wall_s": round(st.wall_s, 3)}))
+            runs.save_weights(self.model, runs.weights_path(self.out, "model"))
+            runs.mark_finished(self.out, st.step, st.wall_s)
         self.dist.barrier()
         return TrainResult(self.out, True, st.step, None)
 
@@ -559,6 +465,32 @@ class Trainer:
         return self.wall_at_start + (time.perf_counter() - self.started)
 
     def _run_stage(self, st: TrainState, stage: str, saved: dict | None) -> str | None:
+        """Train one stage to its end; the reason when a budget stopped it first, else None."""
+        ctx = self._setup_stage(st, stage, saved)
+        bar = None
+        if self.progress and self.dist.main:
+            from tqdm import tqdm
+            bar = tqdm(total=ctx.total_steps, initial=st.stage_step, desc=f"{self.model.name}/{stage}",
+                       unit="step", dynamic_ncols=True, file=sys.stderr, leave=True)
+        try:
+            while st.epoch < ctx.epochs and not st.stage_finished:
+                self._train_epoch(ctx, st, bar)
+                st.stage_finished = self._end_epoch(ctx, st)
+                st.wall_s = self._wall()
+                self._save_checkpoint(st, ctx.optimizer, ctx.ema, ctx.data_order.get_state())
+                ctx.last_checkpoint = time.perf_counter()
+        except _Stop as stop:
+            return stop.reason
+        finally:
+            # closed first, so the CLI's "interrupted" line starts on a line of its own
+            if bar is not None:
+                bar.close()
+        self._finish_stage(ctx, st)
+        return None
+
+    def _setup_stage(self, st: TrainState, stage: str, saved: dict | None) -> StageContext:
+        """Optimiser, EMA, data order and loss module of ``stage``, restored from ``saved``
+        (the checkpoint being resumed) when given."""
         model = self.model
         sc = stage_settings(model, stage)
         params = model.stage_parameters(stage)
@@ -570,7 +502,7 @@ class Trainer:
 
         optimizer = torch.optim.Adam(params, lr=float(sc["lr"]), weight_decay=float(sc["weight_decay"]))
         ema = EMA(params, float(sc["ema"])) if float(sc["ema"]) > 0 else None
-        data_gen = torch.Generator().manual_seed(self.seed * 1000 + st.stage_index)
+        data_order = torch.Generator().manual_seed(self.seed * 1000 + st.stage_index)
         if saved is not None:
             if saved["optimizer"] is not None:
                 try:
@@ -583,7 +515,7 @@ class Trainer:
                     raise InputError("checkpoint has no EMA state but the stage uses EMA; delete it to start again")
                 ema.load_state_dict(saved["ema"])
             try:
-                data_gen.set_state(saved["data_generator"])
+                data_order.set_state(saved["data_generator"])
             except (RuntimeError, TypeError) as err:
                 raise InputError(f"checkpoint data-order state is damaged ({err}); delete "
                                  f"{self._checkpoint_path()} to start again") from None
@@ -600,93 +532,75 @@ class Trainer:
             raise InputError(f"train split has {self.n_train} examples, fewer than {self.dist.world} ranks")
         # BatchNorm cannot train on a batch of one; drop a short last batch when there are full ones
         steps_per_epoch = per_rank // batch_size if per_rank >= batch_size else 1
-        eff_batch = min(batch_size, per_rank)
-        total_steps = steps_per_epoch * int(sc["epochs"])
-        min_lr = float(self.tcfg["min_lr"])
+        return StageContext(stage=stage, settings=sc, params=params, optimizer=optimizer, ema=ema,
+                            data_order=data_order, loss_module=loss_module, per_rank=per_rank,
+                            batch_size=min(batch_size, per_rank), steps_per_epoch=steps_per_epoch,
+                            total_steps=steps_per_epoch * int(sc["epochs"]), last_checkpoint=time.perf_counter())
+
+    def _learning_rate(self, ctx: StageContext, st: TrainState) -> float:
+        return learning_rate(ctx.settings, st.stage_step, ctx.total_steps, st.plateau_scale,
+                             float(self.tcfg["min_lr"]))
+
+    def _train_epoch(self, ctx: StageContext, st: TrainState, bar) -> None:
+        """The batches of one epoch from ``st.batch`` on; raises :class:`_Stop` when a budget runs
+        out (after a checkpoint, as on Ctrl-C)."""
+        model, sc = self.model, ctx.settings
+        # a checkpoint taken mid-epoch stores this state: resume regenerates the permutation
+        epoch_start = ctx.data_order.get_state()
+        perm = torch.randperm(self.n_train, generator=ctx.data_order)
+        mine = perm[self.dist.rank::self.dist.world][:ctx.per_rank]
         checkpoint_every = float(self.tcfg["checkpoint_minutes"]) * 60.0
-        last_checkpoint = time.perf_counter()
-
-        bar = None
-        if self.progress and self.dist.main:
-            from tqdm import tqdm
-            bar = tqdm(total=total_steps, initial=st.stage_step, desc=f"{model.name}/{stage}",
-                       unit="step", dynamic_ncols=True, file=sys.stderr, leave=True)
-
-        def lr_now() -> float:
-            return learning_rate(sc, st.stage_step, total_steps, st.plateau_scale, min_lr)
-
+        model.set_train_mode(ctx.stage)
         try:
-            while st.epoch < int(sc["epochs"]) and not st.stage_finished:
-                epoch_gen_state = data_gen.get_state()
-                perm = torch.randperm(self.n_train, generator=data_gen)
-                mine = perm[self.dist.rank::self.dist.world][:per_rank]
-                model.set_train_mode(stage)
-                try:
-                    while st.batch < steps_per_epoch:
-                        idx = mine[st.batch * eff_batch:(st.batch + 1) * eff_batch]
-                        batch = _batches(self.train_arrays, idx, self.device)
-                        lr = lr_now()
-                        for group in optimizer.param_groups:
-                            group["lr"] = lr
-                        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                            loss = loss_module(batch)
-                        if not torch.isfinite(loss):
-                            raise InputError(f"{model.name} stage {stage!r}: loss is {loss.item()} at step "
-                                             f"{st.step}; lower {model.name}.{stage}.lr or set grad_clip")
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        if float(sc["grad_clip"]) > 0:
-                            torch.nn.utils.clip_grad_norm_(params, float(sc["grad_clip"]))
-                        optimizer.step()
-                        if ema is not None:
-                            ema.update()
-                        value = float(loss.detach())
-                        st.loss_sum += value
-                        st.loss_count += 1
-                        st.batch += 1
-                        st.step += 1
-                        st.stage_step += 1
-                        self.steps_this_call += 1
-                        if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix(epoch=f"{st.epoch + 1}/{sc['epochs']}",
-                                            loss=f"{st.loss_sum / st.loss_count:.4g}", lr=f"{lr:.2g}")
-                        reason = None
-                        if self.max_seconds is not None and time.perf_counter() - self.started >= self.max_seconds:
-                            reason = "max_minutes"
-                        if self.stop_after_steps is not None and self.steps_this_call >= self.stop_after_steps:
-                            reason = "stop_after_steps"
-                        if self.dist.any_flag(reason is not None, self._flag_device()):
-                            raise _Stop(reason or "max_minutes")
-                        if time.perf_counter() - last_checkpoint >= checkpoint_every and st.batch < steps_per_epoch:
-                            st.wall_s = self._wall()
-                            self._save_checkpoint(st, optimizer, ema, epoch_gen_state)
-                            last_checkpoint = time.perf_counter()
-                except (_Stop, KeyboardInterrupt):
+            while st.batch < ctx.steps_per_epoch:
+                idx = mine[st.batch * ctx.batch_size:(st.batch + 1) * ctx.batch_size]
+                batch = _batches(self.train_arrays, idx, self.device)
+                lr = self._learning_rate(ctx, st)
+                for group in ctx.optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                    loss = ctx.loss_module(batch)
+                if not torch.isfinite(loss):
+                    raise InputError(f"{model.name} stage {ctx.stage!r}: loss is {loss.item()} at step "
+                                     f"{st.step}; lower {model.name}.{ctx.stage}.lr or set grad_clip")
+                ctx.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if float(sc["grad_clip"]) > 0:
+                    torch.nn.utils.clip_grad_norm_(ctx.params, float(sc["grad_clip"]))
+                ctx.optimizer.step()
+                if ctx.ema is not None:
+                    ctx.ema.update()
+                st.loss_sum += float(loss.detach())
+                st.loss_count += 1
+                st.batch += 1
+                st.step += 1
+                st.stage_step += 1
+                self.steps_this_call += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=f"{st.epoch + 1}/{sc['epochs']}",
+                                    loss=f"{st.loss_sum / st.loss_count:.4g}", lr=f"{lr:.2g}")
+                reason = None
+                if self.max_seconds is not None and time.perf_counter() - self.started >= self.max_seconds:
+                    reason = "max_minutes"
+                if self.stop_after_steps is not None and self.steps_this_call >= self.stop_after_steps:
+                    reason = "stop_after_steps"
+                if self.dist.any_flag(reason is not None, self._flag_device()):
+                    raise _Stop(reason or "max_minutes")
+                if time.perf_counter() - ctx.last_checkpoint >= checkpoint_every and st.batch < ctx.steps_per_epoch:
                     st.wall_s = self._wall()
-                    self._save_checkpoint(st, optimizer, ema, epoch_gen_state)
-                    raise
-
-                st.stage_finished = self._end_epoch(st, stage, sc, ema, lr_now())
-                st.wall_s = self._wall()
-                self._save_checkpoint(st, optimizer, ema, data_gen.get_state())
-                last_checkpoint = time.perf_counter()
-                if st.stage_finished:
-                    break
-        except _Stop as stop:
-            if bar is not None:
-                bar.close()
-            return stop.reason
-        except KeyboardInterrupt:
-            # close the bar first, so the CLI's "interrupted" line starts on a line of its own
-            if bar is not None:
-                bar.close()
+                    self._save_checkpoint(st, ctx.optimizer, ctx.ema, epoch_start)
+                    ctx.last_checkpoint = time.perf_counter()
+        except (_Stop, KeyboardInterrupt):
+            st.wall_s = self._wall()
+            self._save_checkpoint(st, ctx.optimizer, ctx.ema, epoch_start)
             raise
-        if bar is not None:
-            bar.close()
 
-        if ema is not None:
-            ema.swap()   # the stage ends with its averaged weights; later stages build on them
+    def _finish_stage(self, ctx: StageContext, st: TrainState) -> None:
+        """Close the stage: its averaged weights stay (later stages build on them) and the
+        state moves to the next stage, checkpointed."""
+        if ctx.ema is not None:
+            ctx.ema.swap()
         st.stage_index += 1
         st.epoch = st.batch = st.stage_step = st.loss_count = 0
         st.stage_finished = False
@@ -694,26 +608,29 @@ class Trainer:
         st.best_val, st.bad_epochs = math.inf, 0
         st.plateau_scale, st.plateau_best, st.plateau_bad = 1.0, math.inf, 0
         st.wall_s = self._wall()
-        next_gen = torch.Generator().manual_seed(self.seed * 1000 + st.stage_index).get_state()
-        self._save_checkpoint(st, None, None, next_gen)
-        return None
+        next_order = torch.Generator().manual_seed(self.seed * 1000 + st.stage_index).get_state()
+        self._save_checkpoint(st, None, None, next_order)
 
     def _flag_device(self):
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def _end_epoch(self, st: TrainState, stage: str, sc: dict, ema: EMA | None, lr: float) -> bool:
+    def _end_epoch(self, ctx: StageContext, st: TrainState) -> bool:
+        """Validate, keep the best weights, step the plateau schedule, log the epoch; True when
+        the stage stops early."""
+        sc, ema = ctx.settings, ctx.ema
+        lr = self._learning_rate(ctx, st)
         train_loss = self.dist.mean(st.loss_sum / max(1, st.loss_count), self._flag_device())
         if ema is not None:
             ema.swap()
         try:
-            val_loss = self.validate(stage, int(sc["batch_size"]))
+            val_loss = self.validate(ctx.stage, int(sc["batch_size"]))
             score = val_loss if math.isfinite(val_loss) else train_loss
             improved = score < st.best_val
             if improved:
                 st.best_val = score
                 st.bad_epochs = 0
                 if self.dist.main:
-                    save_weights(self.model, self.out / "best.safetensors")
+                    runs.save_weights(self.model, runs.weights_path(self.out, "best"))
             else:
                 st.bad_epochs += 1
         finally:
@@ -729,7 +646,7 @@ class Trainer:
                     st.plateau_bad = 0
         st.epoch += 1
         st.metrics.append({
-            "stage": stage, "epoch": st.epoch, "step": st.step,
+            "stage": ctx.stage, "epoch": st.epoch, "step": st.step,
             "train_loss": f"{train_loss:.6g}", "val_loss": f"{val_loss:.6g}", "lr": f"{lr:.6g}",
             "wall_s": f"{self._wall():.2f}",
         })
@@ -768,43 +685,3 @@ def train(model_name: str, data_path, out_dir, cfg: dict, *, seed: int = 0, devi
     would, but with a checkpoint); tests use it to check resume."""
     return Trainer(model_name, data_path, out_dir, cfg, seed=seed, device=device, max_minutes=max_minutes,
                    stop_after_steps=stop_after_steps, progress=progress).run()
-
-
-def load_run(run_dir, device="cpu", weights: str = "model") -> tuple[GenerativeModel, dict, DataInfo]:
-    """Load a trained run: ``(model in eval mode, full config, DataInfo)``.
-
-    ``weights`` is ``"model"`` (final) or ``"best"`` (best validation loss)."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise InputError(f"run directory {run} does not exist")
-    cfg_path, info_path = run / "config.json", run / "data_info.json"
-    if not cfg_path.is_file():
-        raise InputError(f"{run} is not a dgm-eit run directory (no config.json)")
-    try:
-        meta = json.loads(cfg_path.read_text())
-        name, cfg = meta["model"], meta["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise InputError(f"{cfg_path} is damaged ({err})") from None
-    from dgm_eit.recon.tuning import apply_gn_settings
-
-    cfg = apply_gn_settings(cfg, meta.get("gn_settings") or {})
-    if not info_path.is_file():
-        raise InputError(f"{run} has no data_info.json; the run never started training")
-    try:
-        info = DataInfo.load(info_path)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise InputError(f"{info_path} is damaged ({err})") from None
-    if weights not in ("model", "best"):
-        raise InputError(f"weights must be 'model' or 'best', got {weights!r}")
-    path = run / f"{weights}.safetensors"
-    if not path.is_file():
-        hint = " (training has not finished: re-run the same dgm-eit train command to resume)" \
-            if weights == "model" else ""
-        raise InputError(f"{run} has no {path.name}{hint}")
-    from dgm_eit import runtime
-
-    model = MODELS[name](cfg[name], info)
-    load_weights(model, path)
-    model.to(runtime.resolve_device(device) if isinstance(device, str) else device)
-    model.eval()
-    return model, cfg, info

@@ -8,12 +8,15 @@ the models were trained on at the test noise level: ``experiments.tuning_spec``)
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-import torch
 
+from dgm_eit import runtime
+from dgm_eit.data.storage import read_split
+from dgm_eit.errors import InputError
 from dgm_eit.metrics import per_sample
+from dgm_eit.models.posterior import SETTING_KEYS
+from dgm_eit.reconstruct import reconstruct_arrays
+from dgm_eit.runs import load_run
 
 
 def default_t0_grid(t0: float) -> list[float]:
@@ -25,28 +28,19 @@ def sweep(model, cfg: dict, arrays: dict, *, t0s, steps, modes, solver, correcto
     """One row per (mode, t0, n_steps): MSE and SSIM means over ``arrays`` (sigma, gn, v), NFE, time.
 
     Every setting reuses the same seed, so differences come from the setting, not the noise."""
-    device = next(iter(model.buffers())).device
     rows = []
     for mode in modes:
         for n_steps in steps:
             for t0 in t0s:
-                generator = torch.Generator(device=device).manual_seed(int(seed))
-                recon, nfe, seconds = [], 0, 0.0
-                for start in range(0, len(arrays["gn"]), batch_size):
-                    batch = {k: torch.from_numpy(a[start:start + batch_size]).to(device) for k, a in arrays.items()
-                             if k != "sigma"}
-                    tic = time.perf_counter()
-                    out = model.reconstruct(batch, n_samples=1, generator=generator, config=cfg, sampler=sampler,
-                                            t0=t0, n_steps=n_steps, mode=mode, solver=solver,
-                                            corrector_steps=corrector_steps)
-                    seconds += time.perf_counter() - tic
-                    recon.append(out["recon"].float().cpu().numpy())
-                    nfe = max(nfe, int(out["nfe"]))
-                metrics = per_sample(np.concatenate(recon), arrays["sigma"])
+                out = reconstruct_arrays(model, arrays["v"], arrays["gn"], n_samples=1, seed=seed,
+                                         batch_size=batch_size, config=cfg, sampler=sampler, t0=t0, n_steps=n_steps,
+                                         mode=mode, solver=solver, corrector_steps=corrector_steps)
+                metrics = per_sample(out["recon"], arrays["sigma"])
+                nfe = out["nfe"]
                 row = {"mode": mode, "solver": solver, "t0": float(t0), "n_steps": int(n_steps),
                        "corrector_steps": int(corrector_steps), "nfe": nfe,
                        "mse": float(np.mean(metrics["MSE"])), "ssim": float(np.mean(metrics["SSIM"])),
-                       "seconds_per_image": seconds / len(arrays["gn"])}
+                       "seconds_per_image": out["seconds_per_image"]}
                 rows.append(row)
                 if log is not None:
                     log(f"  {mode:8s} t0={t0:<6g} steps={n_steps:<5d} nfe={nfe:<5d} "
@@ -61,20 +55,12 @@ def pick_best(rows: list[dict], tolerance: float = 0.0) -> dict:
     return min(ok, key=lambda r: (r["nfe"], r["mse"]))
 
 
-SETTING_KEYS = ("t0", "n_steps", "mode", "solver", "corrector_steps")
-
-
 def tune_on_validation(run_dir, data_path, cfg: dict, *, t0s, steps, n_images: int, seed: int,
                        device: str = "cpu", sampler: str = "csd") -> tuple[dict, list[dict]]:
     """Sweep ``t0s`` x ``steps`` for the score prior in ``run_dir`` on the first ``n_images``
     of ``data_path``'s validation split; ``cfg`` supplies the rest of ``[csd]``.
 
-    Returns the lowest-MSE setting (the keys of :data:`SETTING_KEYS`) and the sweep table."""
-    from dgm_eit import runtime
-    from dgm_eit.data.storage import read_split
-    from dgm_eit.errors import InputError
-    from dgm_eit.train import load_run
-
+    Returns the lowest-MSE setting (the keys of :data:`~dgm_eit.models.posterior.SETTING_KEYS`) and the sweep table."""
     model, _, _ = load_run(run_dir, runtime.resolve_device(device))
     if model.name != "score":
         raise InputError(f"{run_dir} holds a {model.name!r} run; CSD* tuning needs a score run")

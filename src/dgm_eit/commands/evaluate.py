@@ -29,15 +29,16 @@ def check_pairing(pred, data, split: str) -> None:
     import h5py
 
     from dgm_eit.errors import InputError
+    from dgm_eit.results import recon_attrs
 
     pred = Path(pred)
     if pred.suffix == ".npy" or not pred.is_file() or not h5py.is_hdf5(pred):
         return
     try:
-        with h5py.File(pred, "r") as f:
-            made_from, made_split = f.attrs.get("data"), f.attrs.get("split")
-    except OSError:
+        attrs = recon_attrs(pred)
+    except InputError:
         return   # load_prediction names the damaged file
+    made_from, made_split = attrs.get("data"), attrs.get("split")
     if made_split is not None and str(made_split) != split:
         raise InputError(f"{pred} reconstructs the {str(made_split)!r} split, not {split!r}; pass --split "
                          f"{made_split} (or --force to score it anyway)")
@@ -55,8 +56,9 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
-    from dgm_eit.metrics import METRICS, evaluate_file
+    from dgm_eit.metrics import METRICS
     from dgm_eit.report import metrics_table
+    from dgm_eit.results import evaluate_file
 
     if not args.force:
         check_pairing(args.pred, args.data, args.split)

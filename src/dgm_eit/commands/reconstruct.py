@@ -41,9 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dgm_eit import reconstruct as rec
     from dgm_eit.errors import InputError
-
-    from dgm_eit.data.storage import is_recon_file
     from dgm_eit.files import check_output, is_image_file, is_npy_file
+    from dgm_eit.results import is_recon_file
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")

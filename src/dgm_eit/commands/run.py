@@ -6,9 +6,9 @@ import argparse
 
 from dgm_eit.commands.common import add_device_arg, add_profile_args, add_seed_arg
 
-HELP = ("the main job (--profile ktc: the same models on the KTC2023 water tank): simulate the 2/4-anomaly data sets at two noise levels, train CVAE, CNF and the "
-        "score prior, reconstruct with GN, CVAE, CNF, CSD* and guided CSD, write report.md, metrics.csv "
-        "and figures (re-run to resume)")
+HELP = ("the main job (--profile ktc: the same models on the KTC2023 water tank): simulate the 2/4-anomaly data "
+        "sets at two noise levels, train the models the methods of run.methods need, reconstruct with each "
+        "method, write report.md, metrics.csv and figures (re-run to resume)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,9 +7,9 @@ import os
 import sys
 
 from dgm_eit.commands.common import add_device_arg, add_profile_args, add_seed_arg
+from dgm_eit.models import MODEL_NAMES
 
-HELP = "train a model (cvae, cnf, score) into a run directory; re-run the same command to resume"
-MODEL_NAMES = ("cvae", "cnf", "score")
+HELP = f"train a model ({', '.join(MODEL_NAMES)}) into a run directory; re-run the same command to resume"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

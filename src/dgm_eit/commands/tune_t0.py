@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from dgm_eit.errors import InputError
     from dgm_eit.files import write_text
     from dgm_eit.metrics import per_sample
-    from dgm_eit.models.score import TUNED_FILE
+    from dgm_eit.models.posterior import SETTING_KEYS, TUNABLE_SAMPLERS
+    from dgm_eit.runs import TUNED_FILE, load_run
     from dgm_eit.tuning import default_t0_grid, pick_best, sweep
-    from dgm_eit.train import load_run
 
     if args.n_val < 0:
         raise InputError(f"--n-val must be >= 0, got {args.n_val}")
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if model.name != "score":
         raise InputError(f"{args.run} holds a {model.name!r} run; tune-t0 needs a score run")
     csd = cfg["csd"]
-    sampler = args.sampler or (csd["sampler"] if csd["sampler"] in ("csd", "dds") else "csd")
+    sampler = args.sampler or (csd["sampler"] if csd["sampler"] in TUNABLE_SAMPLERS else "csd")
     t0s = args.t0 or default_t0_grid(float(csd["t0"]))
     steps = args.steps or [int(csd["n_steps"])]
     modes = args.modes or [csd["mode"]]
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         "data": str(Path(args.data).resolve()), "tolerance": float(args.tolerance),
         "gn": {"mse": float(np.mean(gn_metrics["MSE"])), "ssim": float(np.mean(gn_metrics["SSIM"]))},
         "table": rows,
-        "best": {"sampler": sampler, **{k: best[k] for k in ("t0", "n_steps", "mode", "solver", "corrector_steps")}},
+        "best": {"sampler": sampler, **{k: best[k] for k in SETTING_KEYS}},
         "best_scores": {k: best[k] for k in ("mse", "ssim", "nfe")},
     }
     path = Path(args.run) / TUNED_FILE

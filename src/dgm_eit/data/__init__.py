@@ -1,7 +1,6 @@
-"""Data sets: analytic phantoms, measurement noise, the HDF5 file and its torch Dataset, the simulator.
+"""Data sets: analytic phantoms, measurement noise, the HDF5 file, the simulator.
 
-Light imports only here (numpy, h5py); the simulator pulls in the physics when used and
-``EITDataset`` pulls in torch: ``from dgm_eit.data.dataset import EITDataset``.
+Light imports only here (numpy, h5py); the simulator pulls in the physics when used.
 """
 
 from dgm_eit.data.storage import (ARRAY_KEYS, FORMAT_VERSION, SPLITS, dataset_config, open_dataset,
@@ -9,10 +8,6 @@ from dgm_eit.data.storage import (ARRAY_KEYS, FORMAT_VERSION, SPLITS, dataset_co
 
 
 def __getattr__(name):
-    if name == "EITDataset":
-        from dgm_eit.data.dataset import EITDataset
-
-        return EITDataset
     if name == "simulate_dataset":
         from dgm_eit.data.simulate import simulate_dataset
 
@@ -20,5 +15,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["ARRAY_KEYS", "FORMAT_VERSION", "SPLITS", "EITDataset", "dataset_config", "open_dataset",
+__all__ = ["ARRAY_KEYS", "FORMAT_VERSION", "SPLITS", "dataset_config", "open_dataset",
            "read_split", "simulate_dataset", "split_sizes"]

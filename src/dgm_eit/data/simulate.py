@@ -33,6 +33,7 @@ import numpy as np
 
 from dgm_eit import __version__
 from dgm_eit.data import storage
+from dgm_eit.config import config_changes, set_key
 from dgm_eit.data.noise import add_noise
 from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
 from dgm_eit.errors import InputError
@@ -65,18 +66,6 @@ def identity_json(cfg: dict, seed: int) -> str:
     return json.dumps({"seed": int(seed), **{s: cfg.get(s) for s in DATA_SECTIONS}}, sort_keys=True)
 
 
-def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        name = f"{prefix}{key}"
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_differences(va, vb, name + ".")
-        elif va != vb:
-            out.append(name)
-    return out
-
-
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), SPLIT_INDEX[split], int(index)])
 
@@ -85,28 +74,23 @@ class Simulator:
     """Everything mesh-dependent for one config, built once per process."""
 
     def __init__(self, cfg: dict):
-        from dgm_eit.physics import ForwardModel, PixelGrid, disk_mesh, make_protocol
+        from dgm_eit.physics import PixelGrid, forward_model_from_config
         from dgm_eit.recon import gn_config
 
         self.cfg = cfg
-        m, s, d, p = cfg["mesh"], cfg["simulation"], cfg["data"], cfg["phantom"]
+        d, p = cfg["data"], cfg["phantom"]
         self.sampler = phantom_sampler(cfg)
         self.image_size = int(d["image_size"])
         if self.image_size < 2:
             raise InputError(f"data.image_size must be >= 2, got {self.image_size}")
         self.snr_db = float(d["snr_db"])
         self.supersample = int(p["supersample"])
-        protocol = make_protocol(m["protocol"], n_electrodes=int(m["n_electrodes"]))
-        fine = disk_mesh(n_electrodes=int(m["n_electrodes"]), h0=float(s["h0"]),
-                         electrode_model=s["electrode_model"], electrode_width=float(m["electrode_width"]))
-        self.fine = ForwardModel(fine, protocol, electrode_model=s["electrode_model"],
-                                 contact_impedance=float(m["contact_impedance"]))
-        coarse = disk_mesh(n_electrodes=int(m["n_electrodes"]), h0=float(m["h0"]),
-                           electrode_model=m["electrode_model"], electrode_width=float(m["electrode_width"]))
-        self.coarse = ForwardModel(coarse, protocol, electrode_model=m["electrode_model"],
-                                   contact_impedance=float(m["contact_impedance"]))
-        self.grid = PixelGrid(coarse, size=self.image_size)
+        # the finer simulation mesh makes the data, the inversion mesh ([mesh]) reconstructs it
+        self.fine = forward_model_from_config(cfg, "simulation")
+        self.coarse = forward_model_from_config(cfg, "mesh")
+        self.grid = PixelGrid(self.coarse.mesh, size=self.image_size)
         self.inside = np.asarray(self.grid.inside, dtype=bool)
+        fine = self.fine.mesh
         self.quad_points = element_quadrature_points(fine.nodes, fine.elements, int(p["quadrature"]))
         self.gn_kwargs = gn_config(cfg)
         self.n_meas = int(self.fine.n_meas)
@@ -570,16 +554,12 @@ def _existing_identity(path: Path) -> str | None:
 
 
 def _describe_difference(old_identity: str, new_identity: str) -> str:
-    old, new = json.loads(old_identity), json.loads(new_identity)
-    keys = _config_differences(old, new)
-    shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
-    return f"was simulated with another config (differs in: {shown})"
+    changes = config_changes(json.loads(old_identity), json.loads(new_identity))
+    return f"was simulated with another config ({changes})"
 
 
 def resolve_simulation_config(cfg: dict, *, anomalies: int | None = None, snr_db: float | None = None) -> dict:
     """Apply the ``simulate`` command's shortcuts (``--anomalies``, ``--snr-db``) with type checks."""
-    from dgm_eit.config import set_key
-
     cfg = copy.deepcopy(cfg)
     if anomalies is not None:
         set_key(cfg, "data.anomalies", int(anomalies))

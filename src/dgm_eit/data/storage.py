@@ -375,35 +375,3 @@ def read_attrs(path: str | Path) -> dict:
     """Root attributes of any dgm-eit HDF5 file (finished or partial), for messages."""
     with _open_h5(Path(path)) as f:
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-
-
-def recon_file_problem(path: str | Path) -> str | None:
-    """None when ``path`` is a readable reconstruction file (docs/DESIGN.md: a ``recon``
-    array (N,H,W) whose data can be read), else what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        return "it does not exist" if not path.exists() else "it is not a file"
-    try:
-        with h5py.File(path, "r") as f:
-            if "recon" not in f or not isinstance(f["recon"], h5py.Dataset):
-                return "it has no 'recon' array"
-            recon = f["recon"]
-            if recon.ndim != 3:
-                return f"its 'recon' array has shape {recon.shape}, expected (N, H, W)"
-            if recon.shape[0]:
-                recon[-1]   # the last image: a truncated file fails here
-            for key in ("recon_std",):
-                if key in f and f[key].shape[0]:
-                    f[key][-1]
-    except (OSError, KeyError, ValueError, RuntimeError) as err:
-        return f"it is not a readable HDF5 file (truncated or corrupt?): {err}"
-    return None
-
-
-def is_recon_file(path: str | Path) -> bool:
-    """A reconstruction file (has a ``recon`` array), as ``reconstruct --data`` writes."""
-    try:
-        with h5py.File(path, "r") as f:
-            return "recon" in f and "format_version" not in f.attrs
-    except (OSError, ValueError):
-        return False

@@ -54,50 +54,37 @@ class LinearisedFidelity:
             self._eig[key] = (J, JtW, np.maximum(lam, 0.0), U)
         return self._eig[key]
 
-    def step(self, images: np.ndarray, dv: np.ndarray, masks: np.ndarray, prior_std: float) -> np.ndarray:
-        out = np.array(images, dtype=np.float64)
-        flat = out.reshape(len(out), -1)
+    def bind(self, dv: np.ndarray):
+        """``step(images, prior_std) -> images`` for these difference voltages (N, M); NaN marks a
+        measurement that is missing or dropped by the level."""
+        dv = np.asarray(dv, dtype=np.float64)
+        keeps = np.isfinite(dv)
         inside = self.rec.inside
-        for b in range(len(out)):
-            keep = masks[b] & np.isfinite(dv[b])
-            J, JtW, lam, U = self._decomposition(keep)
-            x = flat[b, inside]
-            r = dv[b, keep] - J @ (x - 1.0)
-            flat[b, inside] = x + U @ ((U.T @ (JtW @ r)) / (lam + 1.0 / prior_std**2))
-        return out
+
+        def step(images: np.ndarray, prior_std: float) -> np.ndarray:
+            out = np.array(images, dtype=np.float64)
+            flat = out.reshape(len(out), -1)
+            for b in range(len(out)):
+                J, JtW, lam, U = self._decomposition(keeps[b])
+                x = flat[b, inside]
+                r = dv[b, keeps[b]] - J @ (x - 1.0)
+                flat[b, inside] = x + U @ ((U.T @ (JtW @ r)) / (lam + 1.0 / prior_std**2))
+            return out
+
+        return step
 
 
-@torch.no_grad()
-def sample_dds(model, start: np.ndarray, dv: np.ndarray, masks: np.ndarray, fidelity: LinearisedFidelity, *,
-               t0: float, n_steps: int, dc_weight: float, n_samples: int, eta: float = 1.0, mode: str = "replace",
-               seed: int = 0) -> dict:
-    """``{"recon", "recon_std"?}``: the mean (and std) of ``n_samples`` dds runs per image,
-    each from the linearised image ``start`` at ``t0``."""
-    if not dc_weight > 0:
-        raise InputError(f"dc_weight must be > 0, got {dc_weight}")
-    n = int(n_samples)
-    settings = model.sampling_options({"sampler": "dds", "t0": float(t0), "n_steps": int(n_steps), "eta": eta,
-                                       "mode": mode, "n_samples": n})
-    sampler = model.make_sampler(settings)
+def sample_dds(model, start: np.ndarray, dv: np.ndarray, masks: np.ndarray, fidelity: LinearisedFidelity,
+               csd: dict, seed: int = 0) -> dict:
+    """``{"recon", "recon_std"?}``: the mean (and std) of ``csd["n_samples"]`` dds runs per image,
+    each from the linearised image ``start`` at ``csd["t0"]``; ``csd`` holds the sampling settings
+    (the ``[csd]`` keys)."""
+    from dgm_eit.models.posterior import PosteriorSampler, SamplingSettings
+
+    settings = SamplingSettings.resolve(csd, {"sampler": "dds"})
     device = model.sigma_mean.device
-    b, size = len(start), start.shape[-1]
-    init = model.normalise_image(torch.as_tensor(start, dtype=torch.float32, device=device))
-    init = init[:, None].repeat_interleave(n, dim=0)
-    dv_rows, mask_rows = np.repeat(dv, n, axis=0), np.repeat(masks, n, axis=0)
-    support = model.support.cpu().numpy()
-    scale = float(model.sigma_std)
-
-    def consistency(x0: torch.Tensor, t: float) -> torch.Tensor:
-        images = model.denormalise_image(x0[:, 0]).to("cpu", torch.float64).numpy() * support
-        prior = dc_weight * scale * float(model.sde.sigma(torch.tensor(float(t), dtype=torch.float64)))
-        images = fidelity.step(images, dv_rows, mask_rows, prior)
-        return model.normalise_image(torch.from_numpy(images).to(device=device, dtype=x0.dtype))[:, None]
-
+    batch = {"gn": torch.as_tensor(start, dtype=torch.float32, device=device),
+             "v": torch.as_tensor(np.where(masks, dv, np.nan), dtype=torch.float64, device=device)}
     generator = torch.Generator(device=device).manual_seed(int(seed))
-    x, _ = sampler(model.score, (b * n, 1, size, size), generator=generator, init=init, consistency=consistency,
-                   device=device)
-    images = (model.denormalise_image(x[:, 0]) * model.support).reshape(b, n, size, size).cpu().numpy()
-    out = {"recon": images.mean(axis=1)}
-    if n > 1:
-        out["recon_std"] = images.std(axis=1)
-    return out
+    out = PosteriorSampler(model, settings, fidelity=fidelity).reconstruct(batch, generator)
+    return {k: out[k].cpu().numpy() for k in ("recon", "recon_std") if k in out}

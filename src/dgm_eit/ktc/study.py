@@ -70,7 +70,7 @@ class Methods:
 
     def model(self, name: str):
         if name not in self._models:
-            from dgm_eit.train import load_run
+            from dgm_eit.runs import load_run
 
             self._models[name] = load_run(self.root / "runs" / name, self.device)[0]
         return self._models[name]
@@ -124,9 +124,8 @@ class Methods:
         if method == "csd" and run["csd_sampler"] == "dds":
             from dgm_eit.ktc.posterior import sample_dds
 
-            return sample_dds(self.model("score"), lin, dv, masks, self.fidelity, t0=float(csd["t0"]),
-                              n_steps=int(csd["n_steps"]), dc_weight=float(csd["dc_weight"]), n_samples=n,
-                              eta=float(csd["eta"]), mode=csd["mode"], seed=self.seed)
+            return sample_dds(self.model("score"), lin, dv, masks, self.fidelity, {**csd, "n_samples": n},
+                              seed=self.seed)
         opts = {"n_samples": n}
         if method == "csd":
             opts.update(config=self.cfg, sampler="csd", t0=float(csd["t0"]), n_steps=int(csd["n_steps"]))
@@ -269,9 +268,10 @@ class Study:
         return result
 
     def run(self) -> dict:
-        from dgm_eit.experiments import check_run_manifest, dataset_done, simulate_stage
+        from dgm_eit.runs import check_manifest
+        from dgm_eit.stages import dataset_done, simulate_stage
 
-        check_run_manifest(self.out, self.out / MANIFEST, self.seed, self.cfg, ignore=RESUME_FREE)
+        check_manifest(self.out, self.out / MANIFEST, self.seed, self.cfg, ignore=RESUME_FREE)
         data = self.out / "data" / "ktc.h5"
         data.parent.mkdir(parents=True, exist_ok=True)
         if not dataset_done(data, self.log):
@@ -288,7 +288,7 @@ class Study:
         return {"chosen": chosen, "results": results, "paths": paths}
 
     def _train(self, data: Path) -> None:
-        from dgm_eit.experiments import _timed_call, _worker_init, train_stage
+        from dgm_eit.stages import timed_call as _timed_call, train_stage, worker_init as _worker_init
         from dgm_eit.runtime import cpu_count
 
         pending = [m for m in self.models if not (self.out / "runs" / m / "done").exists()]

@@ -1,7 +1,8 @@
 """Model registry: ``MODELS[name] -> GenerativeModel subclass``.
 
 The classes are imported on first use, so ``import dgm_eit.models`` stays light and a
-model whose module is missing (or fails to import) only matters when asked for.
+model whose module is missing (or fails to import) only matters when asked for. A model's
+module also registers the methods that use it (:mod:`dgm_eit.methods`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ _MODEL_LOCATIONS = {
     "cvae": ("dgm_eit.models.cvae", "CVAE"),
     "cnf": ("dgm_eit.models.cnf", "CNF"),
     "score": ("dgm_eit.models.score", "ScoreModel"),
+    "unet": ("dgm_eit.models.unet", "UNetPostProcessing"),
 }
 
 MODEL_NAMES = tuple(_MODEL_LOCATIONS)

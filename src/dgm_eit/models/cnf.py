@@ -22,8 +22,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from dgm_eit.errors import InputError
+from dgm_eit.methods import Method, register_method
 from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
 from dgm_eit.models.flow_layers import FlowStep, InvertibleDownsampling
+
+# the mean of posterior samples, with their std map
+register_method(Method("cnf", "CNF", model="cnf", cost=2, std_map=True, samples_key="cnf_samples"))
 
 
 class _ResBlock(nn.Module):

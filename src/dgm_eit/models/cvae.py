@@ -19,7 +19,11 @@ import torch
 from torch import nn
 
 from dgm_eit.errors import InputError
+from dgm_eit.methods import Method, register_method
 from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
+
+# deterministic: one sample per image, no std map
+register_method(Method("cvae", "CVAE", model="cvae", cost=1, samples_key="cvae_samples"))
 
 TARGETS = ("mean", "sample")
 CONDITIONS = ("v", "gn")

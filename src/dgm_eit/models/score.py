@@ -1,18 +1,9 @@
-"""Score-based diffusion prior (VE SDE, NCSN++-style U-Net) and its reconstructors.
+"""Score-based diffusion prior: VE/VP SDE, NCSN++-style U-Net and its training loss.
 
 The prior is trained on ground-truth images only (continuous-time denoising score
-matching, Song et al. 2021); measurements enter at reconstruction time, by
-
-* ``csd`` (CSD*, the paper's method): the Gauss-Newton image replaces the reverse process's
-  state at time ``t0`` (``mode="replace"``, the reference code) or is forward-diffused to it
-  (``mode="ccdf"``, Chung et al. 2022), then the reverse process runs to the end;
-* ``dds`` (CSD* with data consistency): the same start, and every reverse step denoises the
-  state, takes a proximal Gauss-Newton step on the measured voltages
-  (:mod:`dgm_eit.recon.consistency`) and re-noises the result (Chung et al. 2024);
-* ``dps``: every reverse step also descends ``||v - F(x0_hat(x_t))||`` through the
-  differentiable EIT operator (Chung et al. 2023; the paper's general CSD, eq. 25);
-* ``pc`` / ``ode``: unconditional samples of the prior (a check of the prior, not a
-  reconstruction).
+matching, Song et al. 2021); measurements enter at reconstruction time, through
+:mod:`dgm_eit.models.posterior` (CSD*, CSD* with data consistency, guided CSD), whose
+sampling settings the methods registered here choose.
 
 The network is split as in NVlabs/edm: :class:`NCSNpp` is a plain U-Net of ``(x, c_noise)``,
 :class:`ScoreNetwork` turns it into a score ``s(x, sigma) = F(x, log sigma) / sigma``.
@@ -20,9 +11,7 @@ The network is split as in NVlabs/edm: :class:`NCSNpp` is a plain U-Net of ``(x,
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -30,11 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgm_eit.errors import InputError
+from dgm_eit.methods import Method, register_method
 from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
+from dgm_eit.models.posterior import posterior_sampler
 from dgm_eit.models.sde import make_sde
-from dgm_eit.models import samplers as sampling
 
-TUNED_FILE = "tuned_csd.json"
+# the paper's CSD*: the GN image enters the reverse process at t0, chosen on validation data
+register_method(Method("csd", "CSD*", model="score", high_snr_training=True, cost=3, std_map=True,
+                       samples_key="csd_samples", sampler_key="csd_sampler", tunes_t0=True))
+# CSD with the data-misfit gradient at every reverse step (the paper's general CSD, eq. 25)
+register_method(Method("guided", "CSD-guided", model="score", high_snr_training=True, cost=4,
+                       samples_key="guided_samples", sampler_key="guided_sampler"))
 
 
 # --------------------------------------------------------------------------- backbone
@@ -225,36 +220,10 @@ def build_backbone(cfg: dict, image_size: int) -> NCSNpp:
                   dropout=cfg["dropout"], fourier_scale=cfg["fourier_scale"])
 
 
-def physics_operator(config: dict, image_size: int):
-    """The differentiable EIT operator of a run's full config (``[mesh]``) at ``image_size``:
-    the inversion mesh, as the Gauss-Newton images of the data set were made on."""
-    from dgm_eit import physics
-
-    m = config["mesh"]
-    mesh = physics.disk_mesh(n_electrodes=int(m["n_electrodes"]), h0=float(m["h0"]),
-                             electrode_model=m["electrode_model"],
-                             electrode_width=float(m["electrode_width"]))
-    protocol = physics.make_protocol(m["protocol"], n_electrodes=int(m["n_electrodes"]))
-    fm = physics.ForwardModel(mesh, protocol, electrode_model=m["electrode_model"],
-                              contact_impedance=float(m["contact_impedance"]))
-    return physics.EITOperator(fm, physics.PixelGrid(mesh, size=image_size))
-
-
 # ------------------------------------------------------------------------------ model
-# the samplers that read the voltages, and what to call them in messages
-MEASUREMENT_SAMPLERS = {"dps": "guided sampling (dps)", "dds": "data-consistent sampling (dds)"}
-SAMPLE_KEYS = ("sampler", "solver", "t0", "n_steps", "corrector_steps", "snr", "mode",
-               "zeta", "dps_init", "n_samples", "eta", "dc_weight", "dc_steps", "dc_refresh")
-
-
 class ScoreModel(GenerativeModel):
-    """Score prior on normalised images; reconstruction by CSD*, DPS or plain sampling.
-
-    ``cfg`` is the ``[score]`` section. Sampling settings come, by rising priority, from
-    built-in defaults, ``opts["csd"]`` or ``opts["config"]["csd"]`` (the ``[csd]`` section),
-    ``tuned_csd.json`` in ``opts["run_dir"]`` (written by ``dgm-eit tune-t0``), and explicit
-    keyword options (``sampler=``, ``t0=``, ``n_steps=`` ...).
-    """
+    """Score prior on normalised images (``cfg`` is the ``[score]`` section); it reconstructs
+    through :func:`dgm_eit.models.posterior.posterior_sampler`."""
 
     name: ClassVar[str] = "score"
     stages: ClassVar[tuple[str, ...]] = ("score",)
@@ -263,11 +232,6 @@ class ScoreModel(GenerativeModel):
     # the prior learns from ground-truth images only; measurements enter at reconstruction
     data_keys: ClassVar[tuple[str, ...]] = ("sigma",)
 
-    DEFAULT_SAMPLING = {"sampler": "csd", "solver": "pc", "t0": 0.45, "n_steps": 450,
-                        "corrector_steps": 1, "snr": 0.056, "mode": "replace", "zeta": 100.0,
-                        "dps_init": "gn", "n_samples": 1, "eta": 1.0, "dc_weight": 3.0, "dc_steps": 1,
-                        "dc_refresh": 0}
-
     def __init__(self, cfg: dict, info: DataInfo):
         super().__init__(cfg, info)
         self.sde = make_sde(cfg)
@@ -275,9 +239,6 @@ class ScoreModel(GenerativeModel):
         self.register_buffer("sigma_mean", torch.tensor(float(info.sigma_mean)))
         self.register_buffer("sigma_std", torch.tensor(float(info.sigma_std)))
         self.register_buffer("support", disk_mask(info.image_size).float())
-        # EIT operators built from run configs, kept in a plain dict so that they are not
-        # registered as sub-modules (they hold no weights and stay on the CPU)
-        self._operators: dict[str, nn.Module] = {}
 
     # normalisation ------------------------------------------------------------------
     def normalise_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -286,7 +247,7 @@ class ScoreModel(GenerativeModel):
     def denormalise_image(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.sigma_std + self.sigma_mean
 
-    def _check_images(self, images: torch.Tensor, key: str) -> torch.Tensor:
+    def check_images(self, images: torch.Tensor, key: str) -> torch.Tensor:
         size = self.info.image_size
         if images.dim() == 4 and images.shape[1] == 1:
             images = images[:, 0]
@@ -312,7 +273,7 @@ class ScoreModel(GenerativeModel):
         """
         if stage != "score":
             raise InputError(f"score model has one training stage 'score', got {stage!r}")
-        x0 = self.normalise_image(self._check_images(batch["sigma"], "sigma"))[:, None]
+        x0 = self.normalise_image(self.check_images(batch["sigma"], "sigma"))[:, None]
         t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * (1 - self.sde.eps) + self.sde.eps
         z = torch.randn_like(x0)
         mean, std = self.sde.marginal_prob(x0, t)
@@ -321,150 +282,14 @@ class ScoreModel(GenerativeModel):
         return torch.mean((score * std + z) ** 2)
 
     # reconstruction ----------------------------------------------------------------------
-    def sampling_options(self, opts: dict) -> dict:
-        """Resolve the sampling settings (see the class docstring for the order)."""
-        settings = dict(self.DEFAULT_SAMPLING)
-        section = opts.get("csd")
-        if section is None and isinstance(opts.get("config"), dict):
-            section = opts["config"].get("csd")
-        if section:
-            settings.update({k: v for k, v in section.items() if k in SAMPLE_KEYS})
-        run_dir = opts.get("run_dir")
-        if run_dir is not None and (Path(run_dir) / TUNED_FILE).is_file():
-            from dgm_eit.files import read_json   # names the file when it is damaged
-
-            tuned = read_json(Path(run_dir) / TUNED_FILE, "re-run dgm-eit tune-t0, or delete it")
-            settings.update({k: v for k, v in tuned.get("best", {}).items() if k in SAMPLE_KEYS})
-        settings.update({k: v for k, v in opts.items() if k in SAMPLE_KEYS and v is not None})
-        return settings
-
-    def make_sampler(self, settings: dict):
-        name = settings["sampler"]
-        kwargs = {"n_steps": settings["n_steps"], "corrector_steps": settings["corrector_steps"],
-                  "snr": settings["snr"]}
-        if name == "csd":
-            kwargs.update(t0=settings["t0"], mode=settings["mode"], solver=settings["solver"])
-        elif name == "dds":
-            kwargs = {"n_steps": settings["n_steps"], "t0": settings["t0"], "mode": settings["mode"],
-                      "eta": settings["eta"]}
-        elif name == "dps":
-            if settings["dps_init"] not in ("gn", "noise"):
-                raise InputError(f"dps_init must be gn or noise, got {settings['dps_init']!r}")
-            kwargs.update(zeta=settings["zeta"], mode=settings["mode"],
-                          t0=settings["t0"] if settings["dps_init"] == "gn" else 1.0)
-        return sampling.get_sampler(name, self.sde, **kwargs)
-
-    def _operator(self, opts: dict, what: str):
-        operator = opts.get("operator")
-        if operator is None:
-            if not isinstance(opts.get("config"), dict) or "mesh" not in opts["config"]:
-                raise InputError(f"{what} needs the EIT operator: pass operator= or the run's full config as config=")
-            key = json.dumps(opts["config"]["mesh"], sort_keys=True)
-            if key not in self._operators:
-                self._operators[key] = physics_operator(opts["config"], self.info.image_size)
-            operator = self._operators[key]
-        return operator
-
-    def _consistency(self, opts: dict, settings: dict, v: torch.Tensor):
-        """``consistency(x0, t)`` of the dds sampler: ``dc_steps`` proximal Gauss-Newton steps
-        (:class:`dgm_eit.recon.consistency.ProximalGaussNewton`) on the denoised images, with the
-        measurement noise of ``snr_db`` and a prior std of ``dc_weight`` times the state's noise
-        level at ``t`` (raw conductivity units)."""
-        from dgm_eit.recon.consistency import ProximalGaussNewton, noise_std_from_snr
-
-        operator = self._operator(opts, MEASUREMENT_SAMPLERS["dds"])
-        snr_db = opts.get("snr_db")
-        if snr_db is None and isinstance(opts.get("config"), dict):
-            snr_db = opts["config"].get("data", {}).get("snr_db")
-        if snr_db is None:
-            raise InputError("data-consistent sampling (dds) needs the measurements' noise level: pass snr_db=")
-        weight, steps = float(settings["dc_weight"]), int(settings["dc_steps"])
-        refresh_every = int(settings["dc_refresh"])
-        if not (weight > 0 and steps >= 1):
-            raise InputError(f"dds needs dc_weight > 0 and dc_steps >= 1, got {weight} and {steps}")
-        # no pixel moves by more than the mean conductivity in one step (a trust region)
-        mean = float(self.sigma_mean.abs())
-        prox = ProximalGaussNewton(operator.fm, operator.grid, min_sigma=1e-3 * mean + 1e-6, max_step=mean)
-        volts = v.detach().to("cpu", torch.float64).numpy()
-        noise = noise_std_from_snr(volts, float(snr_db))
-        support = self.support.cpu().numpy()
-
-        calls = [0]
-
-        def consistency(x0: torch.Tensor, t: float) -> torch.Tensor:
-            images = self.denormalise_image(x0[:, 0]).to("cpu", torch.float64).numpy() * support
-            prior_std = weight * float(self.sde.sigma(torch.tensor(float(t), dtype=torch.float64))) \
-                * float(self.sigma_std)
-            for _ in range(steps):
-                # a fresh Jacobian every dc_refresh calls (0: the first call's, throughout)
-                refresh = calls[0] == 0 or (refresh_every > 0 and calls[0] % refresh_every == 0)
-                images = prox.step(images, volts, noise, prior_std, refresh=refresh)
-                calls[0] += 1
-            out = torch.from_numpy(images).to(device=x0.device, dtype=x0.dtype)
-            return self.normalise_image(out)[:, None]
-
-        return consistency
-
-    def _likelihood(self, opts: dict, v: torch.Tensor):
-        """Data misfit ``||v - F(x)||`` per sample, ``x`` normalised images (B,1,H,W)."""
-        operator = self._operator(opts, MEASUREMENT_SAMPLERS["dps"])
-        # the FEM needs positive conductivity; a crude x0_hat early on can dip below zero
-        floor = 1e-3 * float(self.sigma_mean.abs()) + 1e-6
-
-        def misfit(x: torch.Tensor) -> torch.Tensor:
-            image = self.denormalise_image(x[:, 0]).clamp_min(floor)
-            pred = operator(image.to(torch.float64))
-            return torch.linalg.vector_norm(v.to(pred.dtype) - pred, dim=-1).to(x.dtype)
-
-        return misfit
-
     @torch.no_grad()
     def reconstruct(self, batch, *, n_samples=None, generator=None, **opts) -> dict:
         """``{"recon": (B,H,W), "nfe": int}``, plus ``"recon_std"`` when ``n_samples > 1``.
 
-        Options: ``sampler`` (csd | dps | pc | ode), ``solver`` (pc | ode, inner sampler of
-        csd), ``t0``, ``n_steps``, ``corrector_steps``, ``snr``, ``mode`` (replace | ccdf),
-        ``zeta``, ``dps_init`` (gn | noise), ``operator`` (an EITOperator for dps),
-        ``config`` (the run's full config), ``csd`` (a ``[csd]`` section), ``run_dir``.
-        ``nfe`` counts the network evaluations spent per image, all its samples together.
-        """
+        ``opts`` choose the sampler and its settings, the operator and the noise level (see
+        :func:`~dgm_eit.models.posterior.posterior_sampler`): e.g. ``sampler`` (csd | dds | dps |
+        pc | ode), ``t0``, ``n_steps``, ``config`` (the run's full config), ``csd`` (a ``[csd]``
+        section), ``operator``, ``snr_db``."""
         if n_samples is not None:
             opts["n_samples"] = n_samples
-        settings = self.sampling_options(opts)
-        n = int(settings["n_samples"])
-        if n < 1:
-            raise InputError(f"n_samples must be >= 1, got {n}")
-        name = settings["sampler"]
-        if name not in sampling.SAMPLERS:
-            raise InputError(f"unknown sampler {name!r}; choose one of {', '.join(sampling.SAMPLERS)}")
-        sampler = self.make_sampler(settings)
-        size = self.info.image_size
-        if not batch:
-            raise InputError("empty batch: give 'gn' (csd) or 'v' and 'gn' (dps)")
-        b = next(iter(batch.values())).shape[0]
-        device = self.sigma_mean.device
-        init = likelihood = consistency = None
-        if name in ("csd", "dds") or (name == "dps" and settings["dps_init"] == "gn"):
-            if "gn" not in batch:
-                raise InputError(f"sampler {name!r} starts from the Gauss-Newton image: the batch needs 'gn'")
-            gn = self._check_images(batch["gn"].to(device), "gn")
-            init = self.normalise_image(gn)[:, None].repeat_interleave(n, dim=0)
-        if name in MEASUREMENT_SAMPLERS:
-            if "v" not in batch:
-                raise InputError(f"{MEASUREMENT_SAMPLERS[name]} needs the voltages: the batch needs 'v'")
-            if batch["v"].shape[-1] != self.info.n_meas:
-                raise InputError(f"voltage vector has {batch['v'].shape[-1]} values, the model expects {self.info.n_meas}")
-            v = batch["v"].to(device).repeat_interleave(n, dim=0)
-            if name == "dps":
-                likelihood = self._likelihood(opts, v)
-            else:
-                consistency = self._consistency(opts, settings, v)
-        x, nfe = sampler(self.score, (b * n, 1, size, size), generator=generator, init=init,
-                         likelihood=likelihood, consistency=consistency, device=device)
-        images = self.denormalise_image(x[:, 0]) * self.support
-        images = images.reshape(b, n, size, size)
-        # network evaluations spent per image: every sample of it counts
-        out = {"recon": images.mean(dim=1), "nfe": int(nfe) * n}
-        if n > 1:
-            out["recon_std"] = images.std(dim=1)
-        return out
+        return posterior_sampler(self, opts).reconstruct(batch, generator)

@@ -1,0 +1,263 @@
+"""What a run found: the result records and the reconstruction files they are scored from.
+
+Data flows one way: ``experiments`` (the runner) fills these records, ``report`` renders
+them; neither the records nor the file functions know who made them.
+
+Reconstruction file (HDF5, docs/DESIGN.md): ``recon`` (N,H,W) float32, optional
+``recon_std`` (N,H,W); attributes ``method``, ``seconds_per_image``, ``nfe``, ``split``,
+``data`` (path), ``seed`` and the sampler settings that made it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from dgm_eit.data.storage import read_split
+from dgm_eit.errors import InputError
+from dgm_eit.files import atomic_path
+from dgm_eit.metrics import METRICS, Summary, per_sample, summarize
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One simulated data set: its anomaly count and noise level."""
+
+    anomalies: int
+    snr_db: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.anomalies}a_{self.snr_db:g}dB"
+
+    @property
+    def title(self) -> str:
+        return f"{self.anomalies} anomalies, {self.snr_db:g} dB"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One results table: models trained on ``train``, tested on the test split of ``data``."""
+
+    test: str
+    train: DataSpec
+    data: DataSpec
+    paper_table: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.test}_{self.train.label}_on_{self.data.label}"
+
+    @property
+    def title(self) -> str:
+        if self.train == self.data:
+            return f"{self.test}: {self.data.title}"
+        return f"{self.test}: trained on {self.train.title}, tested on {self.data.title}"
+
+
+@dataclass
+class MethodResult:
+    method: str                      # the method's registry key
+    name: str                        # as tables show it
+    train_set: DataSpec | None
+    summaries: dict[str, Summary]
+    per_sample: dict[str, np.ndarray]
+    sampling: dict = field(default_factory=dict)   # sampler settings chosen on validation (t0, n_steps)
+
+
+@dataclass
+class SettingResult:
+    setting: Setting
+    methods: list[MethodResult] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)   # method key -> why
+    figure: Path | None = None
+    gn_settings: dict = field(default_factory=dict)   # how the test set's GN images were made
+
+    def get(self, method: str) -> MethodResult | None:
+        return next((m for m in self.methods if m.method == method), None)
+
+
+@dataclass
+class EfficiencyRow:
+    method: str
+    name: str
+    model: str | None                # the trained model behind the method
+    train_set: DataSpec | None
+    parameters: int | None
+    train_seconds: float | None
+    train_steps: int | None
+    seconds_per_image: float | None
+    nfe: float | None
+    device: str
+
+
+@dataclass
+class RunResult:
+    cfg: dict
+    seed: int
+    out: Path
+    settings: list[SettingResult]
+    efficiency: list[EfficiencyRow]
+    stages: dict[str, dict]
+    wall_seconds: float
+
+    @property
+    def failures(self) -> dict[str, dict]:
+        return {k: v for k, v in self.stages.items() if v.get("status") != "done"}
+
+    def records(self) -> list[dict]:
+        """Rows of ``metrics.csv``."""
+        rows = []
+        for sr in self.settings:
+            for mr in sr.methods:
+                for metric in METRICS:
+                    s = mr.summaries[metric]
+                    rows.append({"test": sr.setting.test, "train_set": mr.train_set.label if mr.train_set else "none",
+                                 "test_set": sr.setting.data.label, "method": mr.name, "metric": metric,
+                                 "mean": repr(s.mean), "std": repr(s.std), "n": s.n})
+        return rows
+
+    def per_sample_records(self) -> list[dict]:
+        """Rows of ``metrics_per_sample.csv``: one per test image and method."""
+        rows = []
+        for sr in self.settings:
+            for mr in sr.methods:
+                for i in range(len(mr.per_sample["MSE"])):
+                    row = {"test": sr.setting.test, "train_set": mr.train_set.label if mr.train_set else "none",
+                           "test_set": sr.setting.data.label, "method": mr.name, "index": i}
+                    row.update({m: repr(float(mr.per_sample[m][i])) for m in METRICS})
+                    rows.append(row)
+        return rows
+
+
+# ---------------------------------------------------------------------------------------
+# reconstruction files
+
+
+def write_recon_file(path, result: dict, attrs: dict) -> Path:
+    """Write ``result`` (``recon``, optional ``recon_std``, ``seconds_per_image``, ``nfe``) and
+    ``attrs`` to ``PATH.tmp``, then rename it into place."""
+    path = Path(path)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("recon", data=result["recon"])
+        if "recon_std" in result:
+            f.create_dataset("recon_std", data=result["recon_std"])
+        f.attrs["seconds_per_image"] = float(result["seconds_per_image"])
+        f.attrs["nfe"] = int(result["nfe"])
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    return path
+
+
+def _unreadable(path, err: Exception) -> InputError:
+    # h5py's message for a truncated file does not name it
+    return InputError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {err}")
+
+
+def read_recon(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(recon, recon_std or None)`` of a reconstruction file."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "recon" not in f:
+                raise InputError(f"{path}: no 'recon' array")
+            recon = f["recon"][...]
+            std = f["recon_std"][...] if "recon_std" in f else None
+    except OSError as err:
+        raise _unreadable(path, err) from None
+    return recon, std
+
+
+def recon_attrs(path) -> dict:
+    """The attributes of a reconstruction file (``nfe``, ``seconds_per_image``, sampler settings ...)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+    except OSError as err:
+        raise _unreadable(path, err) from None
+
+
+def recon_file_problem(path) -> str | None:
+    """None when ``path`` is a readable reconstruction file (a ``recon`` array (N,H,W) whose
+    data can be read), else what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        return "it does not exist" if not path.exists() else "it is not a file"
+    try:
+        with h5py.File(path, "r") as f:
+            if "recon" not in f or not isinstance(f["recon"], h5py.Dataset):
+                return "it has no 'recon' array"
+            recon = f["recon"]
+            if recon.ndim != 3:
+                return f"its 'recon' array has shape {recon.shape}, expected (N, H, W)"
+            if recon.shape[0]:
+                recon[-1]   # the last image: a truncated file fails here
+            for key in ("recon_std",):
+                if key in f and f[key].shape[0]:
+                    f[key][-1]
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        return f"it is not a readable HDF5 file (truncated or corrupt?): {err}"
+    return None
+
+
+def is_recon_file(path) -> bool:
+    """A reconstruction file (has a ``recon`` array and is no data set), as ``reconstruct --data`` writes."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "recon" in f and "format_version" not in f.attrs
+    except (OSError, ValueError):
+        return False
+
+
+def load_prediction(path) -> np.ndarray:
+    """Reconstructions from a ``.npy`` file or a reconstruction file's ``recon`` array."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"prediction file {str(path)!r} is a directory, not a file")
+    if not path.is_file():
+        raise InputError(f"prediction file {str(path)!r} does not exist")
+    if path.suffix == ".npy":
+        try:
+            pred = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:   # an empty file: EOFError
+            raise InputError(f"{path}: not a plain .npy array ({err or 'empty file'})") from None
+        if not isinstance(pred, np.ndarray):
+            raise InputError(f"{path} is an .npz archive; give one .npy array (N,H,W)")
+        return pred
+    if not h5py.is_hdf5(path):
+        raise InputError(f"{path}: expected a .npy file or an HDF5 file with a 'recon' array")
+    try:
+        with h5py.File(path, "r") as f:
+            if "recon" not in f:
+                raise InputError(f"{path}: no 'recon' array (found: {', '.join(sorted(f)) or 'nothing'})")
+            return f["recon"][...]
+    except OSError as err:
+        raise _unreadable(path, err) from None
+
+
+def evaluate_file(pred_path, data_path, split: str = "test") -> tuple[dict[str, Summary], dict[str, np.ndarray]]:
+    """Score a prediction file against a data-set split: ``(summaries, per-sample arrays)``."""
+    pred = load_prediction(pred_path)
+    truth = read_split(data_path, split, keys=("sigma",))["sigma"]
+    if truth.shape[0] == 0:
+        raise InputError(f"the {split!r} split of {data_path} is empty: nothing to score")
+    if pred.ndim == 4 and pred.shape[1] == 1:
+        pred = pred[:, 0]
+    if pred.ndim != 3:
+        raise InputError(f"{pred_path}: predictions must have shape (N,H,W), got {pred.shape}")
+    if pred.shape[0] != truth.shape[0]:
+        raise InputError(f"{pred_path} holds {pred.shape[0]} images but the {split!r} split of {data_path} "
+                         f"holds {truth.shape[0]}")
+    if pred.shape[1:] != truth.shape[1:]:
+        raise InputError(f"{pred_path} has {pred.shape[1]}x{pred.shape[2]} images but {data_path} has "
+                         f"{truth.shape[1]}x{truth.shape[2]}")
+    if pred.dtype.kind not in "fiu":
+        raise InputError(f"{pred_path} holds {pred.dtype} values, expected real numbers")
+    finite = np.isfinite(pred).all(axis=(1, 2))
+    if not finite.all():
+        raise InputError(f"{pred_path} contains NaN or infinite values (first in sample "
+                         f"{int(np.flatnonzero(~finite)[0])}); fix the reconstructions before scoring them")
+    values = per_sample(pred, truth)
+    return summarize(values), values

@@ -1,0 +1,229 @@
+"""Resumable stages of a study, run one by one or side by side in worker processes.
+
+A stage is a module-level function (so a worker process can run it) that makes one
+output: a data set, a training run, a reconstruction file. :class:`StageRunner` skips a
+stage whose output exists, records each stage's time, device or failure in a JSON file,
+and keeps going when one fails, so a re-run retries only what is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dgm_eit.errors import InputError
+from dgm_eit.files import read_json, write_text
+from dgm_eit.runtime import cpu_count, limit_threads, stop_pool
+
+
+# ---------------------------------------------------------------------------------------
+# the stages: calls into the data, training and reconstruction packages
+
+
+def simulate_stage(cfg: dict, out: Path, seed: int) -> None:
+    """Physics runs on the CPU whatever ``--device`` says; the simulator uses every core."""
+    from dgm_eit.data.simulate import simulate_dataset
+
+    # overwrite: the files under DIR/data are the run's own, and one that cannot be read is
+    # made again (a resumable .partial of the same config is still resumed)
+    simulate_dataset(cfg, out, seed=seed, progress=bool(cfg["train"]["progress"]), overwrite=True)
+
+
+def dataset_done(path: Path, log: Callable[[str], None]) -> bool:
+    """A study's data set exists and opens (the study's manifest vouches for its config)."""
+    from dgm_eit.data.storage import open_dataset
+
+    if not path.exists():
+        return False
+    try:
+        open_dataset(path).close()
+    except InputError as err:
+        log(f"[redo]  {err}")   # the stage makes it again
+        return False
+    return True
+
+
+def train_stage(model: str, data: Path, run_dir: Path, cfg: dict, seed: int, device: str,
+                progress: bool | None = None) -> None:
+    from dgm_eit.train import train
+
+    max_minutes = float(cfg["run"]["train_max_minutes"]) or None
+    result = train(model, data, run_dir, cfg, seed=seed, device=device, max_minutes=max_minutes, progress=progress)
+    if not result.completed:
+        raise InputError(f"training paused at step {result.step} ({result.stopped_by}, run.train_max_minutes = "
+                         f"{max_minutes}); re-run the same command to continue it")
+
+
+def reconstruct_stage(run_dir: Path, data: Path, out: Path, *, n_samples: int | None, sampler: str | None,
+                      seed: int, device: str, cfg: dict, progress: bool | None = None,
+                      tune_data: Path | None = None) -> None:
+    """Reconstruct the test split of ``data``; with ``tune_data``, first choose the sampler's t0
+    and step count on its validation split (``[run] csd_tune_*``)."""
+    from dgm_eit.reconstruct import reconstruct_split
+    from dgm_eit.tuning import tune_on_validation
+
+    # the score model's samplers read [csd] and, for the samplers that read voltages, [mesh]
+    opts = {"config": cfg} if sampler is not None else {}
+    if tune_data is not None:
+        run = cfg["run"]
+        best, _ = tune_on_validation(run_dir, tune_data, cfg, t0s=run["csd_tune_t0"], steps=run["csd_tune_steps"],
+                                     n_images=int(run["csd_tune_images"]), seed=seed, device=device,
+                                     sampler=sampler)
+        opts.update(best)
+    progress = bool(cfg["train"]["progress"]) if progress is None else progress
+    reconstruct_split(run_dir, data, "test", out, n_samples=n_samples, sampler=sampler, seed=seed, device=device,
+                      progress=progress, **opts)
+
+
+def worker_init(threads: int) -> None:
+    limit_threads(threads)
+
+
+def timed_call(fn: Callable, kwargs: dict) -> float:
+    start = time.perf_counter()
+    fn(**kwargs)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------
+# running them
+
+
+@dataclass
+class StageJob:
+    """One stage: ``fn(**kwargs)`` makes the output that ``done()`` checks for."""
+
+    name: str
+    done: Callable[[], bool]
+    fn: Callable
+    kwargs: dict
+
+
+class StageRunner:
+    """Runs stage jobs, ``jobs`` at a time, and keeps their records in ``records_path``."""
+
+    def __init__(self, records_path: Path, *, jobs: int, device: str, log: Callable[[str], None]):
+        self.path = Path(records_path)
+        self.jobs = jobs
+        self.device = device
+        self.log = log
+        self.records: dict[str, dict] = {}
+
+    def load(self) -> None:
+        try:
+            self.records = read_json(self.path) if self.path.exists() else {}
+        except InputError as err:
+            # only records: the stages' outputs say what is done, so start the records afresh
+            self.log(f"[warn]  {err}; its records are started again")
+            self.records = {}
+
+    def save(self) -> None:
+        write_text(self.path, json.dumps(self.records, indent=2))
+
+    def skip(self, name: str, why: str) -> None:
+        self.records[name] = {"status": "skipped", "message": why}
+        self.log(f"[skip]  {name}: {why}")
+
+    def _reused(self, name: str) -> None:
+        if self.records.get(name, {}).get("status") != "done":
+            # made by a call whose record was lost, or by hand: no time to report
+            self.records[name] = {"status": "done", "reused": True}
+        self.log(f"[reuse] {name}")
+
+    def _failed(self, name: str, err: BaseException) -> None:
+        missing = isinstance(err, ModuleNotFoundError) and (err.name or "").startswith("dgm_eit")
+        status = "missing" if missing else "failed"
+        message = f"{type(err).__name__}: {err}"
+        cause = err.__cause__  # a worker's traceback arrives as the cause
+        detail = str(cause) if cause is not None else "".join(traceback.format_exception(err, limit=6))
+        self.records[name] = {"status": status, "message": message, "traceback": detail[-4000:]}
+        self.save()
+        self.log(f"[{status}] {name}: {message}")
+
+    def _finished(self, job: StageJob, seconds: float) -> bool:
+        if not job.done():
+            self.records[job.name] = {"status": "failed", "message": "the stage finished without its output"}
+            self.save()
+            self.log(f"[failed] {job.name}: finished without its output")
+            return False
+        self.records[job.name] = {"status": "done", "seconds": seconds, "device": self.device}
+        self.save()
+        self.log(f"[done]  {job.name} ({seconds:.1f} s)")
+        return True
+
+    def run_one(self, job: StageJob) -> bool:
+        """Run one stage here unless it is done; record time, device or failure. True when done."""
+        if job.done():
+            self._reused(job.name)
+            return True
+        self.log(f"[run]   {job.name}")
+        try:
+            seconds = timed_call(job.fn, job.kwargs)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # a failed stage must not lose the others' results
+            if os.environ.get("DGM_EIT_DEBUG"):
+                raise
+            self._failed(job.name, err)
+            return False
+        return self._finished(job, seconds)
+
+    def run_phase(self, jobs: list[StageJob]) -> dict[str, bool]:
+        """Run independent stages, ``jobs`` at a time in worker processes when > 1.
+
+        Small networks use two threads poorly, so two one-thread jobs on two cores finish
+        sooner than the same jobs one after the other with two threads each.
+        """
+        ok, pending = {}, []
+        for job in jobs:
+            if job.done():
+                self._reused(job.name)
+                ok[job.name] = True
+            else:
+                pending.append(job)
+        if self.jobs <= 1 or not pending:
+            for job in pending:
+                ok[job.name] = self.run_one(job)
+            return ok
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # a lone job (a re-run that redoes one stage) still gets the same thread count as in a
+        # full run, so it computes the same numbers
+        threads = max(1, cpu_count() // self.jobs)
+        with ProcessPoolExecutor(max_workers=min(self.jobs, len(pending)),
+                                 mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=worker_init, initargs=(threads,)) as pool:
+            futures = {}
+            for job in pending:
+                # progress bars of parallel jobs would garble each other; the log says what finished
+                kwargs = dict(job.kwargs, progress=False)
+                if "cfg" in kwargs:
+                    kwargs["cfg"] = copy.deepcopy(kwargs["cfg"])
+                    kwargs["cfg"]["train"]["threads"] = threads
+                futures[pool.submit(timed_call, job.fn, kwargs)] = job
+                self.log(f"[queue] {job.name}")
+            try:
+                for future in as_completed(futures):
+                    job = futures[future]
+                    try:
+                        seconds = future.result()
+                    except Exception as err:
+                        if os.environ.get("DGM_EIT_DEBUG"):
+                            raise
+                        self._failed(job.name, err)
+                        ok[job.name] = False
+                        continue
+                    ok[job.name] = self._finished(job, seconds)
+            except KeyboardInterrupt:
+                # never drain the pool (whole training runs): the workers get Ctrl-C, save
+                # their checkpoints, and are ended after a short grace
+                stop_pool(pool, grace=3.0, interrupt=True)
+                raise
+        return ok
