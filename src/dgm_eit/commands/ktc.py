@@ -28,7 +28,8 @@ def run(args) -> int:
     from dgm_eit.datasets.ktc2023 import removed_electrodes
     from dgm_eit.errors import InputError
     from dgm_eit.ktc.segment import segment_images
-    from dgm_eit.ktc.study import METHOD_NAMES, Methods, load_study, real_targets, write_submission
+    from dgm_eit.ktc import METHOD_NAMES
+    from dgm_eit.ktc.study import Methods, load_study, real_targets, write_submission
     from dgm_eit.runtime import check_seed, limit_threads, resolve_device
 
     removed_electrodes(args.level)   # refuses a bad level before any work

@@ -33,6 +33,7 @@ import numpy as np
 
 from dgm_eit import __version__
 from dgm_eit.data import storage
+from dgm_eit.data.storage import SPLIT_INDEX, sample_rng  # noqa: F401  (SPLIT_INDEX: tests and benchmarks)
 from dgm_eit.config import config_changes, set_key
 from dgm_eit.data.noise import add_noise
 from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
@@ -43,7 +44,6 @@ from dgm_eit.runtime import check_seed, stop_pool
 # Config sections whose values change the simulated arrays; a file made with equal
 # sections (and seed) is the same data set, whatever the other sections say.
 DATA_SECTIONS = ("mesh", "simulation", "data", "phantom", "gn", "tank", "linear")
-SPLIT_INDEX = {split: k for k, split in enumerate(storage.SPLITS)}
 DEFAULT_CHUNK_SIZE = 16
 # Below this many samples, default --workers runs in this process: worker start-up (about
 # 1-2 s each) would exceed the time they save (about 40 ms a sample at the smoke profile).
@@ -64,10 +64,6 @@ def split_sizes(cfg: dict) -> dict[str, int]:
 def identity_json(cfg: dict, seed: int) -> str:
     """What makes two data sets equal: the data-changing config sections and the seed."""
     return json.dumps({"seed": int(seed), **{s: cfg.get(s) for s in DATA_SECTIONS}}, sort_keys=True)
-
-
-def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), SPLIT_INDEX[split], int(index)])
 
 
 class Simulator:

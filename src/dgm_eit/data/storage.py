@@ -39,6 +39,7 @@ from dgm_eit.files import temp_sibling
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+SPLIT_INDEX = {split: k for k, split in enumerate(SPLITS)}
 ARRAY_KEYS = ("sigma", "v", "v_clean", "gn")
 IMAGE_KEYS = ("sigma", "gn")
 DONE_GROUP = "_done"
@@ -46,6 +47,12 @@ DONE_GROUP = "_done"
 
 class FileLockedError(InputError):
     """HDF5 refused to open a file another process holds open for writing."""
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The generator of one sample: a pure function of ``(seed, split, index)``, so a data set
+    does not depend on which process made which sample, or in which order."""
+    return np.random.default_rng([int(seed), SPLIT_INDEX[split], int(index)])
 
 
 def _open_h5(path: Path, mode: str = "r") -> h5py.File:

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from dgm_eit.files import atomic_path, write_text
+from dgm_eit.ktc import METHOD_NAMES
+from dgm_eit.ktc.segment import disk as segment_disk
 
 LEADERBOARD = ("all-background prediction 6.70 / 21; official linearised baseline + Otsu 10.31; "
                "1st place (post-processing UNet, Bremen/UCL) 15.24 (all 7 levels of the hidden evaluation "
@@ -33,8 +35,6 @@ def _figure(path: Path, results: dict, level: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dgm_eit.ktc.study import METHOD_NAMES
-
     numbers = results["numbers"]
     methods = list(results["methods"])
     rows = [("truth", None, None)]
@@ -56,9 +56,12 @@ def _figure(path: Path, results: dict, level: int) -> None:
                     ax.imshow(data[key][c], vmin=0, vmax=2, cmap="viridis")
                     ax.set_title(f"{data['scores'][c]:.3f}", fontsize=8)
                 elif key == "recon_std":
-                    ax.imshow(data[key][c], cmap="magma")
+                    image = data[key][c]
+                    ax.imshow(np.where(segment_disk(image.shape[-1]), image, np.nan), cmap="magma")
                 else:
-                    ax.imshow(data[key][c], vmin=0, vmax=2, cmap="RdBu_r")
+                    image = data[key][c]
+                    inside = segment_disk(image.shape[-1])
+                    ax.imshow(np.where(inside, image, np.nan), vmin=0, vmax=2, cmap="RdBu_r")
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
@@ -73,8 +76,6 @@ def _figure(path: Path, results: dict, level: int) -> None:
 
 
 def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, manifest: dict) -> dict:
-    from dgm_eit.ktc.study import METHOD_NAMES
-
     out = Path(out)
     levels = sorted({level for per_level in results["methods"].values() for level in per_level})
     numbers = results["numbers"]

@@ -94,7 +94,7 @@ class KTCSimulator:
         return self._recon
 
     def phantom(self, seed: int, split: str, index: int):
-        from dgm_eit.data.simulate import sample_rng
+        from dgm_eit.data.storage import sample_rng
 
         rng = sample_rng(seed, split, index)
         return rng, self.sampler.sample(rng)

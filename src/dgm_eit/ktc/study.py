@@ -29,9 +29,9 @@ import numpy as np
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_text
+from dgm_eit.ktc import METHODS
+from dgm_eit.ktc.report import write_report
 
-METHODS = ("linear", "gn", "cvae", "cnf", "csd")
-METHOD_NAMES = {"linear": "linearised", "gn": "GN", "cvae": "CVAE", "cnf": "CNF", "csd": "CSD*"}
 MODEL_OF = {"cvae": "cvae", "cnf": "cnf", "csd": "score"}
 TRAIN_ORDER = ("score", "cnf", "cvae")   # slowest first, so two parallel jobs end together
 MANIFEST = "run.json"
@@ -281,8 +281,6 @@ class Study:
         methods = Methods(self.cfg, self.out, seed=self.seed, device=self.device)
         chosen = self._timed("choose settings on validation", self._choose, methods)
         results = self._timed("reconstruct the real targets", self._targets, methods, chosen)
-        from dgm_eit.ktc.report import write_report
-
         manifest = {"seed": self.seed, "timings": self.timings}
         paths = write_report(self.out, self.cfg, methods, chosen, results, manifest)
         return {"chosen": chosen, "results": results, "paths": paths}
