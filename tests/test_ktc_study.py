@@ -193,6 +193,21 @@ def test_ktc_run_and_entry_point(tmp_path, capsys):
     for n in range(1, 5):
         np.testing.assert_array_equal(sio.loadmat(pred_dir / f"{n}.mat")["reconstruction"],
                                       sio.loadmat(out / "submissions" / "linear" / "level_4" / f"{n}.mat")["reconstruction"])
+    # the challenge's evaluation files: the dropped electrodes' data are NaN
+    nan_dir = tmp_path / "nan_inputs"
+    nan_dir.mkdir()
+    ref = ktc.load_reference(public_dir() / "ref.mat")
+    keep = ktc.level_mask(4, ref.injections, ref.pattern)
+    sio.savemat(nan_dir / "ref.mat", {k: v for k, v in sio.loadmat(public_dir() / "ref.mat").items()
+                                      if not k.startswith("__")})
+    for n in range(1, 5):
+        d = sio.loadmat(public_dir() / f"data{n}.mat")
+        d["Uel"] = np.where(keep[:, None], d["Uel"], np.nan)
+        sio.savemat(nan_dir / f"data{n}.mat", {k: d[k] for k in ("Uel", "Inj", "Mpat")})
+    assert main(["ktc", str(nan_dir), str(tmp_path / "pred_nan"), "4", "--run", str(out), "--method", "linear"]) == 0
+    for n in range(1, 5):
+        np.testing.assert_array_equal(sio.loadmat(tmp_path / "pred_nan" / f"{n}.mat")["reconstruction"],
+                                      sio.loadmat(pred_dir / f"{n}.mat")["reconstruction"])
     assert main(["ktc", str(public_dir()), str(tmp_path / "best"), "1", "--run", str(out)]) == 0
     assert len(list((tmp_path / "best").glob("*.mat"))) == 4
     # a changed config is refused, not mixed into the same directory

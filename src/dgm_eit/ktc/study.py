@@ -16,8 +16,6 @@ Stages, in order, each reused when its output exists (re-run the command to resu
 
 from __future__ import annotations
 
-import copy
-import csv
 import json
 import sys
 import time
@@ -269,15 +267,19 @@ class Study:
 
     def run(self) -> dict:
         from dgm_eit.runs import check_manifest
-        from dgm_eit.stages import dataset_done, simulate_stage
+        from dgm_eit.runtime import cpu_count
+        from dgm_eit.stages import StageJob, StageRunner, dataset_done, simulate_stage
 
         check_manifest(self.out, self.out / MANIFEST, self.seed, self.cfg, ignore=RESUME_FREE)
         data = self.out / "data" / "ktc.h5"
         data.parent.mkdir(parents=True, exist_ok=True)
-        if not dataset_done(data, self.log):
-            self.log("[stage] simulate the tank data")
-            self._timed("simulate", simulate_stage, self.cfg, data, self.seed)
-        self._timed("train", self._train, data)
+        runner = StageRunner(self.out / "stages.json", jobs=int(self.cfg["run"]["jobs"]) or cpu_count(),
+                             device=self.device, log=self.log)
+        runner.load()
+        self._timed("simulate", self._stage, runner, [StageJob(
+            "simulate the tank data", lambda: dataset_done(data, self.log), simulate_stage,
+            dict(cfg=self.cfg, out=data, seed=self.seed))])
+        self._timed("train", self._stage, runner, [self._train_job(m, data) for m in self.models])
         methods = Methods(self.cfg, self.out, seed=self.seed, device=self.device)
         chosen = self._timed("choose settings on validation", self._choose, methods)
         results = self._timed("reconstruct the real targets", self._targets, methods, chosen)
@@ -285,40 +287,23 @@ class Study:
         paths = write_report(self.out, self.cfg, methods, chosen, results, manifest)
         return {"chosen": chosen, "results": results, "paths": paths}
 
-    def _train(self, data: Path) -> None:
-        from dgm_eit.stages import timed_call as _timed_call, train_stage, worker_init as _worker_init
-        from dgm_eit.runtime import cpu_count
+    def _train_job(self, model: str, data: Path):
+        from dgm_eit.runs import is_finished
+        from dgm_eit.stages import StageJob, train_stage
 
-        pending = [m for m in self.models if not (self.out / "runs" / m / "done").exists()]
-        (self.out / "runs").mkdir(exist_ok=True)
-        jobs = int(self.cfg["run"]["jobs"]) or cpu_count()
-        if jobs <= 1 or len(pending) <= 1:
-            for m in pending:
-                self.log(f"[stage] train {m}")
-                train_stage(m, data, self.out / "runs" / m, self.cfg, self.seed, self.device)
-            return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        run_dir = self.out / "runs" / model
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        return StageJob(f"train {model}", lambda: is_finished(run_dir), train_stage,
+                        dict(model=model, data=data, run_dir=run_dir, cfg=self.cfg, seed=self.seed, device=self.device))
 
-        threads = max(1, cpu_count() // jobs)
-        with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
-            futures = {}
-            for m in pending:
-                cfg = copy.deepcopy(self.cfg)
-                cfg["train"]["threads"] = threads
-                futures[pool.submit(_timed_call, train_stage, dict(model=m, data=data, run_dir=self.out / "runs" / m,
-                                                                   cfg=cfg, seed=self.seed, device=self.device,
-                                                                   progress=False))] = m
-                self.log(f"[queue] train {m}")
-            try:
-                for future in as_completed(futures):
-                    self.log(f"[done] train {futures[future]} ({future.result():.0f} s)")
-            except KeyboardInterrupt:
-                from dgm_eit.runtime import stop_pool
-
-                stop_pool(pool, grace=3.0, interrupt=True)
-                raise
+    def _stage(self, runner, jobs) -> None:
+        """Run ``jobs`` (side by side when ``run.jobs`` allows); every later stage needs them all."""
+        ok = runner.run_phase(jobs)
+        failed = [name for name, done in ok.items() if not done]
+        if failed:
+            record = runner.records.get(failed[0], {})
+            raise InputError(f"stage {failed[0]!r} did not complete ({record.get('status')}: "
+                             f"{record.get('message', '')}); fix it and re-run the same command to resume")
 
     def _choose(self, methods: Methods) -> dict:
         path = self.out / "methods.json"
