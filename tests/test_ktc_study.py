@@ -24,7 +24,7 @@ TINY_RUN = SMALL + ["data.n_train=32", "data.n_val=12", "run.tune_images=8", "ru
                     "cvae.vae.epochs=1", "cvae.regressor.epochs=1", "cnf.flow.epochs=1", "score.score.epochs=1",
                     "run.csd_tune_t0=[0.5]", "run.csd_tune_dc_weight=[3.0]", "iterated.prior_scale=[1.0]", "run.csd_tune_images=4", "run.cnf_samples=4", "run.csd_samples=2",
                     "csd.n_steps=5", "run.csd_tune_steps=[5]", "iterated.iterations=[2]", "train.progress=false",
-                    "run.jobs=1", "cnf.hidden_channels=[8,8,8]", "cnf.cond_channels=[4,4,4]", "score.nf=8"]
+                    "run.jobs=2", "cnf.hidden_channels=[8,8,8]", "cnf.cond_channels=[4,4,4]", "score.nf=8"]
 
 
 def small_cfg(*extra):

@@ -276,10 +276,11 @@ class Study:
         runner = StageRunner(self.out / "stages.json", jobs=int(self.cfg["run"]["jobs"]) or cpu_count(),
                              device=self.device, log=self.log)
         runner.load()
-        self._timed("simulate", self._stage, runner, [StageJob(
-            "simulate the tank data", lambda: dataset_done(data, self.log), simulate_stage,
-            dict(cfg=self.cfg, out=data, seed=self.seed))])
-        self._timed("train", self._stage, runner, [self._train_job(m, data) for m in self.models])
+        # the simulator spreads its samples over the cores itself: one stage, run here
+        simulate = StageJob("simulate the tank data", lambda: dataset_done(data, self.log), simulate_stage,
+                            dict(cfg=self.cfg, out=data, seed=self.seed))
+        self._stage(runner, {simulate.name: self._timed("simulate", runner.run_one, simulate)})
+        self._stage(runner, self._timed("train", runner.run_phase, [self._train_job(m, data) for m in self.models]))
         methods = Methods(self.cfg, self.out, seed=self.seed, device=self.device)
         chosen = self._timed("choose settings on validation", self._choose, methods)
         results = self._timed("reconstruct the real targets", self._targets, methods, chosen)
@@ -296,9 +297,8 @@ class Study:
         return StageJob(f"train {model}", lambda: is_finished(run_dir), train_stage,
                         dict(model=model, data=data, run_dir=run_dir, cfg=self.cfg, seed=self.seed, device=self.device))
 
-    def _stage(self, runner, jobs) -> None:
-        """Run ``jobs`` (side by side when ``run.jobs`` allows); every later stage needs them all."""
-        ok = runner.run_phase(jobs)
+    def _stage(self, runner, ok: dict[str, bool]) -> None:
+        """Every later stage needs all of these: stop, naming the first that did not complete."""
         failed = [name for name, done in ok.items() if not done]
         if failed:
             record = runner.records.get(failed[0], {})
