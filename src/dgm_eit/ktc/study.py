@@ -65,6 +65,7 @@ class Methods:
         self._models: dict[str, object] = {}
         self._recons: dict[float, object] = {}
         self._fidelity = None
+        self.linear_model: dict | None = None   # CSD*'s fitted data model, once it is needed
 
     def model(self, name: str):
         if name not in self._models:
