@@ -232,20 +232,7 @@ class PhantomSampler:
 
     def _check_room(self, count: int) -> None:
         """Refuse counts that cannot fit even in the best arrangement."""
-        if count <= 1:
-            return
-        # Centres lie in the disk of radius R = centre_max and must be at least
-        # D = 2 radius_min + gap apart. The largest possible D for n points in a disk is
-        # known for n <= 7 (R times 2, sqrt 3, sqrt 2, 2 sin 36deg, 1, 1); beyond, disks
-        # of radius D/2 around the centres are disjoint inside a disk of radius R + D/2.
-        need = 2 * self.radius_min + self.gap
-        R = self.centre_max
-        best = {2: 2.0, 3: math.sqrt(3), 4: math.sqrt(2), 5: 2 * math.sin(math.pi / 5), 6: 1.0, 7: 1.0}
-        if count in best:
-            possible = need <= best[count] * R + 1e-12
-        else:
-            possible = count * (need / 2) ** 2 <= (R + need / 2) ** 2
-        if not possible:
+        if not centres_fit(count, self.radius_min, self.gap, self.centre_max):
             raise InputError(f"{count} anomalies of radius >= {self.radius_min:g} with gap {self.gap:g} cannot fit "
                              f"with centres within {self.centre_max:g} of the origin")
 
@@ -272,28 +259,52 @@ class PhantomSampler:
         return Anomaly(rho * math.cos(phi), rho * math.sin(phi), float(a), float(b), float(angle), float(value))
 
     def _place(self, rng: np.random.Generator, values: list[float], shapes: list[str]) -> list[Anomaly]:
-        draws = 0
-        while True:
-            placed: list[Anomaly] = []
-            for value, shape in zip(values, shapes):
-                for _ in range(_DRAWS_BEFORE_RESTART):
-                    draws += 1
-                    if draws > self.max_tries:
-                        raise InputError(
-                            f"could not place {len(values)} non-overlapping anomalies (radius {self.radius_min:g}-"
-                            f"{self.radius_max:g}, gap {self.gap:g}, centres within {self.centre_max:g}) in "
-                            f"{self.max_tries} tries (phantom.max_tries); use fewer or smaller anomalies")
-                    candidate = self._draw(rng, value, shape)
-                    if all(_apart(candidate, other, self.gap) for other in placed):
-                        placed.append(candidate)
-                        break
-                else:
-                    break  # this anomaly found no room: restart the phantom
-            if len(placed) == len(values):
-                return placed
+        failure = (f"could not place {len(values)} non-overlapping anomalies (radius {self.radius_min:g}-"
+                   f"{self.radius_max:g}, gap {self.gap:g}, centres within {self.centre_max:g}) in "
+                   f"{self.max_tries} tries (phantom.max_tries); use fewer or smaller anomalies")
+        draws = [functools.partial(self._draw, value=value, shape=shape) for value, shape in zip(values, shapes)]
+        return place_apart(rng, draws, self.gap, self.max_tries, failure)
 
 
-def _apart(p: Anomaly, q: Anomaly, gap: float) -> bool:
+def place_apart(rng: np.random.Generator, draws: list, gap: float, max_tries: int, failure: str,
+                fits=lambda obj: True) -> list:
+    """Rejection placement: each ``draws[k](rng)`` is redrawn until the object ``fits`` and lies
+    ``gap`` apart from those placed (bounding circles). An object that finds no room in
+    ``_DRAWS_BEFORE_RESTART`` draws restarts the phantom; ``InputError(failure)`` after
+    ``max_tries`` draws in all."""
+    total = 0
+    while True:
+        placed: list = []
+        for draw in draws:
+            for _ in range(_DRAWS_BEFORE_RESTART):
+                total += 1
+                if total > max_tries:
+                    raise InputError(failure)
+                candidate = draw(rng)
+                if fits(candidate) and all(_apart(candidate, other, gap) for other in placed):
+                    placed.append(candidate)
+                    break
+            else:
+                break  # this object found no room: restart the phantom
+        if len(placed) == len(draws):
+            return placed
+
+
+def centres_fit(count: int, radius: float, gap: float, R: float) -> bool:
+    """Whether ``count`` centres at least ``2 radius + gap`` apart fit in a disk of radius ``R``."""
+    if count <= 1:
+        return True
+    # The largest possible spacing D for n points in a disk is known for n <= 7 (R times 2,
+    # sqrt 3, sqrt 2, 2 sin 36deg, 1, 1); beyond, disks of radius D/2 around the centres are
+    # disjoint inside a disk of radius R + D/2.
+    need = 2 * radius + gap
+    best = {2: 2.0, 3: math.sqrt(3), 4: math.sqrt(2), 5: 2 * math.sin(math.pi / 5), 6: 1.0, 7: 1.0}
+    if count in best:
+        return need <= best[count] * R + 1e-12
+    return count * (need / 2) ** 2 <= (R + need / 2) ** 2
+
+
+def _apart(p, q, gap: float) -> bool:
     distance = math.hypot(p.cx - q.cx, p.cy - q.cy)
     return distance >= p.bounding_radius + q.bounding_radius + gap
 

@@ -134,14 +134,10 @@ class Simulator:
             raise InputError(f"Gauss-Newton failed on sample {split}[{index}] (seed {seed}): {err}; "
                              "change the [gn] settings (e.g. a larger gn.lam)") from None
         out["gn"] = np.asarray(self.grid.to_image(np.asarray(result.sigma)), dtype=np.float64)
-        for key, value in out.items():
-            if not np.all(np.isfinite(value)):
-                raise RuntimeError(f"sample {split}[{index}] (seed {seed}): {key} is not finite")
         return out
 
     def chunk(self, seed: int, split: str, start: int, stop: int) -> dict[str, np.ndarray]:
-        samples = [self.sample(seed, split, i) for i in range(start, stop)]
-        return {key: np.stack([s[key] for s in samples]).astype(np.float32) for key in storage.ARRAY_KEYS}
+        return storage.stack_chunk([self.sample(seed, split, i) for i in range(start, stop)], seed, split, start)
 
 
 _SIMULATORS: dict[str, Simulator] = {}

@@ -55,6 +55,16 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), SPLIT_INDEX[split], int(index)])
 
 
+def stack_chunk(samples: list[dict], seed: int, split: str, start: int) -> dict[str, np.ndarray]:
+    """Samples ``start, start + 1, ...`` of a split -> one chunk of :data:`ARRAY_KEYS` arrays
+    (float32); a value that is not finite names its sample instead of entering the file."""
+    for index, sample in enumerate(samples, start):
+        for key, value in sample.items():
+            if not np.all(np.isfinite(value)):
+                raise RuntimeError(f"sample {split}[{index}] (seed {seed}): {key} is not finite")
+    return {key: np.stack([s[key] for s in samples]).astype(np.float32) for key in ARRAY_KEYS}
+
+
 def _open_h5(path: Path, mode: str = "r") -> h5py.File:
     try:
         return h5py.File(path, mode)

@@ -20,14 +20,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from dgm_eit.data.phantoms import Anomaly, Phantom, pixel_centres
+from dgm_eit.data.phantoms import Anomaly, Phantom, centres_fit, pixel_centres, place_apart
 from dgm_eit.errors import InputError
 
 SHAPES = ("circle", "ellipse", "rectangle", "polygon", "cross")
 
-# As in data.phantoms: an object that keeps colliding restarts the phantom after this
-# many draws, so an unlucky early object cannot block the rest forever.
-_DRAWS_BEFORE_RESTART = 100
 
 
 @dataclass(frozen=True)
@@ -139,7 +136,7 @@ class KTCPhantomSampler:
         self.room = 1.0 - self.rim - self.size_min
         if self.room <= 0:
             raise InputError(f"no object fits: phantom.size_min + phantom.rim = {self.size_min + self.rim:g} >= 1")
-        if not _fits(self.count_max, self.size_min, self.gap, min(self.centre_max, self.room)):
+        if not centres_fit(self.count_max, self.size_min, self.gap, min(self.centre_max, self.room)):
             raise InputError(f"phantom.count_max = {self.count_max} objects of size >= {self.size_min:g} "
                              f"(phantom.size_min) with phantom.gap = {self.gap:g} cannot fit with centres within "
                              f"{min(self.centre_max, self.room):g} of the origin (phantom.centre_max, phantom.rim)")
@@ -147,26 +144,12 @@ class KTCPhantomSampler:
     def sample(self, rng: np.random.Generator) -> Phantom:
         """A phantom that depends on the state of ``rng`` only."""
         count = int(rng.integers(self.count_min, self.count_max + 1))
-        draws = 0
-        while True:
-            placed: list = []
-            for _ in range(count):
-                for _ in range(_DRAWS_BEFORE_RESTART):
-                    draws += 1
-                    if draws > self.max_tries:
-                        raise InputError(
-                            f"could not place {count} objects (phantom.size_min {self.size_min:g} .. size_max "
-                            f"{self.size_max:g}, gap {self.gap:g}, rim {self.rim:g}, centre_max {self.centre_max:g}) "
-                            f"in {self.max_tries} draws (phantom.max_tries); use fewer or smaller objects")
-                    obj = self._draw(rng)
-                    if (math.hypot(obj.cx, obj.cy) + obj.bounding_radius <= 1.0 - self.rim
-                            and all(_apart(obj, other, self.gap) for other in placed)):
-                        placed.append(obj)
-                        break
-                else:
-                    break  # this object found no room: restart the phantom
-            if len(placed) == count:
-                return Phantom(tuple(placed), 1.0)
+        failure = (f"could not place {count} objects (phantom.size_min {self.size_min:g} .. size_max "
+                   f"{self.size_max:g}, gap {self.gap:g}, rim {self.rim:g}, centre_max {self.centre_max:g}) "
+                   f"in {self.max_tries} draws (phantom.max_tries); use fewer or smaller objects")
+        placed = place_apart(rng, [self._draw] * count, self.gap, self.max_tries, failure,
+                             fits=lambda obj: math.hypot(obj.cx, obj.cy) + obj.bounding_radius <= 1.0 - self.rim)
+        return Phantom(tuple(placed), 1.0)
 
     def _draw(self, rng: np.random.Generator):
         # fixed order: class, shape, size, position, shape parameters, value
@@ -208,23 +191,6 @@ def _irregular(rng: np.random.Generator, r: float, cx: float, cy: float) -> tupl
         v *= r / np.hypot(v[:, 0], v[:, 1]).max()
         if _shoelace(v) >= 0.3 * math.pi * r * r / 2:
             return tuple((float(x + cx), float(y + cy)) for x, y in v)
-
-
-def _apart(p, q, gap: float) -> bool:
-    return math.hypot(p.cx - q.cx, p.cy - q.cy) >= p.bounding_radius + q.bounding_radius + gap
-
-
-def _fits(count: int, radius: float, gap: float, R: float) -> bool:
-    """Whether ``count`` centres at least ``2 radius + gap`` apart fit in a disk of radius ``R``."""
-    if count <= 1:
-        return True
-    need = 2 * radius + gap
-    # the best spacing for n points in a disk is known for n <= 7 (R times these); beyond,
-    # disks of radius need/2 around the centres must fit disjointly in one of radius R + need/2
-    best = {2: 2.0, 3: math.sqrt(3), 4: math.sqrt(2), 5: 2 * math.sin(math.pi / 5), 6: 1.0, 7: 1.0}
-    if count in best:
-        return need <= best[count] * R + 1e-12
-    return count * (need / 2) ** 2 <= (R + need / 2) ** 2
 
 
 def _get(p: dict, key: str):

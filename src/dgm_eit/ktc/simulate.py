@@ -119,16 +119,12 @@ class KTCSimulator:
     def sample(self, seed: int, split: str, index: int) -> dict[str, np.ndarray]:
         out = self.measure(seed, split, index)
         out["gn"] = self.recon.linear(out["v"], out.pop("mask"))
-        for key, value in out.items():
-            if not np.all(np.isfinite(value)):
-                raise RuntimeError(f"sample {split}[{index}] (seed {seed}): {key} is not finite")
         return out
 
     def chunk(self, seed: int, split: str, start: int, stop: int) -> dict[str, np.ndarray]:
         from dgm_eit.data import storage
 
-        samples = [self.sample(seed, split, i) for i in range(start, stop)]
-        return {key: np.stack([s[key] for s in samples]).astype(np.float32) for key in storage.ARRAY_KEYS}
+        return storage.stack_chunk([self.sample(seed, split, i) for i in range(start, stop)], seed, split, start)
 
     def gn_settings(self, seed: int, log: Callable[[str], None] | None = None) -> dict:
         """The linearised step's prior, chosen on the validation split (see :func:`tune_linear`)."""
