@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg as la
+import scipy.sparse as sp
 
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
@@ -87,6 +88,21 @@ class Tank:
         self.noise_std = std
         self.u_water = self.fine.forward(np.full(self.fine.n_elements, self.sigma_bg))
 
+    @functools.cached_property
+    def pixel_basis(self) -> tuple[np.ndarray, sp.csc_matrix]:
+        """The inside pixels' indices and ``A``: element values = ``A`` @ their values."""
+        inside = np.flatnonzero(self.grid.inside.ravel())
+        return inside, self.grid.element_matrix[:, inside].tocsc()
+
+    @functools.cached_property
+    def water_linearisation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Coarse-mesh voltages and element Jacobian of the water-filled tank (the image of ones
+        in the pixel basis), computed once for every reconstructor of this tank: the prior
+        search builds one per candidate."""
+        inside, A = self.pixel_basis
+        v_water = self.coarse.forward(np.full(self.coarse.n_elements, self.sigma_bg))
+        return v_water, self.coarse.jacobian(self.sigma_bg * (A @ np.ones(len(inside))))[1]
+
     @property
     def n_meas(self) -> int:
         return int(self.fine.n_meas)
@@ -112,11 +128,9 @@ class DifferenceReconstructor:
                              f"{corr_length}")
         self.tank, self.prior_std, self.corr_length = tank, float(prior_std), float(corr_length)
         grid = tank.grid
-        self.inside = np.flatnonzero(grid.inside.ravel())
-        # element values = A @ pixel values (inside pixels only)
-        self.A = grid.element_matrix[:, self.inside].tocsc()
-        self.v_water = tank.coarse.forward(np.full(tank.coarse.n_elements, tank.sigma_bg))
-        self.J0 = self._jacobian(np.ones(len(self.inside)))[1]
+        self.inside, self.A = tank.pixel_basis
+        self.v_water, J = tank.water_linearisation
+        self.J0 = self._pixel_jacobian(J)
         xy = np.stack([grid.x.ravel()[self.inside], grid.y.ravel()[self.inside]], axis=1)
         d2 = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
         gamma = np.exp(-d2 / (2 * self.corr_length**2)) + NUGGET * np.eye(len(xy))
@@ -126,9 +140,12 @@ class DifferenceReconstructor:
 
     def _jacobian(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Model voltages and d v / d x (relative conductivity per inside pixel) at image ``x``."""
-        sigma = self.tank.sigma_bg * (self.A @ x)
-        v, J = self.tank.coarse.jacobian(sigma)
-        return v, (self.A.T @ J.T).T * self.tank.sigma_bg
+        v, J = self.tank.coarse.jacobian(self.tank.sigma_bg * (self.A @ x))
+        return v, self._pixel_jacobian(J)
+
+    def _pixel_jacobian(self, J: np.ndarray) -> np.ndarray:
+        """Element Jacobian (M, E) in S/m -> d v / d x over the inside pixels (M, P)."""
+        return (self.A.T @ J.T).T * self.tank.sigma_bg
 
     def _step_matrix(self, J: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(J^T W J + G^-1)^-1 J^T W on the kept rows: maps a data residual to an image step."""
