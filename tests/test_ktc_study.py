@@ -14,7 +14,7 @@ from dgm_eit.cli import main
 from dgm_eit.config import load_config
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
-from dgm_eit.ktc import segment
+from dgm_eit.ktc import METHOD_NAMES, segment
 from dgm_eit.ktc.tank import DifferenceReconstructor, Tank, public_dir
 
 # coarse meshes and a 16-pixel grid: every test here takes seconds
@@ -174,15 +174,18 @@ def test_ktc_run_and_entry_point(tmp_path, capsys):
     assert len(scores) == 1 + 5 * 2 * 4    # methods x levels x targets
     cfg, chosen = load_study(out)
     assert set(chosen) == {"linear", "gn", "cvae", "cnf", "csd"} and chosen["gn"]["iterations"] == 2
+    assert len(chosen["cnf"]["seeds"]) == 1 and chosen["cnf"]["score"] == chosen["cnf"]["seeds"][0]["score"]
     # the submissions are the challenge's format and score as scores.csv says
     rows = [r.split(",") for r in scores[1:]]
-    for method, level, target, score, _ in rows[:8]:
-        pred = ktc.load_reconstruction(out / "submissions" / method / f"level_{level}" / f"{target}.mat")
+    assert {r[1] for r in rows if r[0] == "cnf"} == {"0"} and {r[1] for r in rows if r[0] == "gn"} == {"-"}
+    for method, seed, level, target, score, _ in rows[:8] + rows[-8:]:
+        where = out / "submissions" / method / ("" if seed == "-" else f"seed{seed}")
+        pred = ktc.load_reconstruction(where / f"level_{level}" / f"{target}.mat")
         truth = ktc.load_truth(public_dir() / f"true{target}.mat")
         assert ktc.score(pred, truth) == pytest.approx(float(score), abs=1e-6)
     # re-running reuses every stage and gives the same scores (the time column aside)
     def table():
-        return [r.split(",")[:4] for r in (out / "scores.csv").read_text().splitlines()]
+        return [r.split(",")[:5] for r in (out / "scores.csv").read_text().splitlines()]
 
     first = table()
     assert main(args) == 0
@@ -208,8 +211,14 @@ def test_ktc_run_and_entry_point(tmp_path, capsys):
     for n in range(1, 5):
         np.testing.assert_array_equal(sio.loadmat(tmp_path / "pred_nan" / f"{n}.mat")["reconstruction"],
                                       sio.loadmat(pred_dir / f"{n}.mat")["reconstruction"])
+    capsys.readouterr()
     assert main(["ktc", str(public_dir()), str(tmp_path / "best"), "1", "--run", str(out)]) == 0
     assert len(list((tmp_path / "best").glob("*.mat"))) == 4
+    # the default is said, with the reason, and is the report's
+    said = capsys.readouterr().err
+    assert said.startswith("dgm-eit ktc: method ") and "validation score" in said
+    name = said.split("dgm-eit ktc: method ")[1].split(":")[0]
+    assert f"**Default method of `dgm-eit ktc`: {name}**" in report
     # a changed config is refused, not mixed into the same directory
     capsys.readouterr()
     assert main(args + ["--set", "phantom.gap=0.1"]) == 2
@@ -227,3 +236,48 @@ def test_ktc_entry_point_errors(tmp_path, capsys):
     (tmp_path / "run" / "methods.json").write_text(json.dumps({"linear": {"low": 0.5, "high": 1.5, "score": 0.5}}))
     fails(capsys, ["ktc", tmp_path / "in", tmp_path / "o", "1", "--run", tmp_path / "run"], "ref.mat")
     assert not (tmp_path / "o").exists()
+
+
+def test_ktc_study_with_two_seeds_pools_an_ensemble_and_defaults_by_the_stated_rule(tmp_path, capsys):
+    from dgm_eit.ktc.study import default_method, load_study
+
+    out = tmp_path / "study"
+    tiny = [a for a in TINY_RUN if not a.startswith(("run.levels", "run.jobs"))]
+    args = ["run", "--profile", "ktc", "--out", str(out), "--seed", "2", "--seeds", "2",
+            "--set", 'run.methods=["linear", "cnf"]', "--set", "run.levels=[1]", "--set", "run.jobs=2"]
+    assert main(args + [a for s in tiny for a in ("--set", s)]) == 0
+    cfg, chosen = load_study(out)
+    assert set(chosen) == {"linear", "cnf", "cnf-ens"}
+    seeds = chosen["cnf"]["seeds"]
+    assert len(seeds) == 2 and chosen["cnf"]["score"] == pytest.approx(np.mean([r["score"] for r in seeds]))
+    assert all(len(r["image_scores"]) == 8 for r in seeds)
+    assert chosen["cnf-ens"]["members"] == [{}, {}] and "score" in chosen["cnf-ens"]
+    assert (out / "runs" / "cnf" / "seed1" / "done").is_file()
+    rows = [r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:]]
+    assert {(r[0], r[1]) for r in rows} == {("linear", "-"), ("cnf", "0"), ("cnf", "1"), ("cnf-ens", "-")}
+    report = (out / "report.md").read_text()
+    assert "| CNF ens |" in report and "the mean ± std over the seeds" in report
+    default, why = default_method(chosen, resamples=cfg["run"]["bootstrap_resamples"])
+    assert f"**Default method of `dgm-eit ktc`: {METHOD_NAMES[default]}** — {why}." in report
+    # the entry point runs the ensemble
+    capsys.readouterr()
+    assert main(["ktc", str(public_dir()), str(tmp_path / "ens"), "1", "--run", str(out), "--method", "cnf-ens"]) == 0
+    assert "CNF ens" in capsys.readouterr().out and len(list((tmp_path / "ens").glob("*.mat"))) == 4
+
+
+def test_the_default_rule_prefers_a_tied_ensemble_and_a_clear_winner_otherwise():
+    from dgm_eit.ktc.study import default_method
+
+    rng = np.random.default_rng(0)
+
+    def record(level, spread=0.05, n=40):
+        return {"image_scores": (level + spread * rng.standard_normal(n)).tolist(), "score": level}
+
+    tied = {"linear": record(0.60), "cnf": {"seeds": [record(0.80), record(0.78)], "score": 0.79},
+            "cnf-ens": record(0.795), "cvae": {"seeds": [record(0.70), record(0.71)], "score": 0.705}}
+    tied["cnf"]["score"] = 0.79
+    method, why = default_method(tied, resamples=500)
+    assert method == "cnf-ens" and "tied" in why and "seed ensemble" in why
+    clear = {"linear": record(0.40), "gn": record(0.80, spread=0.01)}
+    method, why = default_method(clear, resamples=500)
+    assert method == "gn" and "clear of the runner-up" in why

@@ -3,6 +3,7 @@ alone: it is configured in every profile, trains with the shared trainer, saves,
 reconstructs through the same path as ``dgm-eit run``."""
 
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ def test_every_method_names_a_model_and_config_keys_of_every_study_profile():
     assert len({m.key for m in METHODS}) == len({m.name for m in METHODS}) == len(METHODS)
     for profile in STUDY_PROFILES:
         cfg = load_config(profile)
+        assert isinstance(cfg["run"]["seeds"], int) and cfg["run"]["seeds"] >= 1
         for method in METHODS:
             if method.model is None:
                 continue
@@ -39,11 +41,23 @@ def test_every_method_names_a_model_and_config_keys_of_every_study_profile():
 
 
 def test_an_unknown_method_is_refused_naming_the_choices():
-    with pytest.raises(InputError, match=r"run.methods: unknown method\(s\) \['gan'\]; choose from gn, cvae, .*unet"):
+    with pytest.raises(InputError, match=r"run.methods: unknown method\(s\) \['gan'\]; choose from gn, cvae, .*unet$"):
         select_methods(["gn", "gan"])
     with pytest.raises(InputError, match="choose from"):
         get_method("gan")
     assert [m.key for m in select_methods(["csd", "gn"])] == ["gn", "csd"]   # table order
+
+
+def test_every_trained_method_has_a_seed_ensemble_that_comes_with_it():
+    trained = [m for m in METHODS if m.model is not None and not m.ensemble]
+    for m in trained:
+        ens = get_method(m.key + "-ens")
+        assert ens.ensemble_of == m.key and ens.model == m.model and ens.std_map and ens.name == f"{m.name} ens"
+        assert ens.train_set is not None
+    assert not any(m.ensemble for m in METHODS if m.model is None)
+    assert [m.key for m in select_methods(["cnf", "gn"], ensembles=True)] == ["gn", "cnf", "cnf-ens"]
+    with pytest.raises(InputError, match="run.seeds > 1 adds one"):
+        select_methods(["gn", "cnf-ens"])
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +73,13 @@ def trained(tmp_path_factory):
             cfg[model][stage].update(epochs=1, batch_size=8)
     runs = {}
 
-    def run_of(model: str):
-        if model not in runs:
-            result = train(model, data, root / model, cfg, seed=0, device="cpu", progress=False)
+    def run_of(model: str, seed_index: int = 0):
+        if (model, seed_index) not in runs:
+            out = root / model / f"seed{seed_index}"
+            result = train(model, data, out, cfg, seed=seed_index, device="cpu", progress=False)
             assert result.completed and result.step > 0
-            runs[model] = root / model
-        return runs[model]
+            runs[model, seed_index] = out
+        return runs[model, seed_index]
 
     return data, cfg, run_of
 
@@ -82,23 +97,43 @@ def test_every_model_trains_saves_and_loads_the_same_weights(trained, model):
     assert set(best.state_dict()) == set(first.state_dict())
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m.model is not None], ids=lambda m: m.key)
-def test_every_method_reconstructs_as_the_runner_asks_it_to(trained, method, tmp_path):
+def _reconstruct_as_the_runner(method, trained, out, seed_index=0):
+    """The file ``dgm-eit run`` makes for ``method``: the model's own reconstruction, or for a seed
+    ensemble the pool of two seeds' reconstructions."""
+    from dgm_eit.stages import ensemble_stage
+
     data, cfg, run_of = trained
-    run, settings = run_of(method.model), cfg["run"]
+    settings = cfg["run"]
     n_samples, sampler = method.n_samples(settings), method.sampler(settings)
     opts = {"config": cfg} if sampler is not None else {}
-    out = tmp_path / f"{method.key}.h5"
-    result = reconstruct_split(run, data, "test", out, n_samples=n_samples, sampler=sampler, seed=3, limit=3,
-                               **opts)
+    if method.ensemble:
+        members = [_reconstruct_as_the_runner(get_method(method.ensemble_of), trained,
+                                              out.with_name(f"{out.stem}_seed{k}.h5"), k) for k in range(2)]
+        ensemble_stage([m[0] for m in members], out)
+        return out, [m[1] for m in members]
+    result = reconstruct_split(run_of(method.model, seed_index), data, "test", out, n_samples=n_samples,
+                               sampler=sampler, seed=3 + seed_index, limit=3, **opts)
+    return out, result
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m.model is not None], ids=lambda m: m.key)
+def test_every_method_reconstructs_as_the_runner_asks_it_to(trained, method, tmp_path):
+    out, result = _reconstruct_as_the_runner(method, trained, tmp_path / f"{method.key}.h5")
     assert recon_file_problem(out) is None
     recon, std = read_recon(out)
     assert recon.shape == (3, 16, 16) and np.isfinite(recon).all()
-    np.testing.assert_array_equal(recon, result["recon"])
-    if method.std_map and (n_samples or 1) > 1:
-        assert std is not None and std.shape == recon.shape
-    again = reconstruct_split(run, data, "test", n_samples=n_samples, sampler=sampler, seed=3, limit=3, **opts)
-    np.testing.assert_array_equal(again["recon"], recon)   # a seed fixes the result
+    n_samples = method.n_samples(trained[1]["run"]) or 1
+    if method.ensemble:
+        members = [m["recon"] for m in result]
+        np.testing.assert_allclose(recon, np.mean(members, axis=0), rtol=1e-5, atol=1e-6)
+        assert std is not None and std.shape == recon.shape and np.isfinite(std).all()
+        assert not np.array_equal(members[0], members[1])   # two seeds, two models
+    else:
+        np.testing.assert_array_equal(recon, result["recon"])
+        if method.std_map and n_samples > 1:
+            assert std is not None and std.shape == recon.shape
+    again, _ = _reconstruct_as_the_runner(method, trained, tmp_path / "again" / f"{method.key}.h5")
+    np.testing.assert_array_equal(read_recon(again)[0], recon)   # a seed fixes the result
 
 
 def test_a_method_added_through_the_registry_runs_in_the_pipeline(tmp_path):
@@ -107,11 +142,11 @@ def test_a_method_added_through_the_registry_runs_in_the_pipeline(tmp_path):
     assert main(["run", "--out", str(out), "--profile", "smoke", "--seed", "0", "--set", "train.progress=false",
                  "--set", 'run.tests=["T1"]', "--set", 'run.methods=["gn", "unet"]']) == 0
     with open(out / "metrics.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["metric"] == "MSE"]
+        rows = [r for r in csv.DictReader(f) if r["metric"] == "MSE" and r["seed"] != "all"]
     assert {(r["method"], r["train_set"], r["test_set"]) for r in rows} == {
         ("GN", "none", "2a_40dB"), ("GN", "none", "4a_40dB"),
         ("U-Net", "2a_40dB", "2a_40dB"), ("U-Net", "4a_40dB", "4a_40dB")}
     report = (out / "report.md").read_text()
     assert "| U-Net | 2a_40dB |" in report                           # its efficiency row
-    assert "U-Net yes" in report or "U-Net **no**" in report       # and its verdict against GN
-    assert (out / "runs" / "unet_2a_40dB" / "model.safetensors").is_file()
+    assert re.search(r"U-Net (yes|\*\*no\*\* \(worse\)|\*\*tied\*\*) [+-]\d+% \[", report)   # its verdict against GN
+    assert (out / "runs" / "unet_2a_40dB" / "seed0" / "model.safetensors").is_file()

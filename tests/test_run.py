@@ -1,4 +1,4 @@
-"""``dgm-eit run --profile smoke`` end to end, once per test session (about a minute or two)."""
+"""``dgm-eit run --profile smoke --seeds 2`` end to end, once per test session (a few minutes)."""
 
 import csv
 import re
@@ -15,9 +15,10 @@ from dgm_eit.methods import get_method, select_methods
 from dgm_eit.metrics import METRICS, evaluate
 from dgm_eit.paper import PAPER_RESULTS, paper_mse_change, settings_for
 from dgm_eit.report import CSV_COLUMNS
-from dgm_eit.results import DataSpec, evaluate_file
+from dgm_eit.results import DataSpec, evaluate_file, read_recon
 
-ARGS = ["--profile", "smoke", "--seed", "0", "--set", "train.progress=false"]
+ARGS = ["--profile", "smoke", "--seed", "0", "--seeds", "2", "--set", "train.progress=false"]
+SEEDS = 2
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,10 @@ def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke_run") / "run"
     code = main(["run", "--out", str(out), *ARGS])
     return out, code
+
+
+def _experiment(out) -> Experiment:
+    return Experiment(load_config("smoke", [f"run.seeds={SEEDS}"]), out)
 
 
 def _csv_rows(out: Path) -> list[dict]:
@@ -41,25 +46,35 @@ def test_smoke_run_makes_every_row_table_and_figure(smoke_run):
     settings = settings_for(cfg)
     assert len(settings) == 6
     rows = _csv_rows(out)
-    methods = select_methods(cfg["run"]["methods"])
-    assert len(rows) == len(settings) * len(methods) * len(METRICS)
-    seen = {(r["test"], r["train_set"], r["test_set"], r["method"], r["metric"]) for r in rows}
+    methods = select_methods(cfg["run"]["methods"], ensembles=True)
+    trained = [m for m in methods if m.model is not None and not m.ensemble]
+    assert len(trained) == 4 and {m.key for m in methods} == {m.key for m in trained} | {
+        "gn", *(m.key + "-ens" for m in trained)}
+    # per seed, plus the pooled row, for every trained method; one row for GN and each ensemble
+    blocks = len(methods) + SEEDS * len(trained)
+    assert len(rows) == len(settings) * blocks * len(METRICS)
+    seen = {(r["test"], r["train_set"], r["test_set"], r["method"], r["seed"], r["metric"]) for r in rows}
     assert len(seen) == len(rows)
     for r in rows:
-        assert int(r["n"]) == cfg["data"]["n_test"]
+        assert int(r["n"]) == (SEEDS if r["seed"] == "all" else cfg["data"]["n_test"])
         assert np.isfinite(float(r["mean"])) and np.isfinite(float(r["std"]))
+    assert {r["seed"] for r in rows if r["method"] == "CNF"} == {"0", "1", "all"}
+    assert {r["seed"] for r in rows if r["method"] in ("GN", "CNF ens")} == {"-"}
     # CSD* in Test 2 uses the prior trained on the 40 dB set; CVAE/CNF their own 25 dB set
     t2 = {r["method"]: r["train_set"] for r in rows if r["test"] == "T2" and r["test_set"] == "2a_25dB"}
-    assert t2 == {"GN": "none", "CVAE": "2a_25dB", "CNF": "2a_25dB", "CSD*": "2a_40dB", "CSD-guided": "2a_40dB"}
+    assert {m: t for m, t in t2.items() if not m.endswith(" ens")} == {
+        "GN": "none", "CVAE": "2a_25dB", "CNF": "2a_25dB", "CSD*": "2a_40dB", "CSD-guided": "2a_40dB"}
+    assert t2["CNF ens"] == "2a_25dB" and t2["CSD* ens"] == "2a_40dB"
     t3 = {r["method"]: r["train_set"] for r in rows if r["test"] == "T3" and r["test_set"] == "2a_25dB"}
-    assert t3["CVAE"] == t3["CNF"] == t3["CSD*"] == "4a_40dB"
+    assert t3["CVAE"] == t3["CNF"] == t3["CSD*"] == t3["CSD* ens"] == "4a_40dB"
 
     report = (out / "report.md").read_text()
-    header = "| Method | MSE | PSNR | SSIM | RE | AE | DR | MSE vs GN | paper MSE vs GN |"
+    header = "| Method | MSE | PSNR | SSIM | RE | AE | DR | MSE vs GN [95% CI] | wins vs GN | rank | paper MSE vs GN |"
     assert report.count(header) == 6
     for method in methods:
         assert len(re.findall(rf"^\| {re.escape(method.name)}( \(\w+\))? \|", report, re.M)) >= 6
-    assert "## Efficiency" in report and "| CSD* | 2a_40dB |" in report
+    assert report.count(f"resampling the {cfg['data']['n_test']} test images and the {SEEDS} seeds") == 6
+    assert "## Efficiency" in report and "| CSD* | 2a_40dB | 1 |" in report and "| CSD* ens | 2a_40dB | 2 |" in report
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", report)
     assert len(figures) == 6
     for rel in figures:
@@ -72,7 +87,7 @@ def test_report_states_the_gn_settings_each_test_set_chose_on_validation(smoke_r
 
     out, _ = smoke_run
     report = (out / "report.md").read_text()
-    exp = Experiment(load_config("smoke"), out)
+    exp = _experiment(out)
     for s in exp.settings:
         settings = dataset_gn_settings(exp.layout.data(s.data))
         assert settings["tuned"] and settings["tuned_on"].startswith("val[:")
@@ -83,7 +98,7 @@ def test_report_states_the_gn_settings_each_test_set_chose_on_validation(smoke_r
     # the models that read GN images for new voltages make them with the data set's settings
     from dgm_eit.runs import load_run
 
-    _, cfg, _ = load_run(exp.layout.run("cnf", DataSpec(2, 25.0)))
+    _, cfg, _ = load_run(exp.layout.run("cnf", DataSpec(2, 25.0), 1))
     chosen = dataset_gn_settings(exp.layout.data(DataSpec(2, 25.0)))
     assert (cfg["gn"]["lam"], cfg["gn"]["max_iter"], cfg["gn"]["lam_snr_ref_db"]) == \
         (chosen["lam"], chosen["max_iter"], 0.0)
@@ -91,21 +106,80 @@ def test_report_states_the_gn_settings_each_test_set_chose_on_validation(smoke_r
 
 def test_csv_numbers_are_the_metrics_of_the_written_reconstructions(smoke_run):
     out, _ = smoke_run
-    rows = {(r["test"], r["test_set"], r["method"], r["metric"]): r for r in _csv_rows(out)}
+    rows = {(r["test"], r["test_set"], r["method"], r["seed"], r["metric"]): r for r in _csv_rows(out)}
     data = out / "data" / "2a_40dB.h5"
     arrays = read_split(data, "test", keys=("sigma", "gn"))
     gn = evaluate(arrays["gn"], arrays["sigma"])
-    cnf, _ = evaluate_file(out / "recon" / "cnf_2a_40dB_on_2a_40dB.h5", data, "test")
+    cnf = [evaluate_file(out / "recon" / f"cnf_2a_40dB_on_2a_40dB_seed{k}.h5", data, "test")[0] for k in range(SEEDS)]
+    ensemble, _ = evaluate_file(out / "recon" / "cnf-ens_2a_40dB_on_2a_40dB.h5", data, "test")
     for metric in METRICS:
-        assert float(rows[("T1", "2a_40dB", "GN", metric)]["mean"]) == pytest.approx(gn[metric].mean)
-        assert float(rows[("T1", "2a_40dB", "CNF", metric)]["std"]) == pytest.approx(cnf[metric].std)
+        assert float(rows[("T1", "2a_40dB", "GN", "-", metric)]["mean"]) == pytest.approx(gn[metric].mean)
+        for k in range(SEEDS):
+            assert float(rows[("T1", "2a_40dB", "CNF", str(k), metric)]["std"]) == pytest.approx(cnf[k][metric].std)
+        means = [c[metric].mean for c in cnf]
+        pooled = rows[("T1", "2a_40dB", "CNF", "all", metric)]
+        assert float(pooled["mean"]) == pytest.approx(np.mean(means))
+        assert float(pooled["std"]) == pytest.approx(np.std(means, ddof=1))
+        assert float(rows[("T1", "2a_40dB", "CNF ens", "-", metric)]["mean"]) == pytest.approx(ensemble[metric].mean)
     with open(out / "metrics_per_sample.csv", newline="") as f:
         per_image = [r for r in csv.DictReader(f) if r["test"] == "T1" and r["test_set"] == "2a_40dB"
                      and r["method"] == "CNF"]
-    assert len(per_image) == len(arrays["sigma"])
-    assert np.mean([float(r["SSIM"]) for r in per_image]) == pytest.approx(cnf["SSIM"].mean)
+    assert len(per_image) == SEEDS * len(arrays["sigma"])
+    assert np.mean([float(r["SSIM"]) for r in per_image if r["seed"] == "1"]) == pytest.approx(cnf[1]["SSIM"].mean)
     # Test 3's GN row is the same reconstruction as Test 1's
-    assert rows[("T3", "2a_40dB", "GN", "MSE")]["mean"] == rows[("T1", "2a_40dB", "GN", "MSE")]["mean"]
+    assert rows[("T3", "2a_40dB", "GN", "-", "MSE")]["mean"] == rows[("T1", "2a_40dB", "GN", "-", "MSE")]["mean"]
+
+
+def test_an_ensemble_pools_the_samples_of_its_seeds(smoke_run):
+    from dgm_eit.results import recon_attrs
+
+    out, _ = smoke_run
+    run = load_config("smoke")["run"]
+    members = [read_recon(out / "recon" / f"cnf_4a_40dB_on_4a_40dB_seed{k}.h5") for k in range(SEEDS)]
+    recon, std = read_recon(out / "recon" / "cnf-ens_4a_40dB_on_4a_40dB.h5")
+    np.testing.assert_allclose(recon, np.mean([m[0] for m in members], axis=0), rtol=1e-6, atol=1e-7)
+    # the pooled std: within-seed spreads plus the spread of the seed means, over all K x n samples
+    n = run["cnf_samples"]
+    means = np.stack([m[0] for m in members]).astype(np.float64)
+    within = sum((n - 1) * m[1].astype(np.float64) ** 2 for m in members)
+    between = n * ((means - means.mean(axis=0)) ** 2).sum(axis=0)
+    np.testing.assert_allclose(std, np.sqrt((within + between) / (SEEDS * n - 1)), rtol=1e-5, atol=1e-7)
+    assert std.max() > 0
+    attrs = recon_attrs(out / "recon" / "cnf-ens_4a_40dB_on_4a_40dB.h5")
+    member_attrs = [recon_attrs(out / "recon" / f"cnf_4a_40dB_on_4a_40dB_seed{k}.h5") for k in range(SEEDS)]
+    assert attrs["n_samples"] == SEEDS * n and attrs["nfe"] == sum(a["nfe"] for a in member_attrs)
+
+
+def test_intervals_csv_and_the_verdicts_read_the_bootstrap(smoke_run):
+    from dgm_eit.report import INTERVAL_COLUMNS
+
+    out, _ = smoke_run
+    with open(out / "intervals.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == INTERVAL_COLUMNS
+        rows = list(reader)
+    cfg = load_config("smoke")
+    methods = select_methods(cfg["run"]["methods"], ensembles=True)
+    assert len(rows) == 6 * len(methods)
+    report = (out / "report.md").read_text()
+    verdicts = report.split("## Does every generative model beat GN on MSE?")[1].split("## ")[0]
+    words = {"better": "yes", "worse": "**no** (worse)", "tied": "**tied**"}
+    for r in rows:
+        low, change, high = float(r["ci_low"]), float(r["mse_vs_gn_percent"]), float(r["ci_high"])
+        assert low <= change <= high
+        assert int(r["resamples"]) == cfg["run"]["bootstrap_resamples"] and int(r["images"]) == cfg["data"]["n_test"]
+        if r["method"] == "GN":
+            assert (low, change, high) == (0.0, 0.0, 0.0) and r["verdict"] == "reference" and r["win_rate"] == ""
+            continue
+        assert int(r["seeds"]) == (1 if r["method"].endswith(" ens") else SEEDS)
+        expected = "better" if high < 0 else "worse" if low > 0 else "tied"
+        assert r["verdict"] == expected and 0.0 <= float(r["win_rate"]) <= 1.0
+        assert f"{r['method']} {words[expected]} {change:+.0f}% [{low:+.0f}, {high:+.0f}]" in verdicts
+    # ranks: 1 + the number of methods whose whole interval lies below
+    t1 = [r for r in rows if r["test"] == "T1" and r["test_set"] == "2a_40dB"]
+    for r in t1:
+        below = sum(float(o["ci_high"]) < float(r["ci_low"]) for o in t1 if o is not r)
+        assert int(r["rank"]) == 1 + below
 
 
 def test_noise_levels_share_phantoms(smoke_run):
@@ -119,14 +193,14 @@ def test_noise_levels_share_phantoms(smoke_run):
 def test_rerun_reuses_stages_and_a_lost_stage_is_redone_identically(smoke_run, capsys):
     out, _ = smoke_run
     before = (out / "metrics.csv").read_text()
-    lost = out / "recon" / "csd_4a_40dB_on_2a_25dB.h5"
+    lost = out / "recon" / "csd_4a_40dB_on_2a_25dB_seed1.h5"
     lost.unlink()
     capsys.readouterr()
     assert main(["run", "--out", str(out), *ARGS]) == 0
     log = capsys.readouterr().err
     ran = [line[8:] for line in log.splitlines() if line.startswith(("[run]", "[queue]"))]
-    assert ran == ["reconstruct csd (4a_40dB) on 2a_25dB"]
-    assert "[reuse] train score on 4a_40dB" in log
+    assert ran == ["reconstruct csd (4a_40dB) on 2a_25dB, seed 1"]
+    assert "[reuse] train score on 4a_40dB, seed 1" in log and "[reuse] pool csd-ens (4a_40dB) on 2a_25dB" in log
     assert lost.exists()
     assert (out / "metrics.csv").read_text() == before
 
@@ -136,7 +210,7 @@ def test_a_different_config_is_refused_for_the_same_directory(smoke_run, capsys)
     assert main(["run", "--out", str(out), *ARGS, "--set", "data.n_train=40"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.n_train: 48 -> 40" in err[0]
-    other_seed = [a if a != "0" else "1" for a in ARGS]
+    other_seed = ["--seed" if a == "--seed" else "1" if a == "0" else a for a in ARGS]
     assert main(["run", "--out", str(out), *other_seed]) == 2
     assert "made with --seed 0, not 1" in capsys.readouterr().err
 
@@ -162,13 +236,42 @@ def test_unknown_test_or_method_is_refused(tmp_path):
 def test_plan_trains_conditional_models_per_set_and_one_prior_per_anomaly_count(tmp_path):
     full = Experiment(load_config("smoke"), tmp_path)
     assert [d.label for d in full.datasets()] == ["2a_40dB", "2a_25dB", "4a_40dB", "4a_25dB"]
-    runs = {(m, d.label) for m, d in full.training_runs()}
+    runs = {(m, d.label) for m, d, k in full.training_runs()}
     assert runs == {(m, d) for m in ("cvae", "cnf") for d in ("2a_40dB", "2a_25dB", "4a_40dB", "4a_25dB")} | {
         ("score", "2a_40dB"), ("score", "4a_40dB")}
+    assert {k for _, _, k in full.training_runs()} == {0}
     assert len(full.reconstructions()) == 4 * 6
-    only_t1 = Experiment(load_config("smoke", ['run.tests=["T1"]', 'run.methods=["gn", "csd"]']), tmp_path)
+    only_t1 = Experiment(load_config("smoke", ['run.tests=["T1"]', 'run.methods=["gn", "csd"]', "run.seeds=3"]),
+                         tmp_path)
     assert [d.label for d in only_t1.datasets()] == ["2a_40dB", "4a_40dB"]
-    assert {(m, d.label) for m, d in only_t1.training_runs()} == {("score", "2a_40dB"), ("score", "4a_40dB")}
+    # every seed of every model, seed 0 of all first
+    assert [(m, d.label, k) for m, d, k in only_t1.training_runs()] == [
+        ("score", s, k) for k in range(3) for s in ("2a_40dB", "4a_40dB")]
+    assert [m.key for m in only_t1.methods] == ["gn", "csd", "csd-ens"]
+    assert len(only_t1.reconstructions()) == 2 * 2
+
+
+def test_every_training_run_gets_its_own_seed_by_a_stated_rule():
+    import hashlib
+
+    from dgm_eit.runtime import training_seed
+
+    exp = Experiment(load_config("smoke", ["run.seeds=3"]), "/nonexistent", seed=5)
+    seeds = [exp.training_seed(m, d, k) for m, d, k in exp.training_runs()]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**48 for s in seeds)
+    digest = hashlib.sha256(b"5/cnf/2a_40dB/1").digest()[:6]
+    assert training_seed(5, "cnf", "2a_40dB", 1) == int.from_bytes(digest, "big")
+    assert exp.training_seed("cnf", DataSpec(2, 40.0), 1) == training_seed(5, "cnf", "2a_40dB", 1)
+    assert training_seed(6, "cnf", "2a_40dB", 1) != training_seed(5, "cnf", "2a_40dB", 1)
+
+
+def test_bad_seed_counts_are_refused_before_any_file(tmp_path):
+    with pytest.raises(ValueError, match=r"run.seeds must be an integer >= 1"):
+        Experiment(load_config("smoke", ["run.seeds=0"]), tmp_path / "x")
+    for bad in ("1.5", "true"):
+        with pytest.raises(ValueError, match="run.seeds"):
+            load_config("smoke", [f"run.seeds={bad}"])
+    assert not (tmp_path / "x").exists()
 
 
 def test_csd_settings_are_chosen_on_the_validation_split_of_each_tables_training_data(smoke_run):
@@ -179,7 +282,7 @@ def test_csd_settings_are_chosen_on_the_validation_split_of_each_tables_training
     out, _ = smoke_run
     cfg = load_config("smoke")
     run = cfg["run"]
-    exp = Experiment(cfg, out)
+    exp = _experiment(out)
     two_hi, two_lo, four_hi, four_lo = DataSpec(2, 40.0), DataSpec(2, 25.0), DataSpec(4, 40.0), DataSpec(4, 25.0)
     csd = get_method("csd")
     assert exp.tuning_set(csd, two_hi, two_hi) == two_hi     # T1
@@ -187,16 +290,18 @@ def test_csd_settings_are_chosen_on_the_validation_split_of_each_tables_training
     # T3: the training anomaly count at the test noise level, never the 2-anomaly distribution
     assert exp.tuning_set(csd, four_hi, two_hi) == four_hi
     assert exp.tuning_set(csd, four_hi, two_lo) == four_lo
-    best, rows = tune_on_validation(exp.layout.run("score", four_hi), exp.layout.data(four_lo),
+    best, rows = tune_on_validation(exp.layout.run("score", four_hi, 1), exp.layout.data(four_lo),
                                     config_for(cfg, two_lo), t0s=run["csd_tune_t0"],
-                                    steps=run["csd_tune_steps"], n_images=run["csd_tune_images"], seed=0,
-                                    sampler=run["csd_sampler"])
+                                    steps=run["csd_tune_steps"], n_images=run["csd_tune_images"],
+                                    seed=exp.training_seed("score", four_hi, 1), sampler=run["csd_sampler"])
     assert len(rows) == len(run["csd_tune_t0"]) * len(run["csd_tune_steps"])
     assert best["t0"] == min(rows, key=lambda r: r["mse"])["t0"]
-    attrs = recon_attrs(exp.layout.recon("csd", four_hi, two_lo))
+    attrs = recon_attrs(exp.layout.recon("csd", four_hi, two_lo, 1))
     assert (attrs["t0"], attrs["n_steps"]) == (best["t0"], best["n_steps"])
-    assert f"t0 = {best['t0']:g}, {best['n_steps']} reverse steps, chosen on the validation split of 4a_25dB" \
-        in (out / "report.md").read_text()
+    section = (out / "report.md").read_text().split("### T3: trained on 4 anomalies, 40 dB, tested on 2 anomalies, "
+                                                     "25 dB")[1].split("###")[0]
+    assert re.search(rf"t0 = [\d./ ]*{best['t0']:g}[\d./ ]*, {best['n_steps']} reverse steps \(per seed\), chosen on "
+                     r"the validation split of 4a_25dB", section)
 
 
 def test_test3_alone_still_simulates_the_set_that_tunes_csd(tmp_path):
@@ -212,3 +317,30 @@ def test_bad_tuning_grid_is_refused(tmp_path):
     cfg["run"]["csd_tune_t0"] = [0.3, 1.5]
     with pytest.raises(ValueError, match="csd_tune_t0"):
         Experiment(cfg, tmp_path / "run")
+
+
+def test_a_run_interrupted_in_its_second_seed_resumes_and_keeps_the_first(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["run", "--out", str(out), "--profile", "smoke", "--seed", "0", "--set", "train.progress=false",
+            "--set", 'run.tests=["T1"]', "--set", 'run.methods=["gn", "cvae"]']
+    assert main(base + ["--seeds", "1"]) == 0
+    first = {p: p.read_bytes() for p in sorted(out.glob("runs/*/seed0/model.safetensors"))
+             + sorted(out.glob("recon/*_seed0.h5"))}
+    assert len(first) == 4
+    capsys.readouterr()
+    # the second seed's trainings stop after their first optimiser step, as a kill would stop them
+    assert main(base + ["--seeds", "2", "--set", "run.train_max_minutes=1e-9"]) == 1
+    log = capsys.readouterr().err
+    assert "[reuse] train cvae on 2a_40dB, seed 0" in log and "[reuse] reconstruct cvae (2a_40dB) on 2a_40dB, seed 0" in log
+    assert "training paused" in log
+    paused = out / "runs" / "cvae_2a_40dB" / "seed1"
+    assert (paused / "checkpoints" / "last.pt").is_file() and not (paused / "done").exists()
+    assert main(base + ["--seeds", "2"]) == 0
+    log = capsys.readouterr().err
+    ran = {line[8:] for line in log.splitlines() if line.startswith(("[run]", "[queue]"))}
+    assert ran == {"train cvae on 2a_40dB, seed 1", "train cvae on 4a_40dB, seed 1",
+                   "reconstruct cvae (2a_40dB) on 2a_40dB, seed 1", "reconstruct cvae (4a_40dB) on 4a_40dB, seed 1",
+                   "pool cvae-ens (2a_40dB) on 2a_40dB", "pool cvae-ens (4a_40dB) on 4a_40dB"}
+    assert all(path.read_bytes() == data for path, data in first.items())
+    with open(out / "metrics.csv", newline="") as f:
+        assert {r["seed"] for r in csv.DictReader(f) if r["method"] == "CVAE"} == {"0", "1", "all"}

@@ -9,14 +9,18 @@ order, each reused when its output exists:
    (paper: 40 dB and 25 dB). Both noise levels of one anomaly count use the same data
    seed, so they hold the same phantoms with different noise: Test 2 then differs from
    Test 1 in the noise only. Done when the file exists and is marked complete.
-2. training runs ``DIR/runs/<model>_<label>/`` (done when the trainer marked it finished):
-   one per model and training set the selected methods need. Conditional models learn
-   from every table's own training set, as the paper did; the score prior only from the
-   high-SNR sets, because it sees images only, so one prior serves both noise levels.
-3. reconstructions ``DIR/recon/<method>_<train label>_on_<test label>.h5`` of every
-   test split (done when the file exists; the reconstructor writes it atomically). GN
-   needs no stage: its image is the data set's ``gn`` array.
-4. metrics, ``metrics.csv``, figures and ``report.md``: recomputed on every run (cheap).
+2. training runs ``DIR/runs/<model>_<label>/seed<k>/`` (done when the trainer marked it
+   finished): ``run.seeds`` per model and training set the selected methods need, seed k
+   trained with :func:`dgm_eit.runtime.training_seed`. Conditional models learn from every
+   table's own training set, as the paper did; the score prior only from the high-SNR
+   sets, because it sees images only, so one prior serves both noise levels.
+3. reconstructions ``DIR/recon/<method>_<train label>_on_<test label>_seed<k>.h5`` of every
+   test split by every seed's model (done when the file exists; the reconstructor writes it
+   atomically), and with several seeds the ensembles
+   ``DIR/recon/<method>-ens_<train label>_on_<test label>.h5`` pooled from them. GN needs
+   no stage: its image is the data set's ``gn`` array, and it has no seed.
+4. metrics, intervals, ``metrics.csv``, figures and ``report.md``: recomputed on every run
+   (cheap).
 
 A stage that fails is recorded in ``DIR/stages.json`` and in the report, and the stages
 that do not depend on it still run; the command then exits non-zero. Re-running the
@@ -37,18 +41,19 @@ from dgm_eit import runs
 from dgm_eit.data.storage import dataset_gn_settings, read_split
 from dgm_eit.errors import InputError
 from dgm_eit.methods import GAUSS_NEWTON, Method, select_methods
-from dgm_eit.metrics import per_sample, summarize
+from dgm_eit.metrics import per_sample
 from dgm_eit.models.posterior import TUNABLE_SAMPLERS
 from dgm_eit.paper import settings_for
 from dgm_eit.report import comparison_figure
 from dgm_eit.results import (DataSpec, EfficiencyRow, MethodResult, RunResult, Setting, SettingResult,
                              read_recon, recon_attrs, recon_file_problem)
-from dgm_eit.runtime import check_seed, cpu_count
-from dgm_eit.stages import StageJob, StageRunner, dataset_done, reconstruct_stage, simulate_stage, train_stage
+from dgm_eit.runtime import check_seed, check_seed_settings, cpu_count, training_seed
+from dgm_eit.stages import (StageJob, StageRunner, dataset_done, ensemble_stage, reconstruct_stage, simulate_stage,
+                            train_stage)
 
 # which tests and methods to run, and how, may change between calls; what they compute may not
-RESUME_FREE = ("run.tests", "run.methods", "run.figure_samples", "run.jobs", "run.train_max_minutes",
-               "run.expected_time", "train.progress", "train.threads")
+RESUME_FREE = ("run.tests", "run.methods", "run.seeds", "run.figure_samples", "run.jobs", "run.train_max_minutes",
+               "run.expected_time", "run.bootstrap_resamples", "train.progress", "train.threads")
 
 
 def check_tuning(run: dict) -> None:
@@ -95,11 +100,13 @@ class Layout:
     def data(self, spec: DataSpec) -> Path:
         return self.root / "data" / f"{spec.label}.h5"
 
-    def run(self, model: str, spec: DataSpec) -> Path:
-        return self.root / "runs" / f"{model}_{spec.label}"
+    def run(self, model: str, spec: DataSpec, seed_index: int) -> Path:
+        return self.root / "runs" / f"{model}_{spec.label}" / f"seed{seed_index}"
 
-    def recon(self, method: str, train: DataSpec, data: DataSpec) -> Path:
-        return self.root / "recon" / f"{method}_{train.label}_on_{data.label}.h5"
+    def recon(self, method: str, train: DataSpec, data: DataSpec, seed_index: int | None = None) -> Path:
+        """A reconstruction by the model of seed ``seed_index``; None: a method without seeds (an ensemble)."""
+        seed = "" if seed_index is None else f"_seed{seed_index}"
+        return self.root / "recon" / f"{method}_{train.label}_on_{data.label}{seed}.h5"
 
     def figure(self, setting: Setting) -> Path:
         return self.root / "figures" / f"{setting.key}.png"
@@ -143,7 +150,8 @@ class Experiment:
         self.layout = Layout(out)
         self.log = log
         self.settings = settings_for(cfg)
-        self.methods = select_methods(cfg["run"]["methods"])
+        self.n_seeds = check_seed_settings(cfg["run"])
+        self.methods = select_methods(cfg["run"]["methods"], ensembles=self.n_seeds > 1)
         check_tuning(cfg["run"])
         jobs = cfg["run"]["jobs"]
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
@@ -168,6 +176,9 @@ class Experiment:
     def train_set(self, method: Method, setting: Setting) -> DataSpec | None:
         return method.train_set(setting.train, float(self.cfg["run"]["high_snr_db"]))
 
+    def training_seed(self, model: str, spec: DataSpec, seed_index: int) -> int:
+        return training_seed(self.seed, model, spec.label, seed_index)
+
     def _tunes(self, method: Method) -> bool:
         """Whether the method's sampler settings are chosen on validation data in this run."""
         run = self.cfg["run"]
@@ -185,18 +196,21 @@ class Experiment:
                 specs.append(tuning_spec(s))
         return sorted(set(specs), key=_spec_order)
 
-    def training_runs(self) -> list[tuple[str, DataSpec]]:
-        """``(model, training set)`` of every run the methods need, the costliest model first."""
+    def training_runs(self) -> list[tuple[str, DataSpec, int]]:
+        """``(model, training set, seed index)`` of every run the methods need, seed 0 of every
+        model first (an interrupted study then has whole tables of its first seeds soonest),
+        within a seed the costliest model first."""
         cost: dict[str, int] = {}
         for method in self.methods:
             if method.model is not None:
                 cost[method.model] = max(cost.get(method.model, 0), method.cost)
         runs_needed = {(m.model, self.train_set(m, s)) for s in self.settings for m in self.methods
                        if m.model is not None}
-        return sorted(runs_needed, key=lambda r: (-cost[r[0]], _spec_order(r[1])))
+        return [(model, spec, k) for k in range(self.n_seeds)
+                for model, spec in sorted(runs_needed, key=lambda r: (-cost[r[0]], _spec_order(r[1])))]
 
     def reconstructions(self) -> list[tuple[Method, DataSpec, DataSpec]]:
-        """``(method, training set, test set)`` of every reconstruction stage, in plan order."""
+        """``(method, training set, test set)`` of every table's trained methods, in plan order."""
         jobs = [(m, self.train_set(m, s), s.data) for s in self.settings for m in self.methods if m.model is not None]
         return list(dict.fromkeys(jobs))
 
@@ -207,6 +221,10 @@ class Experiment:
             if s.data == data and self.train_set(method, s) == train:
                 return tuning_spec(s)
         raise InputError(f"no results table tests {method.key} ({train.label}) on {data.label}")
+
+    def member_files(self, method: Method, train: DataSpec, data: DataSpec) -> list[Path]:
+        """The reconstructions an ensemble pools: its method's, one per seed."""
+        return [self.layout.recon(method.ensemble_of, train, data, k) for k in range(self.n_seeds)]
 
     # -- stage jobs ------------------------------------------------------------------------
 
@@ -230,23 +248,30 @@ class Experiment:
         return StageJob(f"data {spec.label}", lambda: self._dataset_done(spec), simulate_stage,
                         dict(cfg=config_for(self.cfg, spec), out=path, seed=data_seed(self.seed, spec.anomalies)))
 
-    def _train_job(self, model: str, spec: DataSpec) -> StageJob:
-        run_dir = self.layout.run(model, spec)
+    def _train_job(self, model: str, spec: DataSpec, k: int) -> StageJob:
+        run_dir = self.layout.run(model, spec, k)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        return StageJob(f"train {model} on {spec.label}", lambda: runs.is_finished(run_dir), train_stage,
+        return StageJob(f"train {model} on {spec.label}, seed {k}", lambda: runs.is_finished(run_dir), train_stage,
                         dict(model=model, data=self.layout.data(spec), run_dir=run_dir,
-                             cfg=config_for(self.cfg, spec), seed=self.seed, device=self.device))
+                             cfg=config_for(self.cfg, spec), seed=self.training_seed(model, spec, k),
+                             device=self.device))
 
-    def _reconstruct_job(self, method: Method, train: DataSpec, data: DataSpec) -> StageJob:
+    def _reconstruct_job(self, method: Method, train: DataSpec, data: DataSpec, k: int) -> StageJob:
         run = self.cfg["run"]
-        out = self.layout.recon(method.key, train, data)
+        out = self.layout.recon(method.key, train, data, k)
         out.parent.mkdir(parents=True, exist_ok=True)
         tune = self.layout.data(self.tuning_set(method, train, data)) if self._tunes(method) else None
-        return StageJob(f"reconstruct {method.key} ({train.label}) on {data.label}", lambda: self._recon_done(out),
-                        reconstruct_stage,
-                        dict(run_dir=self.layout.run(method.model, train), data=self.layout.data(data),
-                             out=out, n_samples=method.n_samples(run), sampler=method.sampler(run), seed=self.seed,
-                             device=self.device, cfg=config_for(self.cfg, data), tune_data=tune))
+        return StageJob(f"reconstruct {method.key} ({train.label}) on {data.label}, seed {k}",
+                        lambda: self._recon_done(out), reconstruct_stage,
+                        dict(run_dir=self.layout.run(method.model, train, k), data=self.layout.data(data),
+                             out=out, n_samples=method.n_samples(run), sampler=method.sampler(run),
+                             seed=self.training_seed(method.model, train, k), device=self.device,
+                             cfg=config_for(self.cfg, data), tune_data=tune))
+
+    def _ensemble_job(self, method: Method, train: DataSpec, data: DataSpec) -> StageJob:
+        out = self.layout.recon(method.key, train, data)
+        return StageJob(f"pool {method.key} ({train.label}) on {data.label}", lambda: self._recon_done(out),
+                        ensemble_stage, dict(members=self.member_files(method, train, data), out=out))
 
     # -- run -------------------------------------------------------------------------------
 
@@ -259,26 +284,39 @@ class Experiment:
             # the simulator already spreads one data set over every core
             data_ok[spec] = self.stages.run_one(self._dataset_job(spec))
         train_jobs = {}
-        for model, spec in self.training_runs():
+        for model, spec, k in self.training_runs():
             if data_ok[spec]:
-                train_jobs[(model, spec)] = self._train_job(model, spec)
+                train_jobs[(model, spec, k)] = self._train_job(model, spec, k)
             else:
-                self.stages.skip(f"train {model} on {spec.label}", f"data set {spec.label} is not available")
+                self.stages.skip(f"train {model} on {spec.label}, seed {k}", f"data set {spec.label} is not available")
         trained = self.stages.run_phase(list(train_jobs.values()))
         run_ok = {key: trained.get(job.name, False) for key, job in train_jobs.items()}
-        recon_jobs = []
+        recon_jobs, pooled = [], []
         # the slowest jobs first, so parallel workers finish together
         for method, train, data in sorted(self.reconstructions(), key=lambda r: -r[0].cost):
-            if run_ok.get((method.model, train)) and data_ok[data]:
-                recon_jobs.append(self._reconstruct_job(method, train, data))
-            else:
-                self.stages.skip(f"reconstruct {method.key} ({train.label}) on {data.label}",
-                                 f"needs the {method.model} run on {train.label} and the data set {data.label}")
+            if method.ensemble:
+                pooled.append((method, train, data))
+                continue
+            for k in range(self.n_seeds):
+                if run_ok.get((method.model, train, k)) and data_ok[data]:
+                    recon_jobs.append(self._reconstruct_job(method, train, data, k))
+                else:
+                    self.stages.skip(f"reconstruct {method.key} ({train.label}) on {data.label}, seed {k}",
+                                     f"needs seed {k} of the {method.model} run on {train.label} and the data set "
+                                     f"{data.label}")
         self.stages.run_phase(recon_jobs)
+        for method, train, data in pooled:
+            job = self._ensemble_job(method, train, data)
+            if all(p.exists() for p in job.kwargs["members"]):
+                self.stages.run_one(job)
+            else:
+                self.stages.skip(job.name, f"needs all {self.n_seeds} seeds' reconstructions")
         self._time_gn(data_ok)
         settings = [self._evaluate(s, data_ok) for s in self.settings]
+        seeds = {f"{model} on {spec.label}": [self.training_seed(model, spec, k) for k in range(self.n_seeds)]
+                 for model, spec in dict.fromkeys((m, s) for m, s, _ in self.training_runs())}
         result = RunResult(self.cfg, self.seed, self.layout.root, settings, self._efficiency(),
-                           dict(self.stages.records), time.perf_counter() - start)
+                           dict(self.stages.records), time.perf_counter() - start, seeds)
         self.stages.save()
         return result
 
@@ -304,6 +342,12 @@ class Experiment:
             records[name] = {"status": "done", "seconds_per_image": spi, "device": "cpu"}
             self.log(f"[done]  {name}: {spi * 1000:.0f} ms per image")
 
+    def _method_files(self, method: Method, train: DataSpec | None, data: DataSpec) -> list[Path]:
+        """The reconstruction files a method is scored from: one per seed, or the ensemble's one."""
+        if method.ensemble:
+            return [self.layout.recon(method.key, train, data)]
+        return [self.layout.recon(method.key, train, data, k) for k in range(self.n_seeds)]
+
     def _evaluate(self, setting: Setting, data_ok: dict) -> SettingResult:
         result = SettingResult(setting)
         if not data_ok.get(setting.data):
@@ -316,29 +360,37 @@ class Experiment:
         for method in self.methods:
             train = self.train_set(method, setting)
             if method.model is None:
-                recon, std = arrays["gn"], None
+                images = [(arrays["gn"], None)]
+                files = []
             else:
-                path = self.layout.recon(method.key, train, setting.data)
-                if not path.exists():
-                    result.missing[method.key] = f"no reconstruction ({path.name})"
+                files = self._method_files(method, train, setting.data)
+                absent = [p.name for p in files if not p.exists()]
+                if absent:
+                    result.missing[method.key] = f"no reconstruction ({', '.join(absent)})"
                     continue
-                recon, std = read_recon(path)
+                images = [read_recon(p) for p in files]
             try:
-                values = per_sample(recon, truth)
+                values = [per_sample(recon, truth) for recon, _ in images]
             except InputError as err:
                 result.missing[method.key] = f"not scored: {err}"
                 continue
-            sampling = {}
-            if self._tunes(method):
-                attrs = recon_attrs(path)
-                sampling = {k: attrs[k] for k in ("t0", "n_steps", "sampler") if k in attrs}
-                sampling["tuned_on"] = self.tuning_set(method, train, setting.data).label
-            result.methods.append(MethodResult(method.key, method.name, train, summarize(values), values, sampling))
+            sampling = []
+            if self._tunes(method) and not method.ensemble:
+                for path in files:
+                    attrs = recon_attrs(path)
+                    chosen = {k: attrs[k] for k in ("t0", "n_steps", "sampler") if k in attrs}
+                    sampling.append({**chosen, "tuned_on": self.tuning_set(method, train, setting.data).label})
+            seeded = method.model is not None and not method.ensemble
+            result.methods.append(MethodResult(method.key, method.name, train, values, seeded, sampling))
+            # figures show the first seed's model, and each ensemble
+            recon, std = images[0]
             recons[method.name] = recon
             if std is not None and method.std_map:
                 stds[method.name] = std
+        run = self.cfg["run"]
+        result.compare_with(GAUSS_NEWTON.key, resamples=int(run["bootstrap_resamples"]), seed=self.seed)
         if result.methods:
-            k = min(int(self.cfg["run"]["figure_samples"]), len(truth))
+            k = min(int(run["figure_samples"]), len(truth))
             path = self.layout.figure(setting)
             path.parent.mkdir(parents=True, exist_ok=True)
             comparison_figure(path, truth[:k], {n: r[:k] for n, r in recons.items()},
@@ -347,6 +399,8 @@ class Experiment:
         return result
 
     def _efficiency(self) -> list[EfficiencyRow]:
+        """One row per method and training set: a trained method's figures are per model (the
+        mean over its seeds), an ensemble's are what all its models cost together."""
         rows = []
         records = self.stages.records
         if GAUSS_NEWTON in self.methods:
@@ -358,18 +412,30 @@ class Experiment:
         jobs = self.reconstructions()
         trained_models = sorted({(m, t) for m, t, _ in jobs}, key=lambda j: (position[j[0]], _spec_order(j[1])))
         for method, train in trained_models:
-            run_dir = self.layout.run(method.model, train)
-            if not runs.is_finished(run_dir):
+            run_dirs = [self.layout.run(method.model, train, k) for k in range(self.n_seeds)]
+            if not all(runs.is_finished(d) for d in run_dirs):
                 continue
-            files = [self.layout.recon(m.key, t, d) for m, t, d in jobs if m == method and t == train]
+            files = [f for m, t, d in jobs if m == method and t == train for f in self._method_files(m, t, d)]
             attrs = [recon_attrs(f) for f in files if f.exists()]
             spi = [a["seconds_per_image"] for a in attrs if "seconds_per_image" in a]
             nfe = [a["nfe"] for a in attrs if "nfe" in a]
-            record = records.get(f"train {method.model} on {train.label}", {})
-            seconds, steps = runs.training_time(run_dir)
-            rows.append(EfficiencyRow(method.key, method.name, method.model, train, _parameters(run_dir), seconds,
-                                      steps, float(np.mean(spi)) if spi else None,
-                                      float(np.mean(nfe)) if nfe else None, record.get("device", self.device)))
+            times = [runs.training_time(d) for d in run_dirs]
+            seconds = [t for t, _ in times if t is not None]
+            steps = [s for _, s in times if s is not None]
+            device = records.get(f"train {method.model} on {train.label}, seed 0", {}).get("device", self.device)
+            models = self.n_seeds if method.ensemble else 1
+            params = _parameters(run_dirs[0])
+
+            def per_model(values):   # a trained method's cost per model; an ensemble's of all K
+                if not values:
+                    return None
+                return float(np.sum(values)) if method.ensemble else float(np.mean(values))
+
+            rows.append(EfficiencyRow(method.key, method.name, method.model, train,
+                                      None if params is None else params * models, per_model(seconds),
+                                      None if not steps else int(round(per_model(steps))),
+                                      float(np.mean(spi)) if spi else None, float(np.mean(nfe)) if nfe else None,
+                                      device, models))
         return rows
 
 

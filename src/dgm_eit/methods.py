@@ -5,11 +5,17 @@ image, registered here) or a trained model used one way (the score prior serves 
 methods, CSD* and guided CSD). Each model file registers its methods next to its model,
 as score_sde_pytorch registers its models, so the runner (:mod:`dgm_eit.experiments`), the
 report and the CLI learn of a new method from the registry alone.
+
+Every method with a trained model also gets a seed ensemble, registered with it
+(:meth:`Method.as_ensemble`): with ``run.seeds`` K > 1 the model is trained K times and the
+ensemble pools the K models' reconstructions (the posterior samples of all K for a sampling
+method, the average of the K images for a deterministic one), its std map the spread over
+all of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from dgm_eit.errors import InputError
@@ -32,6 +38,16 @@ class Method:
     # its insertion time and step count are chosen on validation data ([run] csd_tune_*)
     # when its sampler starts from the GN image
     tunes_t0: bool = False
+    ensemble_of: str | None = None    # the key of the method whose seeds this one pools
+
+    @property
+    def ensemble(self) -> bool:
+        return self.ensemble_of is not None
+
+    def as_ensemble(self) -> "Method":
+        """The seed ensemble of this method: same model and settings, K trained copies pooled."""
+        return replace(self, key=f"{self.key}{ENSEMBLE_SUFFIX}", name=f"{self.name} ens", std_map=True,
+                       ensemble_of=self.key)
 
     def train_set(self, table_train: DataSpec, high_snr_db: float) -> DataSpec | None:
         """The data set whose training split the method's model learns from, for a table whose
@@ -49,15 +65,18 @@ class Method:
         return None if self.sampler_key is None else str(run[self.sampler_key])
 
 
+ENSEMBLE_SUFFIX = "-ens"
 _REGISTRY: dict[str, Method] = {}
 
 
 def register_method(method: Method) -> Method:
-    """Make ``method`` known; a model file calls this once per method it serves."""
-    known = _REGISTRY.get(method.key)
-    if known is not None and known != method:
-        raise ValueError(f"method {method.key!r} is registered twice, differently")
-    _REGISTRY[method.key] = method
+    """Make ``method`` known (and its seed ensemble, when it has a model); a model file calls
+    this once per method it serves."""
+    for m in (method, method.as_ensemble()) if method.model is not None else (method,):
+        known = _REGISTRY.get(m.key)
+        if known is not None and known != m:
+            raise ValueError(f"method {m.key!r} is registered twice, differently")
+        _REGISTRY[m.key] = m
     return method
 
 
@@ -84,11 +103,18 @@ def get_method(key: str) -> Method:
     raise InputError(f"unknown method {key!r}; choose from {', '.join(m.key for m in known)}")
 
 
-def select_methods(keys: Iterable[str], where: str = "run.methods") -> list[Method]:
-    """The methods named by ``keys``, in table order; an unknown key is refused naming the choices."""
+def select_methods(keys: Iterable[str], where: str = "run.methods", ensembles: bool = False) -> list[Method]:
+    """The methods named by ``keys`` in table order, each followed by its seed ensemble when
+    ``ensembles`` (a study with several training seeds); an unknown key is refused naming the
+    choices. Ensembles are never named: they come with their method."""
     keys = list(keys)
-    known = all_methods()
+    known = [m for m in all_methods() if not m.ensemble]
     unknown = [k for k in keys if k not in {m.key for m in known}]
     if unknown:
-        raise InputError(f"{where}: unknown method(s) {unknown}; choose from {', '.join(m.key for m in known)}")
-    return [m for m in known if m.key in keys]
+        hint = (" (seed ensembles are not listed: run.seeds > 1 adds one to every trained method)"
+                if any(k.endswith(ENSEMBLE_SUFFIX) for k in unknown) else "")
+        raise InputError(f"{where}: unknown method(s) {unknown}; choose from {', '.join(m.key for m in known)}{hint}")
+    chosen = [m for m in known if m.key in keys]
+    if ensembles:
+        chosen = [x for m in chosen for x in ((m, get_method(m.key + ENSEMBLE_SUFFIX)) if m.model else (m,))]
+    return chosen

@@ -97,6 +97,38 @@ def reconstruct_arrays(model, v: np.ndarray, gn: np.ndarray | None = None, *, n_
     return result
 
 
+def pool_members(members: list[dict]) -> dict:
+    """The seed ensemble of K reconstructions of the same images by K models (training seeds).
+
+    Each member holds ``recon`` (N,H,W), the mean of its ``n_samples`` samples per image, and,
+    when ``n_samples`` > 1, their std ``recon_std`` (ddof = 1, as every sampler here writes it).
+    The result is what the pooled K x n samples give: their mean, and their std (ddof = 1)
+    from the within-member spreads and the spread of the member means, so it shows the
+    disagreement between the models as well as each model's own uncertainty (for
+    deterministic members, n = 1, only the former). ``seconds_per_image`` and ``nfe`` add up:
+    the ensemble costs all of its members."""
+    if len(members) < 2:
+        raise InputError(f"a seed ensemble needs at least 2 members, got {len(members)}")
+    counts = {int(m.get("n_samples") or 1) for m in members}
+    if len(counts) != 1:
+        raise InputError(f"the members of an ensemble drew different sample counts {sorted(counts)}")
+    n = counts.pop()
+    shapes = {m["recon"].shape for m in members}
+    if len(shapes) != 1:
+        raise InputError(f"the members of an ensemble reconstructed different shapes {sorted(shapes)}")
+    if n > 1 and any(m.get("recon_std") is None for m in members):
+        raise InputError(f"a member drew {n} samples per image but has no std map to pool")
+    means = np.stack([np.asarray(m["recon"], dtype=np.float64) for m in members])
+    mean = means.mean(axis=0)
+    squares = n * ((means - mean) ** 2).sum(axis=0)
+    if n > 1:
+        squares += (n - 1) * sum(np.asarray(m["recon_std"], dtype=np.float64) ** 2 for m in members)
+    total = n * len(members)
+    return {"recon": mean.astype(np.float32), "recon_std": np.sqrt(squares / (total - 1)).astype(np.float32),
+            "n_samples": total, "nfe": int(sum(int(m.get("nfe", 0)) for m in members)),
+            "seconds_per_image": float(sum(float(m.get("seconds_per_image", 0.0)) for m in members))}
+
+
 def check_voltages(v: np.ndarray, info, source: str) -> list[str]:
     """Compare voltages (N,M) with the training statistics in the run's ``data_info.json``.
 

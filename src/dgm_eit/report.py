@@ -24,11 +24,16 @@ from dgm_eit.results import RunResult, SettingResult
 # decimals per metric in tables: enough to separate methods at the paper's scale
 DIGITS = {"MSE": 5, "PSNR": 2, "SSIM": 3, "RE": 3, "AE": 4, "DR": 3}
 
-CSV_COLUMNS = ("test", "train_set", "test_set", "method", "metric", "mean", "std", "n")
-PER_SAMPLE_COLUMNS = ("test", "train_set", "test_set", "method", "index", *METRICS)
+CSV_COLUMNS = ("test", "train_set", "test_set", "method", "seed", "metric", "mean", "std", "n")
+PER_SAMPLE_COLUMNS = ("test", "train_set", "test_set", "method", "seed", "index", *METRICS)
+INTERVAL_COLUMNS = ("test", "train_set", "test_set", "method", "mse_vs_gn_percent", "ci_low", "ci_high", "verdict",
+                    "win_rate", "rank", "tied_with", "images", "seeds", "resamples", "bootstrap_seed", "level")
 
 
 def format_metric(metric: str, summary: Summary) -> str:
+    """``mean ± std``, or the mean alone where there is no spread to give (NaN std: one seed)."""
+    if math.isnan(summary.std):
+        return f"{summary.mean:.{DIGITS[metric]}f}"
     return summary.format(DIGITS[metric])
 
 
@@ -159,34 +164,62 @@ SAMPLER_TEXT = {
 }
 
 
+def _rank(c) -> str:
+    return f"{c.rank}=" if c.tied_with else str(c.rank)
+
+
+def _chosen(values: list) -> str:
+    """One value, or the values of every seed when they differ."""
+    values = list(values)
+    return f"{values[0]:g}" if len(set(values)) == 1 else " / ".join(f"{v:g}" for v in values)
+
+
 def setting_section(sr: SettingResult, cfg: dict) -> str:
     """One results table of a run."""
     s = sr.setting
+    run = cfg["run"]
     lines = [f"### {s.title} (paper Table {s.paper_table})", ""]
-    gn = sr.get(GAUSS_NEWTON.key)
     rows, extra = {}, {}
     for mr in sr.methods:
         label = mr.name if mr.train_set is None or mr.train_set == s.data else f"{mr.name} ({mr.train_set.label})"
-        rows[label] = mr.summaries
-        ours = None
-        if gn is not None and mr.method != GAUSS_NEWTON.key:
-            ours = 100.0 * (mr.summaries["MSE"].mean - gn.summaries["MSE"].mean) / gn.summaries["MSE"].mean
+        rows[label] = mr.pooled()
+        c = sr.comparisons.get(mr.method)
+        own = c is not None and mr.method != GAUSS_NEWTON.key
         paper = paper_mse_change(s.paper_table, mr.name) if mr.method != GAUSS_NEWTON.key else None
-        extra[label] = {"MSE vs GN": format_percent(ours), "paper MSE vs GN": format_percent(paper)}
+        extra[label] = {"MSE vs GN [95% CI]": c.interval.format() if own else "-",
+                        "wins vs GN": f"{100 * c.win_rate:.0f}%" if own else "-",
+                        "rank": _rank(c) if c is not None else "-",
+                        "paper MSE vs GN": format_percent(paper)}
     if rows:
-        n = next(iter(sr.methods)).summaries["MSE"].n
+        n_images = len(sr.methods[0].per_seed[0]["MSE"])
+        seeds = max(mr.n_seeds for mr in sr.methods)
         lines.append(metrics_table(rows, extra, highlight=True))
         lines.append("")
-        lines.append(f"Mean ± std over {n} test images. Paper (Table {s.paper_table}, mean): "
+        spread = (f"Each metric: the mean over the {seeds} training seeds of the mean over {n_images} test images, "
+                  "± the std over the seeds (GN has no seed; an ensemble pools all seeds into one model)"
+                  if seeds > 1 else f"Each metric: the mean over {n_images} test images (one training seed)")
+        scope = (f"resampling the {n_images} test images and the {seeds} seeds" if seeds > 1 else
+                 f"resampling the {n_images} test images only: with one training seed the interval does not "
+                 "cover the training seed, whose spread can be larger (run with --seeds 3)")
+        lines.append(f"{spread}. MSE vs GN: change of the mean MSE against GN on the same images, with a 95% "
+                     f"paired bootstrap interval ({scope}; {run['bootstrap_resamples']} resamples, bootstrap seed "
+                     "= the run's --seed). Wins vs GN: the share of (seed, image) pairs with a lower MSE than "
+                     "GN. Rank: 1 + the number of methods whose interval lies wholly below; = marks a method "
+                     "whose interval overlaps another's (tied).")
+        lines.append("")
+        lines.append(f"Paper (Table {s.paper_table}, mean, one training run): "
                      + ", ".join(f"{m} MSE {v['MSE'][0]:.4f} / SSIM {v['SSIM'][0]:.3f}"
                                  for m, v in PAPER_RESULTS[s.paper_table].items()) + ".")
     if sr.gn_settings:
         lines += ["", f"GN: {describe(sr.gn_settings)}; the models that read a GN image read these."]
     for mr in sr.methods:
         if mr.sampling:
-            how = SAMPLER_TEXT.get(mr.sampling.get("sampler"), mr.sampling.get("sampler", "csd"))
-            lines += ["", f"{mr.name}: {how}; t0 = {mr.sampling['t0']:g}, {mr.sampling['n_steps']} reverse steps, "
-                          f"chosen on the validation split of {mr.sampling['tuned_on']}."]
+            first = mr.sampling[0]
+            how = SAMPLER_TEXT.get(first.get("sampler"), first.get("sampler", "csd"))
+            per_seed = " (per seed)" if mr.n_seeds > 1 else ""
+            lines += ["", f"{mr.name}: {how}; t0 = {_chosen(x['t0'] for x in mr.sampling)}, "
+                          f"{_chosen(x['n_steps'] for x in mr.sampling)} reverse steps{per_seed}, chosen on the "
+                          f"validation split of {first['tuned_on']}."]
     for method, why in sr.missing.items():
         lines.append(f"\n*{method}: missing — {why}*")
     if sr.figure is not None:
@@ -198,31 +231,32 @@ def setting_section(sr: SettingResult, cfg: dict) -> str:
 def efficiency_section(result: RunResult) -> str:
     rows = []
     for row in result.efficiency:
-        paper = PAPER_PARAMETERS.get(row.model)
-        rows.append([row.name, row.train_set.label if row.train_set else "-", _count(row.parameters),
-                     _count(paper) if paper else "-", _seconds(row.train_seconds), _count(row.train_steps),
-                     _seconds(row.seconds_per_image), _count(row.nfe), row.device])
-    text = markdown_table(["Method", "trained on", "parameters", "paper parameters", "training wall time",
+        paper = PAPER_PARAMETERS.get(row.model) if row.models == 1 else None
+        rows.append([row.name, row.train_set.label if row.train_set else "-", str(row.models) if row.model else "-",
+                     _count(row.parameters), _count(paper) if paper else "-", _seconds(row.train_seconds),
+                     _count(row.train_steps), _seconds(row.seconds_per_image), _count(row.nfe), row.device])
+    text = markdown_table(["Method", "trained on", "models", "parameters", "paper parameters", "training wall time",
                            "optimiser steps", "reconstruction time / image", "NFE / image", "device"], rows)
-    return text + ("\n\nCSD* and CSD-guided share the score prior (its parameters and training time). "
+    return text + ("\n\nA trained method's figures are those of one model (the mean over its seeds); an "
+                   "ensemble's (\"ens\") are what all its models cost together: K times the parameters, "
+                   "training and reconstruction. "
+                   "CSD* and CSD-guided share the score prior (its parameters and training time). "
                    "GN has no training; its time is one Gauss-Newton solve, timed in the main process. "
                    "Reconstruction times include every sample drawn (see `[run]` *_samples), not the "
                    "validation sweep that chose CSD*'s t0 (`[run]` csd_tune_*).")
 
 
 def beats_gn_section(result: RunResult) -> str:
+    """Per table: does each method's 95% interval of the MSE change lie below 0 (yes), above it
+    (no, worse) or across it (tied with GN)?"""
+    words = {"better": "yes", "worse": "**no** (worse)", "tied": "**tied**"}
     lines = []
     for sr in result.settings:
-        gn = sr.get(GAUSS_NEWTON.key)
-        if gn is None:
-            continue
-        verdicts = []
-        for mr in sr.methods:
-            if mr.method == GAUSS_NEWTON.key:
-                continue
-            better = mr.summaries["MSE"].mean < gn.summaries["MSE"].mean
-            verdicts.append(f"{mr.name} {'yes' if better else '**no**'}")
-        lines.append(f"- {sr.setting.title}: " + ", ".join(verdicts))
+        verdicts = [f"{mr.name} {words[c.interval.verdict]} {c.interval.format()}"
+                    for mr in sr.methods if mr.method != GAUSS_NEWTON.key
+                    for c in [sr.comparisons.get(mr.method)] if c is not None]
+        if verdicts:
+            lines.append(f"- {sr.setting.title}: " + ", ".join(verdicts))
     return "\n".join(lines)
 
 
@@ -253,7 +287,8 @@ def render_report(result: RunResult) -> str:
     # stages reused from earlier (interrupted) calls keep the time they took then
     total = sum(r.get("seconds", 0.0) for r in result.stages.values() if r.get("status") == "done")
     lines = [
-        f"# dgm-eit report: profile `{cfg.get('profile', '?')}`, seed {result.seed}",
+        f"# dgm-eit report: profile `{cfg.get('profile', '?')}`, seed {result.seed}, "
+        f"{cfg['run']['seeds']} training seed(s) per model",
         "",
         f"Images {data['image_size']} x {data['image_size']}; {data['n_train']} / {data['n_val']} / "
         f"{data['n_test']} train / validation / test samples per data set; inversion mesh h0 = "
@@ -267,8 +302,10 @@ def render_report(result: RunResult) -> str:
         "and scores\"), on the full 0-outside-the-disk image: MSE, "
         "PSNR and SSIM with the ground truth's range R = max - min, RE = ‖x̂ - x‖₁/‖x‖₁, AE = mean |x̂ - x|, "
         "DR = (max x̂ - min x̂)/R (best at 1). SSIM: 7 x 7 uniform window, K1 0.01, K2 0.03. "
-        "Bold: the best mean of each column. \"MSE vs GN\" is the relative change of the mean MSE against Gauss-Newton on the same test set, "
-        "ours beside the paper's. Figures share one colour scale per figure (the ground truth's range).",
+        "Bold: the best mean of each column. \"MSE vs GN\" is the relative change of the mean MSE against "
+        "Gauss-Newton on the same test set with its 95% interval, ours beside the paper's (which reports one "
+        "training run). Figures share one colour scale per figure (the ground truth's range) and show the "
+        "first seed's model of each method and each seed ensemble.",
     ]
     for test, (heading, _) in TESTS.items():
         sections = [sr for sr in result.settings if sr.setting.test == test]
@@ -277,8 +314,11 @@ def render_report(result: RunResult) -> str:
         lines += ["", f"## {heading}"]
         for sr in sections:
             lines += ["", setting_section(sr, cfg)]
-    lines += ["", "## Does every generative model beat GN on MSE?", "", beats_gn_section(result) or "(no GN)"]
+    lines += ["", "## Does every generative model beat GN on MSE?", "",
+              "Yes where the 95% interval of its MSE change lies wholly below 0; tied where it spans 0.", "",
+              beats_gn_section(result) or "(no GN)"]
     lines += ["", "## Efficiency", "", efficiency_section(result)]
+    lines += ["", "## Training seeds", "", seeds_section(result)]
     lines += ["", "## Stages", "", stages_section(result)]
     failures = result.failures
     if failures:
@@ -286,12 +326,24 @@ def render_report(result: RunResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seeds_section(result: RunResult) -> str:
+    """Which seed trained each model: the rule, and the seeds it gave."""
+    rows = [[run, ", ".join(str(s) for s in seeds)] for run, seeds in result.training_seeds.items()]
+    rule = ("Seed k of a model trained on a data set is the first 6 bytes of SHA-256(\"<--seed>/<model>/<data "
+            "set>/<k>\") (`dgm_eit.runtime.training_seed`), so every model, data set and seed has its own; "
+            "the same --seed gives the same seeds on every machine. Reconstructions by seed k's model draw "
+            "their samples from the same seed.")
+    return rule + "\n\n" + markdown_table(["training run", "seeds (k = 0, 1, ...)"], rows) if rows else rule
+
+
 def write_outputs(result: RunResult) -> dict[str, Path]:
-    """Write ``report.md``, ``metrics.csv`` and ``metrics_per_sample.csv``; figures are already in place."""
+    """Write ``report.md``, ``metrics.csv``, ``metrics_per_sample.csv`` and ``intervals.csv``;
+    figures are already in place."""
     out = Path(result.out)
     paths = {"report": out / "report.md", "metrics": out / "metrics.csv",
-             "per_sample": out / "metrics_per_sample.csv"}
+             "per_sample": out / "metrics_per_sample.csv", "intervals": out / "intervals.csv"}
     write_metrics_csv(paths["metrics"], result.records())
     write_metrics_csv(paths["per_sample"], result.per_sample_records(), PER_SAMPLE_COLUMNS)
+    write_metrics_csv(paths["intervals"], result.interval_records(), INTERVAL_COLUMNS)
     write_text(paths["report"], render_report(result))
     return paths

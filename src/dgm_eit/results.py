@@ -10,6 +10,7 @@ Reconstruction file (HDF5, docs/DESIGN.md): ``recon`` (N,H,W) float32, optional
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from dgm_eit.data.storage import read_split
 from dgm_eit.errors import InputError
 from dgm_eit.files import atomic_path
 from dgm_eit.metrics import METRICS, Summary, per_sample, summarize
+from dgm_eit.stats import LEVEL, Interval, ranks, relative_change, win_rate
 
 
 @dataclass(frozen=True)
@@ -60,12 +62,53 @@ class Setting:
 
 @dataclass
 class MethodResult:
+    """One method's scores on one table's test set.
+
+    ``per_seed`` holds the per-image metrics of each training seed of the method's model, in
+    seed order; GN (no training) and a seed ensemble (all seeds pooled into one model) have
+    one entry and ``seeded`` False."""
+
     method: str                      # the method's registry key
     name: str                        # as tables show it
     train_set: DataSpec | None
-    summaries: dict[str, Summary]
-    per_sample: dict[str, np.ndarray]
-    sampling: dict = field(default_factory=dict)   # sampler settings chosen on validation (t0, n_steps)
+    per_seed: list[dict[str, np.ndarray]]
+    seeded: bool = False
+    sampling: list[dict] = field(default_factory=list)   # per seed: sampler settings chosen on validation
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.per_seed)
+
+    def errors(self, metric: str = "MSE") -> np.ndarray:
+        """(seeds, images) per-image values of ``metric``."""
+        return np.stack([values[metric] for values in self.per_seed])
+
+    def per_seed_summaries(self) -> list[dict[str, Summary]]:
+        """Mean and std over the test images, per seed."""
+        return [summarize(values) for values in self.per_seed]
+
+    def pooled(self) -> dict[str, Summary]:
+        """Per metric: the mean over seeds of the test-set means, the std over seeds of those
+        means (ddof = 1; NaN with one seed) and ``n`` = the number of seeds."""
+        out = {}
+        for metric in METRICS:
+            means = np.array([np.mean(values[metric]) for values in self.per_seed])
+            with np.errstate(invalid="ignore"):   # PSNR = inf for an exact image
+                std = float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
+            out[metric] = Summary(float(np.mean(means)), std, len(means))
+        return out
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A method against GN on one test set: its relative MSE change with a paired bootstrap
+    interval (:func:`dgm_eit.stats.relative_change`), its per-image win rate, and its rank
+    among the table's methods (overlapping intervals tied)."""
+
+    interval: Interval
+    win_rate: float | None           # None for GN itself
+    rank: int
+    tied_with: tuple[str, ...]       # names of the methods whose intervals overlap this one's
 
 
 @dataclass
@@ -75,9 +118,24 @@ class SettingResult:
     missing: dict[str, str] = field(default_factory=dict)   # method key -> why
     figure: Path | None = None
     gn_settings: dict = field(default_factory=dict)   # how the test set's GN images were made
+    comparisons: dict[str, Comparison] = field(default_factory=dict)   # method key -> against GN
 
     def get(self, method: str) -> MethodResult | None:
         return next((m for m in self.methods if m.method == method), None)
+
+    def compare_with(self, reference: str, *, resamples: int, seed: int) -> None:
+        """Fill :attr:`comparisons` against the method ``reference`` (GN), every method with the
+        same bootstrap draws of the test images (``seed``), so their intervals are comparable."""
+        ref = self.get(reference)
+        if ref is None or ref.seeded:
+            return
+        base = ref.errors("MSE")[0]
+        intervals = {mr.method: relative_change(mr.errors("MSE"), base, resamples=resamples, seed=seed)
+                     for mr in self.methods}
+        names = {mr.method: mr.name for mr in self.methods}
+        for key, (rank, tied) in ranks(intervals).items():
+            rate = None if key == reference else win_rate(self.get(key).errors("MSE"), base)
+            self.comparisons[key] = Comparison(intervals[key], rate, rank, tuple(names[t] for t in tied))
 
 
 @dataclass
@@ -92,6 +150,7 @@ class EfficiencyRow:
     seconds_per_image: float | None
     nfe: float | None
     device: str
+    models: int = 1                  # trained models behind one reconstruction (an ensemble's K seeds)
 
 
 @dataclass
@@ -103,33 +162,60 @@ class RunResult:
     efficiency: list[EfficiencyRow]
     stages: dict[str, dict]
     wall_seconds: float
+    training_seeds: dict[str, list[int]] = field(default_factory=dict)   # training run -> seed per replica
 
     @property
     def failures(self) -> dict[str, dict]:
         return {k: v for k, v in self.stages.items() if v.get("status") != "done"}
 
-    def records(self) -> list[dict]:
-        """Rows of ``metrics.csv``."""
-        rows = []
+    def _rows(self):
         for sr in self.settings:
             for mr in sr.methods:
+                yield sr, mr, {"test": sr.setting.test, "train_set": mr.train_set.label if mr.train_set else "none",
+                               "test_set": sr.setting.data.label, "method": mr.name}
+
+    def records(self) -> list[dict]:
+        """Rows of ``metrics.csv``: per seed (mean and std over the test images; ``seed`` = the
+        seed's index, ``-`` for GN and ensembles) and, for trained methods, the pooled row
+        (``seed`` = ``all``: mean over seeds, std over seeds, ``n`` = seeds)."""
+        rows = []
+        for _, mr, key in self._rows():
+            blocks = [(k if mr.seeded else "-", s) for k, s in enumerate(mr.per_seed_summaries())]
+            if mr.seeded:
+                blocks.append(("all", mr.pooled()))
+            for seed, summaries in blocks:
                 for metric in METRICS:
-                    s = mr.summaries[metric]
-                    rows.append({"test": sr.setting.test, "train_set": mr.train_set.label if mr.train_set else "none",
-                                 "test_set": sr.setting.data.label, "method": mr.name, "metric": metric,
-                                 "mean": repr(s.mean), "std": repr(s.std), "n": s.n})
+                    s = summaries[metric]
+                    rows.append({**key, "seed": seed, "metric": metric, "mean": repr(s.mean), "std": repr(s.std),
+                                 "n": s.n})
         return rows
 
     def per_sample_records(self) -> list[dict]:
-        """Rows of ``metrics_per_sample.csv``: one per test image and method."""
+        """Rows of ``metrics_per_sample.csv``: one per test image, seed and method."""
         rows = []
-        for sr in self.settings:
-            for mr in sr.methods:
-                for i in range(len(mr.per_sample["MSE"])):
-                    row = {"test": sr.setting.test, "train_set": mr.train_set.label if mr.train_set else "none",
-                           "test_set": sr.setting.data.label, "method": mr.name, "index": i}
-                    row.update({m: repr(float(mr.per_sample[m][i])) for m in METRICS})
+        for _, mr, key in self._rows():
+            for k, values in enumerate(mr.per_seed):
+                for i in range(len(values["MSE"])):
+                    row = {**key, "seed": k if mr.seeded else "-", "index": i}
+                    row.update({m: repr(float(values[m][i])) for m in METRICS})
                     rows.append(row)
+        return rows
+
+    def interval_records(self) -> list[dict]:
+        """Rows of ``intervals.csv``: every method's MSE change against GN per table."""
+        run = self.cfg["run"]
+        rows = []
+        for sr, mr, key in self._rows():
+            c = sr.comparisons.get(mr.method)
+            if c is None:
+                continue
+            rows.append({**key, "mse_vs_gn_percent": repr(c.interval.change), "ci_low": repr(c.interval.low),
+                         "ci_high": repr(c.interval.high),
+                         "verdict": "reference" if c.win_rate is None else c.interval.verdict,
+                         "win_rate": "" if c.win_rate is None else repr(c.win_rate), "rank": c.rank,
+                         "tied_with": "; ".join(c.tied_with), "images": mr.per_seed[0]["MSE"].shape[0],
+                         "seeds": mr.n_seeds, "resamples": int(run["bootstrap_resamples"]),
+                         "bootstrap_seed": self.seed, "level": LEVEL})
         return rows
 
 

@@ -118,6 +118,29 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def check_seed_settings(run: dict) -> int:
+    """A study's ``[run]`` seed count (returned) and bootstrap size, checked before any work."""
+    seeds, resamples = run["seeds"], run["bootstrap_resamples"]
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise InputError(f"run.seeds must be an integer >= 1 (training runs per model), got {seeds!r}")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
+        raise InputError(f"run.bootstrap_resamples must be an integer >= 100, got {resamples!r}")
+    return seeds
+
+
+def training_seed(seed: int, model: str, data: str, replica: int) -> int:
+    """The seed of training run ``replica`` (0, 1, ...) of ``model`` on the data set ``data``
+    in a study started with ``--seed seed``: the first 6 bytes of
+    SHA-256("<seed>/<model>/<data>/<replica>"), an integer in [0, 2**48).
+
+    A hash, so the seeds of different models, data sets and replicas are unrelated (no model
+    shares its initial weights or data order with another) and any machine derives the same."""
+    import hashlib
+
+    key = f"{check_seed(seed)}/{model}/{data}/{int(replica)}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:6], "big")
+
+
 def seed_everything(seed: int) -> None:
     import numpy as np
     import torch

@@ -81,6 +81,24 @@ def reconstruct_stage(run_dir: Path, data: Path, out: Path, *, n_samples: int | 
                       progress=progress, **opts)
 
 
+def ensemble_stage(members: list[Path], out: Path) -> None:
+    """Pool the reconstructions of one method's training seeds into its seed ensemble's file."""
+    from dgm_eit.reconstruct import pool_members
+    from dgm_eit.results import read_recon, recon_attrs, write_recon_file
+
+    loaded = []
+    for path in members:
+        recon, std = read_recon(path)
+        attrs = recon_attrs(path)
+        loaded.append({"recon": recon, "recon_std": std, "n_samples": attrs.get("n_samples", 1),
+                       "nfe": attrs.get("nfe", 0), "seconds_per_image": attrs.get("seconds_per_image", 0.0)})
+    pooled = pool_members(loaded)
+    first = recon_attrs(members[0])
+    attrs = {k: first[k] for k in ("split", "data", "sampler") if k in first}
+    write_recon_file(out, pooled, {**attrs, "method": "ensemble", "n_samples": pooled["n_samples"],
+                                   "members": json.dumps([str(p) for p in members])})
+
+
 def worker_init(threads: int) -> None:
     limit_threads(threads)
 

@@ -15,6 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_profile_args(parser, default="quick")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (re-use it to resume)")
     add_seed_arg(parser)
+    parser.add_argument("--seeds", type=int, default=None, metavar="K",
+                        help="train every model K times, with seeds derived from --seed (run.seeds; default: the "
+                             "profile's); the tables give the mean and spread over the K, and K > 1 adds a seed "
+                             "ensemble of every trained method")
     add_device_arg(parser)
 
 
@@ -27,7 +31,8 @@ def run(args) -> int:
     from dgm_eit.report import write_outputs
     from dgm_eit.runtime import limit_threads, resolve_device
 
-    cfg = load_config(args.profile, args.overrides)
+    overrides = list(args.overrides) + ([] if args.seeds is None else [f"run.seeds={args.seeds}"])
+    cfg = load_config(args.profile, overrides)
     limit_threads()
     device = resolve_device(args.device)
 
@@ -44,7 +49,8 @@ def run(args) -> int:
         result = experiment.run()
         paths = write_outputs(result)
     failures = result.failures
-    print(f"report: {paths['report']}\nmetrics: {paths['metrics']} (per image: {paths['per_sample'].name})\n"
+    print(f"report: {paths['report']}\nmetrics: {paths['metrics']} (per image: {paths['per_sample'].name}; "
+          f"intervals: {paths['intervals'].name})\n"
           f"figures: {len([s for s in result.settings if s.figure])} in {result.out / 'figures'}")
     if failures:
         print(f"dgm-eit run: {len(failures)} stage(s) did not complete: " + "; ".join(

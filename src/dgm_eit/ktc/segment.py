@@ -83,16 +83,19 @@ def _binary_ssims(truth: np.ndarray, maps: np.ndarray) -> np.ndarray:
 def tune_thresholds(images256, truths, low=DEFAULT_LOW, high=DEFAULT_HIGH) -> dict:
     """The ``low`` and ``high`` with the best mean score over ``images256`` vs ``truths`` (class maps).
 
-    Returns ``{"low", "high", "score", "resistive", "conductive", "n_images", "table"}``; the
-    score is the mean per-image challenge score (at most 1)."""
+    Returns ``{"low", "high", "score", "resistive", "conductive", "n_images", "image_scores",
+    "table"}``; the score is the mean per-image challenge score (at most 1), ``image_scores``
+    each image's at the chosen thresholds."""
     images256 = np.asarray(images256)
     truths = np.asarray(truths)
     if images256.shape != truths.shape or images256.ndim != 3:
         raise InputError(f"images and truths must both be (N, 256, 256), got {images256.shape} and {truths.shape}")
     low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
-    res = np.mean([_binary_ssims(t == 1, x[None] < low[:, None, None]) for x, t in zip(images256, truths)], axis=0)
-    con = np.mean([_binary_ssims(t == 2, x[None] > high[:, None, None]) for x, t in zip(images256, truths)], axis=0)
+    res_each = np.stack([_binary_ssims(t == 1, x[None] < low[:, None, None]) for x, t in zip(images256, truths)])
+    con_each = np.stack([_binary_ssims(t == 2, x[None] > high[:, None, None]) for x, t in zip(images256, truths)])
+    res, con = res_each.mean(axis=0), con_each.mean(axis=0)
     i, j = int(np.argmax(res)), int(np.argmax(con))
     return {"low": float(low[i]), "high": float(high[j]), "score": float(0.5 * (res[i] + con[j])),
             "resistive": float(res[i]), "conductive": float(con[j]), "n_images": int(len(truths)),
+            "image_scores": (0.5 * (res_each[:, i] + con_each[:, j])).tolist(),
             "table": {"low": dict(zip(low.tolist(), res.tolist())), "high": dict(zip(high.tolist(), con.tolist()))}}

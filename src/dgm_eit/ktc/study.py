@@ -4,14 +4,16 @@ Stages, in order, each reused when its output exists (re-run the command to resu
 
 1. ``DIR/data/ktc.h5``: simulated tank data (:mod:`dgm_eit.ktc.simulate`), with the
    linearised step's prior chosen on its validation split;
-2. ``DIR/runs/{cvae,cnf,score}``: the three models, trained by the same trainer as in the
+2. ``DIR/runs/{cvae,cnf,score}/seed<k>``: the three models, ``run.seeds`` times each (seed k
+   from :func:`dgm_eit.runtime.training_seed`), trained by the same trainer as in the
    paper's study (two at a time on two cores);
 3. ``DIR/methods.json``: every method's own settings (GN's iteration count, CSD*'s t0) and
    segmentation thresholds, chosen on the first ``run.tune_images`` simulated validation
-   images by the challenge's score -- never on the real targets;
-4. ``DIR/submissions/<method>/level_<L>/<n>.mat``: the four public targets at every level of
-   ``run.levels``, in the challenge's output format, then ``scores.csv``, ``report.md`` and
-   ``figures/`` (recomputed on every run).
+   images by the challenge's score -- never on the real targets; for a trained method once
+   per seed, and with several seeds for its seed ensemble too;
+4. ``DIR/submissions/<method>[/seed<k>]/level_<L>/<n>.mat``: the four public targets at every
+   level of ``run.levels``, in the challenge's output format, then ``scores.csv``,
+   ``report.md`` and ``figures/`` (recomputed on every run).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_text
-from dgm_eit.ktc import METHODS
+from dgm_eit.ktc import ENSEMBLE_SUFFIX, METHOD_NAMES, METHODS, TRAINED
 from dgm_eit.ktc.report import write_report
 
 MODEL_OF = {"cvae": "cvae", "cnf": "cnf", "csd": "score"}
@@ -35,7 +37,8 @@ TRAIN_ORDER = ("score", "cnf", "cvae")   # slowest first, so two parallel jobs e
 MANIFEST = "run.json"
 # keys a re-run may change: which methods and levels are reported, and how the work is spread
 RESUME_FREE = ("run.methods", "run.levels", "run.figure_level", "run.jobs", "run.train_max_minutes",
-               "run.expected_time", "train.progress", "train.threads")
+               "run.expected_time", "run.seeds", "run.bootstrap_resamples", "train.progress", "train.threads")
+DATA_LABEL = "ktc"   # the data set's name in the training seeds' rule
 
 
 def _log(message: str) -> None:
@@ -43,11 +46,30 @@ def _log(message: str) -> None:
 
 
 def check_methods(cfg: dict) -> list[str]:
+    """The methods of ``run.methods`` in report order, each trained one followed by its seed
+    ensemble when ``run.seeds`` > 1."""
+    from dgm_eit.runtime import check_seed_settings
+
     methods = cfg["run"]["methods"]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"run.methods: unknown or no method(s) {unknown or methods}; choose from {', '.join(METHODS)}")
-    return [m for m in METHODS if m in methods]
+    ensembles = check_seed_settings(cfg["run"]) > 1
+    return [x for m in METHODS if m in methods
+            for x in ((m, m + ENSEMBLE_SUFFIX) if ensembles and m in TRAINED else (m,))]
+
+
+def base_method(method: str) -> str:
+    return method[:-len(ENSEMBLE_SUFFIX)] if method.endswith(ENSEMBLE_SUFFIX) else method
+
+
+def seeded(method: str) -> bool:
+    """A method with one trained model per seed (not a classical method, not an ensemble)."""
+    return method in TRAINED
+
+
+def run_dir(root: Path, model: str, seed_index: int) -> Path:
+    return Path(root) / "runs" / model / f"seed{seed_index}"
 
 
 class Methods:
@@ -56,8 +78,10 @@ class Methods:
     def __init__(self, cfg: dict, root: Path, *, seed: int = 0, device: str = "cpu"):
         from dgm_eit.data.storage import dataset_gn_settings
         from dgm_eit.ktc.simulate import KTCSimulator, apply_linear_settings
+        from dgm_eit.runtime import check_seed_settings
 
         self.root, self.seed, self.device = Path(root), int(seed), device
+        self.n_seeds = check_seed_settings(cfg["run"])
         self.data = self.root / "data" / "ktc.h5"
         self.linear_settings = dataset_gn_settings(self.data) if self.data.is_file() else {}
         self.cfg = apply_linear_settings(cfg, self.linear_settings)
@@ -67,12 +91,17 @@ class Methods:
         self._fidelity = None
         self.linear_model: dict | None = None   # CSD*'s fitted data model, once it is needed
 
-    def model(self, name: str):
-        if name not in self._models:
+    def model(self, name: str, seed_index: int = 0):
+        if (name, seed_index) not in self._models:
             from dgm_eit.runs import load_run
 
-            self._models[name] = load_run(self.root / "runs" / name, self.device)[0]
-        return self._models[name]
+            self._models[name, seed_index] = load_run(run_dir(self.root, name, seed_index), self.device)[0]
+        return self._models[name, seed_index]
+
+    def training_seed(self, method: str, seed_index: int) -> int:
+        from dgm_eit.runtime import training_seed
+
+        return training_seed(self.seed, MODEL_OF[method], DATA_LABEL, seed_index)
 
     def recon(self, prior_std: float | None = None):
         """The difference reconstructor of the data set's prior, or of another prior std (GN's own)."""
@@ -105,13 +134,23 @@ class Methods:
         """GN images after each count in ``counts`` (one run to the largest)."""
         return self.recon(prior_std).gauss_newton_path(dv, masks, counts)
 
-    def reconstruct(self, method: str, dv: np.ndarray, masks: np.ndarray, settings: dict | None = None) -> dict:
+    def reconstruct(self, method: str, dv: np.ndarray, masks: np.ndarray, settings: dict | None = None,
+                    seed_index: int = 0) -> dict:
         """``dv`` (N, M) difference voltages (NaN allowed where masked), ``masks`` (N, M) bool ->
-        ``{"recon": (N, H, W)}`` relative conductivity (+ ``"recon_std"`` for sampled methods)."""
-        from dgm_eit.reconstruct import reconstruct_arrays
+        ``{"recon": (N, H, W)}`` relative conductivity (+ ``"recon_std"`` for sampled methods).
+
+        A trained method uses the model of seed ``seed_index``; a seed ensemble pools every
+        seed's reconstruction, each with that seed's own settings (``settings["members"]``)."""
+        from dgm_eit.reconstruct import pool_members, reconstruct_arrays
 
         settings = settings or {}
         run = self.cfg["run"]
+        if method.endswith(ENSEMBLE_SUFFIX):
+            base = base_method(method)
+            members = settings.get("members") or [{}] * self.n_seeds
+            n = int(run[f"{base}_samples"])
+            return pool_members([{**self.reconstruct(base, dv, masks, member, k), "n_samples": n}
+                                 for k, member in enumerate(members)])
         if method == "gn":
             its = int(settings.get("iterations", max(self.cfg["iterated"]["iterations"])))
             return {"recon": self.gn_path(dv, masks, [its], settings.get("prior_std"))[its]}
@@ -120,16 +159,16 @@ class Methods:
             return {"recon": lin}
         n = int(settings.get("n_samples", run[f"{method}_samples"]))
         csd = {**self.cfg["csd"], **{k: settings[k] for k in ("t0", "n_steps", "dc_weight") if k in settings}}
+        model, seed = self.model(MODEL_OF[method], seed_index), self.training_seed(method, seed_index)
         if method == "csd" and run["csd_sampler"] == "dds":
             from dgm_eit.ktc.posterior import sample_dds
 
-            return sample_dds(self.model("score"), lin, dv, masks, self.fidelity, {**csd, "n_samples": n},
-                              seed=self.seed)
+            return sample_dds(model, lin, dv, masks, self.fidelity, {**csd, "n_samples": n}, seed=seed)
         opts = {"n_samples": n}
         if method == "csd":
             opts.update(config=self.cfg, sampler="csd", t0=float(csd["t0"]), n_steps=int(csd["n_steps"]))
         v = np.where(masks, np.nan_to_num(dv), 0.0)
-        out = reconstruct_arrays(self.model(MODEL_OF[method]), v, lin, seed=self.seed, **opts)
+        out = reconstruct_arrays(model, v, lin, seed=seed, **opts)
         return {k: out[k] for k in ("recon", "recon_std") if k in out}
 
 
@@ -146,7 +185,12 @@ def load_study(run_dir) -> tuple[dict, dict]:
     if not (root / "methods.json").is_file():
         raise InputError(f"{root} has no methods.json: the study has not finished; re-run the same "
                          "dgm-eit run command to finish it")
-    return cfg, read_json(root / "methods.json", "re-run the same dgm-eit run command to make it again")
+    chosen = read_json(root / "methods.json", "re-run the same dgm-eit run command to make it again")
+    old = [m for m in TRAINED if m in chosen and "seeds" not in chosen[m]]
+    if old:
+        raise InputError(f"{root} was made by an earlier dgm-eit (one model per method, no seeds: {', '.join(old)}); "
+                         "make the study again with this version")
+    return cfg, chosen
 
 
 def validation_set(methods: Methods, n: int) -> dict:
@@ -158,11 +202,17 @@ def validation_set(methods: Methods, n: int) -> dict:
             "truths": np.stack([sim.truth_classes(seed, "val", i) for i in range(n)])}
 
 
-def _candidates(methods: Methods, method: str, val: dict, log: Callable) -> list[tuple[dict, np.ndarray]]:
-    """``(settings, validation images)`` of every setting a method tries on validation data."""
+def _candidates(methods: Methods, method: str, val: dict, log: Callable, seed_index: int = 0,
+                chosen: dict | None = None) -> list[tuple[dict, np.ndarray]]:
+    """``(settings, validation images)`` of every setting a method tries on validation data
+    (a seed ensemble tries one: its seeds with their own chosen settings)."""
     from dgm_eit.ktc.segment import tune_thresholds, upsample
 
     cfg = methods.cfg
+    if method.endswith(ENSEMBLE_SUFFIX):
+        own = ("t0", "n_steps", "dc_weight")
+        members = [{k: seed[k] for k in own if k in seed} for seed in chosen[base_method(method)]["seeds"]]
+        return [({"members": members}, methods.reconstruct(method, val["dv"], val["masks"], {"members": members})["recon"])]
     if method == "gn":
         # GN gets its own prior: iterating changes which weight is best
         base = methods.sim.recon.prior_std
@@ -173,7 +223,7 @@ def _candidates(methods: Methods, method: str, val: dict, log: Callable) -> list
         return out
     run = cfg["run"]
     if method != "csd" or not run["csd_tune_t0"]:
-        return [({}, methods.reconstruct(method, val["dv"], val["masks"])["recon"])]
+        return [({}, methods.reconstruct(method, val["dv"], val["masks"], seed_index=seed_index)["recon"])]
     # CSD*: t0, steps (and the data term's weight) on a subset with one sample, then the full set
     n = min(int(run["csd_tune_images"]), len(val["dv"]))
     weights = run["csd_tune_dc_weight"] if run["csd_sampler"] == "dds" else [None]
@@ -182,33 +232,83 @@ def _candidates(methods: Methods, method: str, val: dict, log: Callable) -> list
         for steps in run["csd_tune_steps"]:
             for weight in weights:
                 s = {"t0": float(t0), "n_steps": int(steps)} | ({} if weight is None else {"dc_weight": float(weight)})
-                images = methods.reconstruct("csd", val["dv"][:n], val["masks"][:n], {**s, "n_samples": 1})["recon"]
+                images = methods.reconstruct("csd", val["dv"][:n], val["masks"][:n], {**s, "n_samples": 1},
+                                             seed_index)["recon"]
                 score = tune_thresholds(upsample(images), val["truths"][:n])["score"]
                 log(f"  csd {', '.join(f'{k} = {v:g}' for k, v in s.items())}: val score {score:.3f} "
                     f"({n} images, 1 sample)")
                 if best is None or score > best[1]:
                     best = (s, score)
-    return [(best[0], methods.reconstruct("csd", val["dv"], val["masks"], best[0])["recon"])]
+    return [(best[0], methods.reconstruct("csd", val["dv"], val["masks"], best[0], seed_index)["recon"])]
 
 
-def choose_settings(methods: Methods, method: str, val: dict, log: Callable = _log) -> dict:
-    """A method's own settings and thresholds, by the mean challenge score on ``val``."""
+def choose_settings(methods: Methods, method: str, val: dict, log: Callable = _log, seed_index: int = 0,
+                    chosen: dict | None = None) -> dict:
+    """A method's own settings and thresholds (for a trained method: those of seed
+    ``seed_index``'s model), by the mean challenge score on ``val``."""
     from dgm_eit.ktc.segment import tune_thresholds, upsample
 
     started = time.perf_counter()
     rows = []
-    for settings, images in _candidates(methods, method, val, log):
+    for settings, images in _candidates(methods, method, val, log, seed_index, chosen):
         seg = tune_thresholds(upsample(images), val["truths"])
-        rows.append({**settings, **{k: seg[k] for k in ("low", "high", "score", "resistive", "conductive")}})
+        rows.append({**settings, **{k: seg[k] for k in ("low", "high", "score", "resistive", "conductive",
+                                                          "image_scores")}})
     best = max(rows, key=lambda r: r["score"])
     best = {**best, "n_images": len(val["dv"]), "seconds": time.perf_counter() - started}
     if len(rows) > 1:
-        best["candidates"] = rows
+        best["candidates"] = [{k: v for k, v in r.items() if k != "image_scores"} for r in rows]
     if method == "csd" and methods.cfg["run"]["csd_sampler"] == "dds":
         best["linear_model"] = methods.linear_model
-    log(f"  {method}: thresholds {best['low']:g} / {best['high']:g}, val score {best['score']:.3f} "
+    which = f"{method} seed {seed_index}" if seeded(method) else method
+    log(f"  {which}: thresholds {best['low']:g} / {best['high']:g}, val score {best['score']:.3f} "
         f"({best['seconds']:.0f} s)")
     return best
+
+
+def seed_record(seeds: list[dict]) -> dict:
+    """A trained method's entry of ``methods.json``: every seed's own choice, and their mean score."""
+    scores = [r["score"] for r in seeds]
+    return {"seeds": seeds, "score": float(np.mean(scores)),
+            "seed_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else None}
+
+
+def image_scores(record: dict) -> np.ndarray:
+    """(seeds, images) validation scores of a ``methods.json`` entry (one row unless seeded)."""
+    return np.array([r["image_scores"] for r in record.get("seeds", [record])], dtype=np.float64)
+
+
+def default_method(chosen: dict, *, resamples: int, seed: int = 0) -> tuple[str, str]:
+    """The method ``dgm-eit ktc`` uses without ``--method``, and why (one line).
+
+    The highest mean validation score wins (a trained method: the mean over its seeds). Where
+    the runner-up's 95% interval (bootstrap over the validation images, and the seeds) overlaps
+    the winner's, the methods are tied and the best-scoring seed ensemble among the tied is
+    used (it averages out the seed noise that makes the tie); with no ensemble among them,
+    the winner."""
+    from dgm_eit.stats import mean_interval
+
+    if not all("image_scores" in r for m, r in chosen.items() if not seeded(m)):
+        best = max(chosen, key=lambda m: chosen[m]["score"])   # a study made before the per-image scores
+        return best, f"best mean validation score ({chosen[best]['score']:.3f}; no intervals in this older study)"
+    intervals = {m: mean_interval(image_scores(r), resamples=resamples, seed=seed) for m, r in chosen.items()}
+    order = sorted(intervals, key=lambda m: -intervals[m].change)
+    best = order[0]
+
+    def text(m):
+        iv = intervals[m]
+        return f"{METHOD_NAMES[m]} {iv.change:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
+
+    if len(order) == 1 or not intervals[order[1]].overlaps(intervals[best]):
+        why = f"best mean validation score, clear of the runner-up: {text(best)}" + (
+            f" vs {text(order[1])}" if len(order) > 1 else "")
+        return best, why
+    tied = [m for m in order if intervals[m].overlaps(intervals[best])]
+    ensembles = [m for m in tied if m.endswith(ENSEMBLE_SUFFIX)]
+    pick = ensembles[0] if ensembles else best
+    rule = "the best-scoring seed ensemble among them" if ensembles else "the best mean, no ensemble among them"
+    return pick, (f"validation scores tied (overlapping 95% intervals: {', '.join(text(m) for m in tied)}); "
+                  f"{rule}")
 
 
 def real_targets(directory: Path, levels) -> tuple[list[int], dict]:
@@ -251,6 +351,7 @@ class Study:
             raise InputError("the KTC study needs a config with a [tank] section (--profile ktc)")
         self.cfg, self.out, self.seed, self.device, self.log = cfg, Path(out), check_seed(seed), device, log
         self.methods_list = check_methods(cfg)
+        self.n_seeds = int(cfg["run"]["seeds"])
         self.levels = [int(k) for k in cfg["run"]["levels"]]
         if not self.levels or any(k not in ktc.LEVELS for k in self.levels):
             raise InputError(f"run.levels must list levels among 1..7, got {cfg['run']['levels']}")
@@ -281,22 +382,28 @@ class Study:
         simulate = StageJob("simulate the tank data", lambda: dataset_done(data, self.log), simulate_stage,
                             dict(cfg=self.cfg, out=data, seed=self.seed))
         self._stage(runner, {simulate.name: self._timed("simulate", runner.run_one, simulate)})
-        self._stage(runner, self._timed("train", runner.run_phase, [self._train_job(m, data) for m in self.models]))
+        # seed 0 of every model first, the slowest first within a seed
+        jobs = [self._train_job(m, data, k) for k in range(self.n_seeds) for m in self.models]
+        self._stage(runner, self._timed("train", runner.run_phase, jobs))
         methods = Methods(self.cfg, self.out, seed=self.seed, device=self.device)
         chosen = self._timed("choose settings on validation", self._choose, methods)
         results = self._timed("reconstruct the real targets", self._targets, methods, chosen)
-        manifest = {"seed": self.seed, "timings": self.timings}
+        resamples = int(self.cfg["run"]["bootstrap_resamples"])
+        default = default_method({m: chosen[m] for m in self.methods_list}, resamples=resamples)
+        manifest = {"seed": self.seed, "timings": self.timings, "default": default, "resamples": resamples}
         paths = write_report(self.out, self.cfg, methods, chosen, results, manifest)
         return {"chosen": chosen, "results": results, "paths": paths}
 
-    def _train_job(self, model: str, data: Path):
+    def _train_job(self, model: str, data: Path, seed_index: int):
         from dgm_eit.runs import is_finished
+        from dgm_eit.runtime import training_seed
         from dgm_eit.stages import StageJob, train_stage
 
-        run_dir = self.out / "runs" / model
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        return StageJob(f"train {model}", lambda: is_finished(run_dir), train_stage,
-                        dict(model=model, data=data, run_dir=run_dir, cfg=self.cfg, seed=self.seed, device=self.device))
+        out = run_dir(self.out, model, seed_index)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return StageJob(f"train {model}, seed {seed_index}", lambda: is_finished(out), train_stage,
+                        dict(model=model, data=data, run_dir=out, cfg=self.cfg, device=self.device,
+                             seed=training_seed(self.seed, model, DATA_LABEL, seed_index)))
 
     def _stage(self, runner, ok: dict[str, bool]) -> None:
         """Every later stage needs all of these: stop, naming the first that did not complete."""
@@ -307,15 +414,30 @@ class Study:
                              f"{record.get('message', '')}); fix it and re-run the same command to resume")
 
     def _choose(self, methods: Methods) -> dict:
+        """``methods.json``, written after every choice, so a killed study resumes at the next one:
+        a classical method or an ensemble holds its choice, a trained method one per seed."""
         path = self.out / "methods.json"
         chosen = read_json(path, "the chosen method settings") if path.is_file() else {}
-        missing = [m for m in self.methods_list if m not in chosen]
+
+        def complete(m: str) -> bool:
+            record = chosen.get(m, {})
+            return "score" in record and (not seeded(m) or len(record["seeds"]) >= self.n_seeds)
+
+        missing = [m for m in self.methods_list if not complete(m)]
         if missing:
             n = min(int(self.cfg["run"]["tune_images"]), int(self.cfg["data"]["n_val"]))
             self.log(f"[stage] choose settings and thresholds on {n} validation images: {', '.join(missing)}")
             val = validation_set(methods, n)
-            for m in missing:
-                chosen[m] = choose_settings(methods, m, val, self.log)
+            for m in missing:   # in report order: an ensemble after its seeds
+                if seeded(m):
+                    seeds = chosen.get(m, {}).get("seeds", [])[:self.n_seeds]
+                    for k in range(len(seeds), self.n_seeds):
+                        seeds.append(choose_settings(methods, m, val, self.log, k))
+                        chosen[m] = {"seeds": seeds}
+                        write_text(path, json.dumps(chosen, indent=2))
+                    chosen[m] = seed_record(seeds)
+                else:
+                    chosen[m] = choose_settings(methods, m, val, self.log, chosen=chosen)
                 write_text(path, json.dumps(chosen, indent=2))
         return chosen
 
@@ -325,19 +447,29 @@ class Study:
         from dgm_eit.ktc.tank import public_dir
 
         numbers, real = real_targets(public_dir(), self.levels)
-        results = {"numbers": numbers, "truths": real["truths"], "methods": {}}
+        # "methods": the first seed's model of each trained method (and every other method), as
+        # the figure shows them; "seeds": every seed's, per trained method
+        results = {"numbers": numbers, "truths": real["truths"], "methods": {}, "seeds": {}}
         for m in self.methods_list:
-            per_level = {}
-            for level in self.levels:
-                start = time.perf_counter()
-                out = methods.reconstruct(m, real["levels"][level]["dv"], real["levels"][level]["masks"], chosen[m])
-                seconds = (time.perf_counter() - start) / len(numbers)
-                classes = segment_images(out["recon"], chosen[m]["low"], chosen[m]["high"])
-                write_submission(self.out / "submissions" / m / f"level_{level}", numbers, classes)
-                scores = [ktc.score(c, real["truths"][n]) for c, n in zip(classes, numbers)]
-                per_level[level] = {**out, "classes": classes, "scores": scores, "seconds_per_image": seconds}
-            results["methods"][m] = per_level
-            total = sum(per_level[k]["scores"][i] for k in per_level for i in range(len(numbers)))
-            self.log(f"[done] {m}: " + ", ".join(f"L{k} {sum(per_level[k]['scores']):.2f}" for k in per_level)
-                     + f" (total {total:.2f})")
+            records = chosen[m]["seeds"] if seeded(m) else [chosen[m]]
+            runs = []
+            for k, record in enumerate(records):
+                where = self.out / "submissions" / m / (f"seed{k}" if seeded(m) else "")
+                per_level = {}
+                for level in self.levels:
+                    data = real["levels"][level]
+                    start = time.perf_counter()
+                    out = methods.reconstruct(m, data["dv"], data["masks"], record, k)
+                    seconds = (time.perf_counter() - start) / len(numbers)
+                    classes = segment_images(out["recon"], record["low"], record["high"])
+                    write_submission(where / f"level_{level}", numbers, classes)
+                    scores = [ktc.score(c, real["truths"][n]) for c, n in zip(classes, numbers)]
+                    per_level[level] = {**out, "classes": classes, "scores": scores, "seconds_per_image": seconds}
+                runs.append(per_level)
+                total = sum(sum(r["scores"]) for r in per_level.values())
+                which = f"{m} seed {k}" if seeded(m) else m
+                self.log(f"[done] {which}: " + ", ".join(f"L{lv} {sum(r['scores']):.2f}" for lv, r in per_level.items())
+                         + f" (total {total:.2f})")
+            results["methods"][m] = runs[0]
+            results["seeds"][m] = runs
         return results

@@ -1,0 +1,87 @@
+"""Bootstrap intervals, win rates and tied ranks on cases whose answer is known."""
+
+import numpy as np
+import pytest
+
+from dgm_eit.errors import InputError
+from dgm_eit.reconstruct import pool_members
+from dgm_eit.stats import Interval, ranks, relative_change, win_rate
+
+
+def _reference(n=200, seed=0):
+    return np.random.default_rng(seed).uniform(0.5, 2.0, size=n)
+
+
+def test_a_method_exactly_ten_percent_better_on_every_image_has_that_interval():
+    gn = _reference()
+    iv = relative_change(0.9 * gn, gn, resamples=500, seed=1)
+    assert iv.change == pytest.approx(-10.0) and iv.low == pytest.approx(-10.0) and iv.high == pytest.approx(-10.0)
+    assert iv.verdict == "better" and win_rate(0.9 * gn, gn) == 1.0
+
+
+def test_better_on_half_and_worse_on_half_is_tied_with_the_reference():
+    gn = np.ones(200)
+    method = np.where(np.arange(200) % 2 == 0, 0.8, 1.2)
+    iv = relative_change(method, gn, resamples=2000, seed=3)
+    assert iv.change == pytest.approx(0.0, abs=1e-12)
+    assert iv.low < 0 < iv.high and iv.verdict == "tied"
+    # 200 images of +-20%: the mean's standard error is 20% / sqrt(200) = 1.4%, so the 95% interval is about +-2.8%
+    assert 2.0 < iv.high < 3.6 and -3.6 < iv.low < -2.0
+    assert win_rate(method, gn) == 0.5
+
+
+def test_the_interval_is_fixed_by_its_seed_and_narrows_with_more_images():
+    rng = np.random.default_rng(0)
+    gn = rng.uniform(0.5, 2.0, size=400)
+    method = gn * rng.uniform(0.6, 1.2, size=400)
+    a = relative_change(method, gn, resamples=1000, seed=7)
+    assert a == relative_change(method, gn, resamples=1000, seed=7)
+    few = relative_change(method[:25], gn[:25], resamples=1000, seed=7)
+    assert few.high - few.low > 2 * (a.high - a.low)
+
+
+def test_seeds_that_disagree_widen_the_interval_that_images_alone_would_give():
+    gn = _reference(n=300)
+    noise = np.random.default_rng(2).normal(0, 0.05, size=300)
+    # three training seeds: -45%, -33%, -48% on average, as the CNF's at T1 2a 40 dB
+    seeds = np.stack([gn * (1 + f + noise) for f in (-0.45, -0.33, -0.48)])
+    one = relative_change(seeds[:1], gn, resamples=2000, seed=0)
+    three = relative_change(seeds, gn, resamples=2000, seed=0)
+    assert three.change == pytest.approx(100 * (seeds.mean() / gn.mean() - 1))
+    assert (three.high - three.low) > 4 * (one.high - one.low)
+    assert three.low < -45 and three.high > -36
+
+
+def test_ranks_tie_overlapping_intervals_only():
+    intervals = {"GN": Interval(0.0, 0.0, 0.0), "A": Interval(-40, -45, -35), "B": Interval(-38, -42, -30),
+                 "C": Interval(-10, -20, 2)}
+    got = ranks(intervals)
+    assert got["A"] == (1, ("B",)) and got["B"] == (1, ("A",))
+    assert got["C"] == (3, ("GN",)) and got["GN"] == (3, ("C",))
+
+
+def test_bad_errors_are_refused():
+    with pytest.raises(InputError, match="seeds, images"):
+        relative_change(np.ones((2, 3)), np.ones(4))
+    with pytest.raises(InputError, match="NaN"):
+        relative_change(np.array([1.0, np.nan]), np.ones(2))
+
+
+def test_pooling_the_members_equals_the_statistics_of_all_their_samples():
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(3, 16, 2, 4, 4))          # 3 members x 16 samples of 2 images
+    members = [{"recon": s.mean(axis=0), "recon_std": s.std(axis=0, ddof=1), "n_samples": 16, "nfe": 16,
+                "seconds_per_image": 0.5} for s in samples]
+    pooled = pool_members(members)
+    everything = samples.reshape(48, 2, 4, 4)
+    np.testing.assert_allclose(pooled["recon"], everything.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled["recon_std"], everything.std(axis=0, ddof=1), rtol=1e-5, atol=1e-6)
+    assert (pooled["n_samples"], pooled["nfe"], pooled["seconds_per_image"]) == (48, 48, 1.5)
+    # deterministic members (one image each): the spread over the members
+    images = rng.normal(size=(4, 2, 4, 4))
+    pooled = pool_members([{"recon": x} for x in images])
+    np.testing.assert_allclose(pooled["recon_std"], images.std(axis=0, ddof=1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="at least 2"):
+        pool_members(members[:1])
+    with pytest.raises(InputError, match="different sample counts"):
+        pool_members([members[0], {**members[1], "n_samples": 8}])
