@@ -37,6 +37,15 @@ def _panels(fig):
     return [(ax, ax.get_images()[0]) for ax in fig.axes if ax.get_images() and ax.get_label() != "<colorbar>"]
 
 
+def _title_clears_the_headers(fig) -> bool:
+    """Whether the figure's title sits above every column header, as saved (no new layout pass)."""
+    fig.set_layout_engine("none")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    bottom = fig._suptitle.get_window_extent(renderer).y0
+    return all(ax.title.get_window_extent(renderer).y1 <= bottom + 0.5 for ax in fig.axes if ax.get_title())
+
+
 def _colourbars(fig):
     return {im.colorbar.ax.get_xlabel() or im.colorbar.ax.get_ylabel(): im.colorbar
             for _, im in _panels(fig) if im.colorbar is not None}
@@ -82,6 +91,12 @@ def test_comparison_figure_is_paper_ready(tmp_path, drawn):
     assert std_scales == other == {(0.0, 0.5)}
     assert "clipped" not in drawn[-1]._suptitle.get_text()
     assert [ax.get_ylabel() for ax, _ in _panels(drawn[-1]) if ax.get_ylabel()] == ["test image 0"]
+    # a narrow figure wraps its title onto more lines, still above the headers
+    assert _title_clears_the_headers(fig) and _title_clears_the_headers(drawn[-1])
+    comparison_figure(tmp_path / "given.png", truth[:1], {}, {"CNF": truth[:1] * 0.1}, "T", std_max=0.2,
+                      row_label="phantom")
+    assert {im.get_clim() for ax, im in _panels(drawn[-1]) if "std" in ax.get_title()} == {(0.0, 0.2)}
+    assert [ax.get_ylabel() for ax, _ in _panels(drawn[-1]) if ax.get_ylabel()] == ["phantom 0"]
     with pytest.raises(InputError, match="2 indices for 3 images"):
         comparison_figure(tmp_path / "bad.png", truth, {}, {}, "T", indices=[0, 1])
 
@@ -123,7 +138,4 @@ def test_ktc_figure_is_a_grid_with_scores_under_their_panels(tmp_path, drawn):
     bars = _colourbars(fig)
     assert {"sigma / sigma_water", "per-pixel std of sigma / sigma_water"} <= set(bars)
     assert bars["sigma / sigma_water"].extend == "max" and "clipped" in fig._suptitle.get_text()
-    # the title sits above the column headers, not over them
-    renderer = fig.canvas.get_renderer()
-    title_bottom = fig._suptitle.get_window_extent(renderer).y0
-    assert all(ax.title.get_window_extent(renderer).y1 <= title_bottom for ax, _ in panels if ax.get_title())
+    assert _title_clears_the_headers(fig)

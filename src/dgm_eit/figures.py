@@ -34,6 +34,17 @@ def colour_map(name: str, bad: str = OUTSIDE_COLOUR):
     return colormaps[name].with_extremes(bad=bad)
 
 
+def class_colour_map():
+    """KTC classes 0 water (grey), 1 resistive (blue), 2 conductive (red): the colours of low and
+    high values in the images' ``RdBu_r``; draw with ``vmin=-0.5, vmax=2.5``."""
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(["#dcdcdc", "#2166ac", "#b2182b"]).with_extremes(bad=OUTSIDE_COLOUR)
+
+
+CLASS_NAMES = ("water", "resistive", "conductive")
+
+
 def clip_extend(arrays: Iterable[np.ndarray], vmin: float, vmax: float) -> str:
     """matplotlib's colourbar ``extend`` for values drawn on ``[vmin, vmax]``: an arrow at each
     end beyond which some value (NaN ignored) is clipped, so a clipped scale says so."""

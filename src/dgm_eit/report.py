@@ -91,8 +91,8 @@ def write_metrics_csv(path: str | Path, records: Iterable[Mapping], columns: tup
 
 def comparison_figure(path: str | Path, truth: np.ndarray, recons: Mapping[str, np.ndarray],
                       stds: Mapping[str, np.ndarray], title: str, *, indices: Iterable[int] | None = None,
-                      std_max: float | None = None) -> None:
-    """Rows = test images (labelled with their ``indices`` in the split, default 0, 1, ...);
+                      std_max: float | None = None, row_label: str = "test image") -> None:
+    """Rows = images (labelled ``row_label`` and their ``indices`` in the split, default 0, 1, ...);
     columns = ground truth, each method, then the std maps.
 
     All conductivity panels share one colour scale, from 0 to the largest true value shown
@@ -120,7 +120,8 @@ def comparison_figure(path: str | Path, truth: np.ndarray, recons: Mapping[str, 
     vmax = float(np.nanmax(truth))
     if not vmax > 0:
         raise InputError("comparison figure: the ground truth has no positive conductivity inside the disk")
-    std_max = vmax / 3 if std_max is None else float(std_max)
+    default_std = std_max is None
+    std_max = vmax / 3 if default_std else float(std_max)
     if not std_max > 0:
         raise InputError(f"comparison figure: std_max must be positive, got {std_max}")
     values = [("ground truth", truth)] + [(n, outside_masked(a)) for n, a in recons.items()]
@@ -145,10 +146,10 @@ def comparison_figure(path: str | Path, truth: np.ndarray, recons: Mapping[str, 
             if row == 0:
                 ax.set_title(name, fontsize=9)
             if col == 0:
-                ax.set_ylabel(f"test image {indices[row]}", fontsize=8)
+                ax.set_ylabel(f"{row_label} {indices[row]}", fontsize=8)
     clipped = [what for what, extend in (("σ", value_extend), ("std", std_extend)) if extend != "neither"]
-    scales = f"one σ scale 0-{vmax:g}" + (f" and one std scale 0-{std_max:.3g}" if spreads else "")
-    lines = [title, f"{scales}, the same in every figure of the run",
+    rule = " (a third of the σ scale, as in every figure)" if default_std else ""
+    lines = [title, f"σ scale 0-{vmax:g}" + (f"; std scale 0-{std_max:.3g}{rule}" if spreads else ""),
              "white: outside the disk" + (f"; {' and '.join(clipped)} values beyond the scale are clipped "
                                           "(arrow on the colourbar)" if clipped else "")]
     # a narrow figure (few methods) wraps the lines rather than cutting them off
@@ -160,6 +161,7 @@ def comparison_figure(path: str | Path, truth: np.ndarray, recons: Mapping[str, 
         fig.colorbar(std_image, ax=axes[:, len(values):].ravel().tolist(), location="bottom", shrink=0.9,
                      aspect=20, extend=std_extend, label="per-pixel std of σ")
     try:
+        fig.draw_without_rendering()   # constrained layout needs a second pass to clear a wrapped title
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=DPI, format="png")
     finally:

@@ -37,15 +37,13 @@ def _figure(path: Path, results: dict, level: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
     from matplotlib.patches import Circle
 
-    from dgm_eit.figures import DPI, clip_extend, colour_map, outside_masked
+    from dgm_eit.figures import CLASS_NAMES, DPI, class_colour_map, clip_extend, colour_map, outside_masked
 
     numbers = results["numbers"]
     methods = {m: per_level[level] for m, per_level in results["methods"].items()}
-    # water, resistive (blue, as low values in the image colours), conductive (red)
-    class_map = ListedColormap(["#dcdcdc", "#2166ac", "#b2182b"]).with_extremes(bad="white")
+    class_map = class_colour_map()
     columns = [("true classes", None, "truth")]
     for m, data in methods.items():
         columns.append((f"{METHOD_NAMES[m]}\nimage", m, "recon"))
@@ -87,7 +85,7 @@ def _figure(path: Path, results: dict, level: int) -> None:
                  f"(challenge score under each panel, at most 1)\nimages: sigma / sigma_water, water 1, one scale "
                  f"0-2{clipped}; white: outside the tank", fontsize=9)
     bar = fig.colorbar(drawn["classes"], ax=axes, location="right", shrink=0.5, aspect=15, pad=0.01, ticks=[0, 1, 2])
-    bar.ax.set_yticklabels(["water", "resistive", "conductive"], fontsize=8)
+    bar.ax.set_yticklabels(CLASS_NAMES, fontsize=8)
     # made last, placed nearest the panels: image scale, then std, then classes
     if "std" in drawn:
         fig.colorbar(drawn["std"], ax=axes, location="right", shrink=0.8, aspect=25, pad=0.01,
@@ -96,6 +94,7 @@ def _figure(path: Path, results: dict, level: int) -> None:
                  label="sigma / sigma_water")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        fig.draw_without_rendering()   # constrained layout needs a second pass to clear the title
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=DPI, format="png")
     finally:
