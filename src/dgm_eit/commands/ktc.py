@@ -23,31 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from dgm_eit.datasets.ktc2023 import removed_electrodes
-    from dgm_eit.errors import InputError
-    from dgm_eit.ktc.segment import segment_images
     from dgm_eit.ktc import METHOD_NAMES
-    from dgm_eit.ktc.study import Methods, load_study, real_targets, write_submission
-    from dgm_eit.runtime import check_seed, limit_threads, resolve_device
+    from dgm_eit.ktc.entry import reconstruct_folder
 
-    removed_electrodes(args.level)   # refuses a bad level before any work
-    check_seed(args.seed)
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"OUTPUT_DIR {out} exists and is not a directory")
-    cfg, chosen = load_study(args.run)
-    method = args.method or max(chosen, key=lambda m: chosen[m]["score"])
-    if method not in chosen:
-        raise InputError(f"{args.run} has no settings for method {method!r} (it ran {', '.join(chosen)})")
-    limit_threads()
-    numbers, real = real_targets(args.input_dir, [args.level])
-    methods = Methods(cfg, Path(args.run), seed=args.seed, device=str(resolve_device(args.device)))
-    data = real["levels"][args.level]
-    recon = methods.reconstruct(method, data["dv"], data["masks"], chosen[method])["recon"]
-    classes = segment_images(recon, chosen[method]["low"], chosen[method]["high"])
-    write_submission(out, numbers, classes)
-    print(f"{METHOD_NAMES[method]} (val score {chosen[method]['score']:.3f}), level {args.level}: wrote "
-          f"{len(numbers)} reconstruction(s) to {out}")
+    made = reconstruct_folder(args.input_dir, args.level, args.run, output_dir=args.output_dir,
+                              method=args.method, seed=args.seed, device=args.device)
+    print(f"{METHOD_NAMES[made.method]} (val score {made.val_score:.3f}), level {args.level}: wrote "
+          f"{len(made.numbers)} reconstruction(s) to {args.output_dir}")
     return 0
