@@ -17,7 +17,7 @@ import numpy as np
 from dgm_eit.files import atomic_path, write_text
 from dgm_eit.methods import GAUSS_NEWTON
 from dgm_eit.metrics import LOWER_IS_BETTER, METRICS, Summary
-from dgm_eit.paper import PAPER_PARAMETERS, PAPER_RESULTS, TESTS, paper_mse_change
+from dgm_eit.paper import PAPER_CITATION, PAPER_PARAMETERS, PAPER_RESULTS, TESTS, paper_mse_change
 from dgm_eit.recon.tuning import describe
 from dgm_eit.results import RunResult, SettingResult
 
@@ -298,6 +298,8 @@ def render_report(result: RunResult) -> str:
         f"the stages' own times add up to {_seconds(total)} (stages run side by side overlap; stages "
         f"reused from an earlier call count with the time they took then). Expected time of this profile: "
         f"{expected_time(cfg)}.",
+        "",
+        f"The study reproduced: {PAPER_CITATION}.",
         "",
         "Metrics, one implementation for every method (`dgm_eit.metrics`; README section \"Reconstruction "
         "and scores\"), on the full 0-outside-the-disk image: MSE, "
