@@ -9,15 +9,16 @@ import re
 import tomllib
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "dgm_eit"
 TEXT_SUFFIXES = {".py", ".toml", ".md", ".cff", ".txt"}
 # documents a command writes (named in the texts as outputs, not as things to read here)
 WRITTEN_DOCUMENTS = {"report.md"}
 DOCUMENT = re.compile(r"[\w./-]*\w\.(?:md|txt|rst|pdf|cff|ipynb)\b")
-OUTSIDE = re.compile(r"(?<![\w.])\.\./|(?<![\w.])/(?:work|home|Users|mnt|srv)/")
+# a relative path that climbs (it must land on a file or folder of the repository) or a
+# machine's absolute path (never portable)
+CLIMBING = re.compile(r"(?<![\w.])(?:\.\./)+[^\s`'\")\]]*")
+ABSOLUTE = re.compile(r"(?<![\w.])/(?:work|home|Users|mnt|srv|opt)/[^\s`'\")\]]*")
 
 
 def shipped_texts() -> list[Path]:
@@ -36,11 +37,19 @@ def repository_files() -> set[str]:
     return names
 
 
-def problems(path: Path, names: set[str]) -> list[str]:
+def problems(path: Path, names: set[str], text: str | None = None) -> list[str]:
+    """What ``text`` (default: the file's) names that the repository does not hold; relative
+    paths are tried from the repository root, the file's folder and the package."""
     found = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        for match in OUTSIDE.finditer(line):
-            found.append(f"{path.relative_to(ROOT)}:{number}: a path outside the repository ({match.group()!r})")
+    text = path.read_text(encoding="utf-8") if text is None else text
+    for number, line in enumerate(text.splitlines(), 1):
+        for match in ABSOLUTE.finditer(line):
+            found.append(f"{path.relative_to(ROOT)}:{number}: an absolute path ({match.group().rstrip('.,;:')!r})")
+        for match in CLIMBING.finditer(line):
+            climb = match.group().rstrip(".,;:")
+            target = (path.parent / climb).resolve()
+            if not (target.is_relative_to(ROOT) and target.exists()):
+                found.append(f"{path.relative_to(ROOT)}:{number}: a path outside the repository ({climb!r})")
         for match in DOCUMENT.finditer(line):
             document = match.group()
             name = document.rsplit("/", 1)[-1]
@@ -62,17 +71,15 @@ def test_shipped_texts_name_only_files_the_repository_holds():
     assert not found, "\n".join(found)
 
 
-def test_the_check_catches_what_it_is_for(tmp_path):
-    """The check itself: a document that is not there and a path leading out are caught."""
-    names = repository_files()
-    text = ROOT / "docs" / "_probe_for_test.md"
-    try:
-        text.write_text("see REFERENCE.md section 2\nfiles in `../shared/ktc2023/`\n"
-                        "see docs/DESIGN.md and README.md; writes DIR/report.md\n")
-        found = problems(text, names | {"_probe_for_test.md"})
-    finally:
-        text.unlink()
-    assert len(found) == 2 and "REFERENCE.md" in found[0] and "outside the repository" in found[1]
+def test_the_check_catches_what_it_is_for():
+    """The check itself: a document that is not there and a path leading out are caught; the
+    repository's own documents and a command's output are not."""
+    text = ("see REFERENCE.md section 2\nfiles in `../shared/ktc2023/`, /work/paper/x.txt\n"
+            "see docs/DESIGN.md, README.md and ../README.md; writes DIR/report.md\n")
+    found = problems(ROOT / "docs" / "probe.md", repository_files(), text)
+    expected = ["names REFERENCE.md", "an absolute path ('/work/paper/x.txt')", "names /work/paper/x.txt",
+                "outside the repository ('../shared/ktc2023/')"]
+    assert len(found) == len(expected) and all(any(e in f for f in found) for e in expected), found
 
 
 def test_licence_and_citation_match_the_project():
@@ -89,8 +96,7 @@ def test_licence_and_citation_match_the_project():
     assert PAPER_CITATION in readme
 
 
-@pytest.mark.parametrize("name", ["README.md"])
-def test_ktc_data_terms_sit_beside_the_shipped_files_and_in_the_readme(name):
-    beside = (PACKAGE / "ktc" / "public" / name).read_text()
+def test_ktc_data_terms_sit_beside_the_shipped_files_and_in_the_readme():
+    beside = (PACKAGE / "ktc" / "public" / "README.md").read_text()
     assert "Terms of use" in beside and "8252370" in beside and "does not cover them" in beside
     assert "8252370" in (ROOT / "README.md").read_text()
