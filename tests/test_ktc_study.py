@@ -196,6 +196,26 @@ def test_ktc_run_and_entry_point(tmp_path, capsys):
     for n in range(1, 5):
         np.testing.assert_array_equal(sio.loadmat(pred_dir / f"{n}.mat")["reconstruction"],
                                       sio.loadmat(out / "submissions" / "linear" / "level_4" / f"{n}.mat")["reconstruction"])
+    # from Python (the CLI's own path) and through the README's example: the study's CNF submission,
+    # with its images and std maps
+    from dgm_eit.ktc.entry import reconstruct_folder
+    from test_examples import run_example
+
+    made = reconstruct_folder(public_dir(), 4, out, method="cnf", seed=1)
+    assert made.numbers == [1, 2, 3, 4] and made.method == "cnf" and made.val_score == chosen["cnf"]["score"]
+    assert made.recon.shape == made.recon_std.shape == (4, 16, 16) and np.all(made.recon_std >= 0)
+    capsys.readouterr()
+    run_example("ktc_folder.py", out, public_dir(), 4, "--method", "cnf", "--seed", 1, "--out", tmp_path / "ex")
+    printed = capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(tmp_path / "ex" / "images.npy"), made.recon)
+    for n, classes in zip(made.numbers, made.classes):
+        submitted = sio.loadmat(out / "submissions" / "cnf" / "seed0" / "level_4" / f"{n}.mat")["reconstruction"]
+        np.testing.assert_array_equal(classes, submitted)
+        np.testing.assert_array_equal(sio.loadmat(tmp_path / "ex" / f"{n}.mat")["reconstruction"], submitted)
+        score = next(float(s) for m, _, lv, tg, s, _ in rows if (m, lv, tg) == ("cnf", "4", str(n)))
+        line = next(x for x in printed.splitlines() if x.startswith(f"data{n}.mat -> "))
+        assert line.endswith(f"score {score:.3f}")
+    assert (tmp_path / "ex" / "ktc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the challenge's evaluation files: the dropped electrodes' data are NaN
     nan_dir = tmp_path / "nan_inputs"
     nan_dir.mkdir()

@@ -80,6 +80,9 @@ def test_smoke_run_makes_every_row_table_and_figure(smoke_run):
     for rel in figures:
         assert (out / rel).stat().st_size > 5000
     assert "did not complete" not in report
+    from dgm_eit.paper import PAPER_CITATION
+
+    assert f"The study reproduced: {PAPER_CITATION}." in report
 
 
 def test_report_states_the_gn_settings_each_test_set_chose_on_validation(smoke_run):

@@ -307,11 +307,41 @@ def test_bad_input_fails_cleanly(tmp_path, capsys):
     assert "unknown config key" in capsys.readouterr().err
     assert main(base + ["--seed", "-1"]) == 2
     assert "--seed" in capsys.readouterr().err
+    assert main(base + ["--set", "mesh.radius=0"]) == 2
+    assert "mesh.radius must be a positive length" in capsys.readouterr().err
     assert not out.exists() and not storage.partial_path(out).exists()
     # a damaged file at the output path is not silently replaced
     out.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     assert main(base + SMALL[:0] + ["--set", "data.n_train=2", "--set", "data.n_val=1", "--set", "data.n_test=1"]) == 2
     assert "not a finished dgm-eit data set" in capsys.readouterr().err
+
+
+def test_mesh_radius_and_first_electrode_angle_place_the_disk(reference):
+    """[mesh] radius and first_electrode_angle. A config written before they were keys reads as
+    their defaults (the same data set). A disk 2.5 times larger, meshed with h0 in its unit, is the
+    unit disk scaled, and the phantoms scale with it: 2-D conduction is scale-free, so the point
+    electrodes measure the same voltages and GN makes the same image."""
+    from dgm_eit.config import config_changes
+    from dgm_eit.physics import forward_model_from_config
+
+    before_keys = _small_cfg()
+    del before_keys["mesh"]["radius"], before_keys["mesh"]["first_electrode_angle"]
+    assert config_changes(before_keys, _small_cfg()) == ""
+    assert sim_mod.identity_json(before_keys, 11) == sim_mod.identity_json(_small_cfg(), 11)
+    assert forward_model_from_config(before_keys).mesh is forward_model_from_config(_small_cfg()).mesh
+
+    unit = _file_simulator(reference)
+    wide = _file_simulator(reference, "mesh.radius=2.5", "mesh.h0=0.25", "simulation.h0=0.1875")
+    assert wide.coarse.mesh.radius == wide.fine.mesh.radius == 2.5
+    np.testing.assert_allclose(wide.fine.mesh.nodes, 2.5 * unit.fine.mesh.nodes, rtol=1e-12, atol=1e-12)
+    a, b = unit.sample(11, "val", 3), wide.sample(11, "val", 3)
+    np.testing.assert_array_equal(b["sigma"], a["sigma"])
+    np.testing.assert_allclose(b["v_clean"], a["v_clean"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b["gn"], a["gn"], rtol=1e-6, atol=1e-7)
+
+    turned = forward_model_from_config(_small_cfg("mesh.radius=2.0", f"mesh.first_electrode_angle={np.pi / 2}"))
+    electrodes = turned.mesh.nodes[[int(turned.mesh.electrode_nodes[k][0]) for k in (0, 4)]]
+    np.testing.assert_allclose(electrodes, [[0.0, 2.0], [-2.0, 0.0]], atol=1e-12)   # counter-clockwise
 
 
 def test_inspect_and_show(reference, tmp_path, capsys):

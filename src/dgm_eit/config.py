@@ -47,6 +47,25 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 
 _ABSENT = "<absent>"
 
+# Keys added to a section after data sets and runs were written without them, each with the
+# value that reproduces those files: an older file's config reads as if it had them, so it
+# stays valid (not "made with another config") and is rebuilt the way it was made.
+ADDED_KEYS = {"mesh.radius": 1.0, "mesh.first_electrode_angle": 0.0}
+
+
+def with_added_keys(cfg: dict) -> dict:
+    """``cfg`` with the :data:`ADDED_KEYS` its sections lack filled in (a copy when any is
+    missing); a section the config does not have stays absent."""
+    missing = [k for k in ADDED_KEYS
+               if isinstance(cfg.get(k.split(".")[0]), dict) and k.split(".")[1] not in cfg[k.split(".")[0]]]
+    if not missing:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    for key in missing:
+        section, name = key.split(".")
+        cfg[section][name] = ADDED_KEYS[key]
+    return cfg
+
 
 def config_changes(old: dict, new: dict, ignore: Iterable[str] = (), limit: int = 5) -> str:
     """The keys whose values differ between two nested configs, as ``"a.b: 1 -> 2, ..."`` (at most
@@ -54,7 +73,7 @@ def config_changes(old: dict, new: dict, ignore: Iterable[str] = (), limit: int 
 
     The one check behind "this output was made with another config" (data sets, training
     runs, run directories); each caller chooses what may change between its calls."""
-    before, now = flatten(old), flatten(new)
+    before, now = flatten(with_added_keys(old)), flatten(with_added_keys(new))
     ignore = tuple(ignore)
     changed = sorted(k for k in set(before) | set(now)
                      if before.get(k, _ABSENT) != now.get(k, _ABSENT) and not k.startswith(ignore))

@@ -1,4 +1,5 @@
-"""Image-quality metrics: one implementation used for every method (REFERENCE.md section 3).
+"""Image-quality metrics: one implementation used for every method (the paper's reference code
+computed them differently per model, with swapped arguments and clamping for some models only).
 
 All metrics are computed on the full image (the zero background outside the disk
 included), per sample, against the ground truth ``x`` of that sample:

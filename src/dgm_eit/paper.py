@@ -1,6 +1,6 @@
 """The paper's study as data: its tests and tables, and the numbers it published.
 
-:data:`TESTS` is the study's plan (Li et al., REFERENCE.md section 4): T1 = high SNR, 2
+:data:`TESTS` is the study's plan (:data:`PAPER_CITATION`, its section 4.3): T1 = high SNR, 2
 and 4 anomalies (paper Tables 1, 2); T2 = low SNR, 2 and 4 anomalies (Tables 3, 4), the
 score prior still trained on the high-SNR set; T3 = models trained on 4 anomalies / high
 SNR, tested on 2 anomalies at both SNRs (Tables 5, 6).
@@ -18,6 +18,13 @@ from __future__ import annotations
 from dgm_eit.errors import InputError
 from dgm_eit.metrics import METRICS
 from dgm_eit.results import DataSpec, Setting
+
+# The study this package reproduces. The extracted paper text we worked from carries neither
+# authors nor venue; they come from the arXiv listing and the journal's catalogue record.
+PAPER_CITATION = ("H. Wang, G. Xu and Q. Zhou, \"A comparative study of variational autoencoders, normalizing "
+                  "flows, and score-based diffusion models for electrical impedance tomography\", Journal of "
+                  "Inverse and Ill-posed Problems 32(4):795-813, 2024, doi:10.1515/jiip-2023-0037 "
+                  "(preprint arXiv:2310.15831)")
 
 # test -> (report heading, its tables as (paper table, training set, test set)); a set is
 # (anomalies, noise), the noise being [run] high_snr_db or low_snr_db
@@ -49,7 +56,7 @@ def _row(*values: float) -> dict[str, tuple[float, float]]:
     return {m: (values[2 * i], values[2 * i + 1]) for i, m in enumerate(METRICS)}
 
 
-# paper table number -> method -> metric -> (mean, std); Li et al., Tables 1-6
+# paper table number -> method -> metric -> (mean, std); Wang, Xu and Zhou 2024, Tables 1-6
 PAPER_RESULTS: dict[int, dict[str, dict[str, tuple[float, float]]]] = {
     1: {  # Test 1: 2 anomalies, 40 dB
         "GN": _row(0.0032, 0.0004, 28.850, 0.675, 0.874, 0.011, 0.034, 0.003, 0.026, 0.002, 1.045, 0.066),
@@ -90,7 +97,7 @@ PAPER_RESULTS: dict[int, dict[str, dict[str, tuple[float, float]]]] = {
 # Test 3 tables have no GN row: the same GN reconstruction is in the table with that test set
 PAPER_GN_TABLE = {1: 1, 2: 2, 3: 3, 4: 4, 5: 1, 6: 3}
 
-# the paper's model sizes (REFERENCE.md section 2) by the model they belong to, for the efficiency table
+# the paper's model sizes, counted in the authors' public code, by the model they belong to (efficiency table)
 PAPER_PARAMETERS = {"cvae": 0.94e6, "cnf": 4.8e6, "score": 4.1e6}
 
 

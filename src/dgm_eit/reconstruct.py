@@ -316,26 +316,33 @@ def save_user_output(path, result: dict, single: bool) -> Path:
 
 
 def _save_png(path: Path, result: dict) -> None:
+    """The first 16 images (and std maps), one colour scale per row covering every value."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    images = result["recon"][:16]
-    rows = [("reconstruction", images)]
+    from dgm_eit.figures import DPI, colour_map, outside_masked
+
+    rows = [("reconstruction", outside_masked(result["recon"][:16]), "conductivity σ", "viridis")]
     if "recon_std" in result:
-        rows.append(("std", result["recon_std"][:16]))
-    n = len(images)
-    fig, axes = plt.subplots(len(rows), n, figsize=(2.4 * n + 0.8, 2.4 * len(rows)), squeeze=False)
-    for r, (label, stack) in enumerate(rows):
-        vmax = float(np.max(stack)) if stack.size else 1.0
+        rows.append(("std", outside_masked(result["recon_std"][:16]), "per-pixel std of σ", "magma"))
+    n = len(rows[0][1])
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.8 * n + 1.2, 1.9 * len(rows)), squeeze=False,
+                             layout="constrained")
+    for r, (label, stack, quantity, cmap) in enumerate(rows):
+        vmax = max(float(np.nanmax(stack)), 1e-12)
         for i in range(n):
             ax = axes[r][i]
-            im = ax.imshow(stack[i], vmin=0.0, vmax=vmax, cmap="viridis")
+            im = ax.imshow(stack[i], vmin=0.0, vmax=vmax, cmap=colour_map(cmap))
             ax.set_xticks([])
             ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"vector {i}", fontsize=9)
             if i == 0:
                 ax.set_ylabel(label)
-        fig.colorbar(im, ax=list(axes[r]), fraction=0.03)
-    fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
+        fig.colorbar(im, ax=list(axes[r]), fraction=0.03, label=quantity)
+    try:
+        fig.savefig(path, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)

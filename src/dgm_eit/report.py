@@ -17,7 +17,7 @@ import numpy as np
 from dgm_eit.files import atomic_path, write_text
 from dgm_eit.methods import GAUSS_NEWTON
 from dgm_eit.metrics import LOWER_IS_BETTER, METRICS, Summary
-from dgm_eit.paper import PAPER_PARAMETERS, PAPER_RESULTS, TESTS, paper_mse_change
+from dgm_eit.paper import PAPER_CITATION, PAPER_PARAMETERS, PAPER_RESULTS, TESTS, paper_mse_change
 from dgm_eit.recon.tuning import describe
 from dgm_eit.results import RunResult, SettingResult
 
@@ -95,44 +95,80 @@ def write_metrics_csv(path: str | Path, records: Iterable[Mapping], columns: tup
 
 
 def comparison_figure(path: str | Path, truth: np.ndarray, recons: Mapping[str, np.ndarray],
-                      stds: Mapping[str, np.ndarray], title: str) -> None:
-    """Rows = samples; columns = ground truth, each method, then std maps.
+                      stds: Mapping[str, np.ndarray], title: str, *, indices: Iterable[int] | None = None,
+                      std_max: float | None = None, row_label: str = "test image") -> None:
+    """Rows = images (labelled ``row_label`` and their ``indices`` in the split, default 0, 1, ...);
+    columns = ground truth, each method, then the std maps.
 
-    All conductivity panels share one colour scale (the ground truth's range over the
-    shown samples, so over- and undershoot saturate visibly); the std maps share another.
+    All conductivity panels share one colour scale, from 0 to the largest true value shown
+    (in the paper's phantom sets every image holds a 1.5 anomaly, so every figure of a run has
+    the same scale); the std maps share one scale, ``std_max`` (default: a third of the
+    conductivity scale, so it too is the same in every figure of a run). Values beyond a
+    scale are clipped: the colourbar shows an arrow at that end and the title says so. The
+    square's corners outside the disk are masked (white), not drawn as 0.
     """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("ground truth", truth, "value")] + [(n, a, "value") for n, a in recons.items()]
-    panels += [(f"{n} std", a, "std") for n, a in stds.items()]
-    n_rows, n_cols = truth.shape[0], len(panels)
-    vmin, vmax = float(truth.min()), float(truth.max())
-    std_max = max([float(a.max()) for a in stds.values()] + [1e-12])
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols + 0.9, 1.6 * n_rows + 0.5), squeeze=False)
+    from dgm_eit.errors import InputError
+    from dgm_eit.figures import DPI, clip_extend, colour_map, outside_masked
+
+    truth = outside_masked(truth)
+    n_rows = truth.shape[0]
+    indices = list(range(n_rows)) if indices is None else [int(i) for i in indices]
+    if len(indices) != n_rows:
+        raise InputError(f"comparison figure: {len(indices)} indices for {n_rows} images")
+    vmax = float(np.nanmax(truth))
+    if not vmax > 0:
+        raise InputError("comparison figure: the ground truth has no positive conductivity inside the disk")
+    default_std = std_max is None
+    std_max = vmax / 3 if default_std else float(std_max)
+    if not std_max > 0:
+        raise InputError(f"comparison figure: std_max must be positive, got {std_max}")
+    values = [("ground truth", truth)] + [(n, outside_masked(a)) for n, a in recons.items()]
+    spreads = [(f"{n} std", outside_masked(a)) for n, a in stds.items()]
+    value_extend = clip_extend([a for _, a in values], 0.0, vmax)
+    std_extend = clip_extend([a for _, a in spreads], 0.0, std_max)
+    n_cols = len(values) + len(spreads)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols + 0.4, 1.6 * n_rows + 1.5), squeeze=False,
+                             layout="constrained")
+    value_map, std_map = colour_map("viridis"), colour_map("magma")
     value_image = std_image = None
-    for col, (name, images, kind) in enumerate(panels):
+    for col, (name, images) in enumerate(values + spreads):
+        is_value = col < len(values)
         for row in range(n_rows):
             ax = axes[row, col]
-            if kind == "value":
-                value_image = ax.imshow(images[row], vmin=vmin, vmax=vmax, cmap="viridis")
+            if is_value:
+                value_image = ax.imshow(images[row], vmin=0.0, vmax=vmax, cmap=value_map)
             else:
-                std_image = ax.imshow(images[row], vmin=0.0, vmax=std_max, cmap="magma")
+                std_image = ax.imshow(images[row], vmin=0.0, vmax=std_max, cmap=std_map)
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(name, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
-    if value_image is not None:
-        fig.colorbar(value_image, cax=fig.add_axes((0.91, 0.52, 0.015, 0.36)), label="σ")
+            if col == 0:
+                ax.set_ylabel(f"{row_label} {indices[row]}", fontsize=8)
+    clipped = [what for what, extend in (("σ", value_extend), ("std", std_extend)) if extend != "neither"]
+    rule = " (a third of the σ scale, as in every figure)" if default_std else ""
+    lines = [title, f"σ scale 0-{vmax:g}" + (f"; std scale 0-{std_max:.3g}{rule}" if spreads else ""),
+             "white: outside the disk" + (f"; {' and '.join(clipped)} values beyond the scale are clipped "
+                                          "(arrow on the colourbar)" if clipped else "")]
+    # a narrow figure (few methods) wraps the lines rather than cutting them off
+    width = int(fig.get_figwidth() * 13)
+    fig.suptitle("\n".join(textwrap.fill(line, width) for line in lines), fontsize=9)
+    fig.colorbar(value_image, ax=axes[:, :len(values)].ravel().tolist(), location="bottom", shrink=0.6,
+                 aspect=40, extend=value_extend, label="conductivity σ (background 1)")
     if std_image is not None:
-        fig.colorbar(std_image, cax=fig.add_axes((0.91, 0.1, 0.015, 0.36)), label="std")
+        fig.colorbar(std_image, ax=axes[:, len(values):].ravel().tolist(), location="bottom", shrink=0.9,
+                     aspect=20, extend=std_extend, label="per-pixel std of σ")
     try:
+        fig.draw_without_rendering()   # constrained layout needs a second pass to clear a wrapped title
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=80)
+            fig.savefig(tmp, dpi=DPI, format="png")
     finally:
         plt.close(fig)
 
@@ -297,6 +333,8 @@ def render_report(result: RunResult) -> str:
         f"the stages' own times add up to {_seconds(total)} (stages run side by side overlap; stages "
         f"reused from an earlier call count with the time they took then). Expected time of this profile: "
         f"{expected_time(cfg)}.",
+        "",
+        f"The study reproduced: {PAPER_CITATION}.",
         "",
         "Metrics, one implementation for every method (`dgm_eit.metrics`; README section \"Reconstruction "
         "and scores\"), on the full 0-outside-the-disk image: MSE, "

@@ -27,38 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     import sys
-    from pathlib import Path
 
-    from dgm_eit.datasets.ktc2023 import removed_electrodes
-    from dgm_eit.errors import InputError
-    from dgm_eit.ktc.segment import segment_images
     from dgm_eit.ktc import METHOD_NAMES
-    from dgm_eit.ktc.study import Methods, default_method, load_study, real_targets, seeded, write_submission
-    from dgm_eit.runtime import check_seed, limit_threads, resolve_device
+    from dgm_eit.ktc.entry import reconstruct_folder
 
-    removed_electrodes(args.level)   # refuses a bad level before any work
-    check_seed(args.seed)
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"OUTPUT_DIR {out} exists and is not a directory")
-    cfg, chosen = load_study(args.run)
-    chosen = {m: record for m, record in chosen.items() if "score" in record}   # a seed's choice may be pending
-    if args.method is None:
-        method, why = default_method(chosen, resamples=int(cfg["run"]["bootstrap_resamples"]))
-    else:
-        method, why = args.method, None
-    if method not in chosen:
-        raise InputError(f"{args.run} has no settings for method {method!r} (it ran {', '.join(chosen)})")
-    record = chosen[method]["seeds"][0] if seeded(method) else chosen[method]
-    limit_threads()
-    numbers, real = real_targets(args.input_dir, [args.level])
-    if why is not None:   # after the inputs are read: a refused command says one line
-        print(f"dgm-eit ktc: method {METHOD_NAMES[method]}: {why}", file=sys.stderr)
-    methods = Methods(cfg, Path(args.run), seed=args.seed, device=str(resolve_device(args.device)))
-    data = real["levels"][args.level]
-    recon = methods.reconstruct(method, data["dv"], data["masks"], record)["recon"]
-    classes = segment_images(recon, record["low"], record["high"])
-    write_submission(out, numbers, classes)
-    print(f"{METHOD_NAMES[method]} (val score {record['score']:.3f}), level {args.level}: wrote "
-          f"{len(numbers)} reconstruction(s) to {out}")
+    made = reconstruct_folder(args.input_dir, args.level, args.run, output_dir=args.output_dir,
+                              method=args.method, seed=args.seed, device=args.device)
+    if made.why is not None:
+        print(f"dgm-eit ktc: method {METHOD_NAMES[made.method]}: {made.why}", file=sys.stderr)
+    print(f"{METHOD_NAMES[made.method]} (val score {made.val_score:.3f}), level {args.level}: wrote "
+          f"{len(made.numbers)} reconstruction(s) to {args.output_dir}")
     return 0

@@ -17,7 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory made by dgm-eit train")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", metavar="FILE", help="data set file; reconstruct one of its splits")
-    source.add_argument("--voltages", metavar="FILE.npy", help="your measurements: (M,) or (N, M) raw voltages")
+    source.add_argument("--voltages", metavar="FILE.npy", help="your measurements: (M,) or (N, M) absolute voltages (not differences) "
+                        "in the run's protocol order (adjacent: value 13 i + j is the j-th pair U[m+1] - U[m] "
+                        "not touching electrodes i, i+1 while unit current enters i and leaves i+1, as pyEIT), "
+                        "for unit current and background conductivity 1")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"),
                         help="split of --data (default: %(default)s)")
     parser.add_argument("--out", required=True, metavar="PATH",

@@ -114,8 +114,7 @@ class Phantom:
         counts = in_disk.sum(axis=-1)
         image = np.where(counts > 0, (values * in_disk).sum(axis=-1) / np.maximum(counts, 1), values.mean(axis=-1))
         if inside is None:
-            cx, cy = pixel_centres(size)
-            inside = cx * cx + cy * cy <= 1.0
+            inside = disk_mask(size)
         elif inside.shape != (size, size):
             raise InputError(f"disk mask has shape {inside.shape}, expected {(size, size)}")
         return np.where(inside, image, 0.0)
@@ -126,6 +125,13 @@ def pixel_centres(size: int) -> tuple[np.ndarray, np.ndarray]:
     c = (np.arange(size) + 0.5) / size * 2.0 - 1.0
     x, y = np.meshgrid(c, -c)
     return x, y
+
+
+def disk_mask(size: int) -> np.ndarray:
+    """``(size, size)`` bool: the pixels whose centre lies in the closed unit disk (the rule of
+    ``PixelGrid.inside``, for images of the square the disk fills)."""
+    x, y = pixel_centres(size)
+    return x * x + y * y <= 1.0
 
 
 @functools.lru_cache(maxsize=8)

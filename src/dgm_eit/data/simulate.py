@@ -34,7 +34,7 @@ import numpy as np
 from dgm_eit import __version__
 from dgm_eit.data import storage
 from dgm_eit.data.storage import SPLIT_INDEX, sample_rng  # noqa: F401  (SPLIT_INDEX: tests and benchmarks)
-from dgm_eit.config import config_changes, set_key
+from dgm_eit.config import config_changes, set_key, with_added_keys
 from dgm_eit.data.noise import add_noise
 from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
 from dgm_eit.errors import InputError
@@ -62,7 +62,9 @@ def split_sizes(cfg: dict) -> dict[str, int]:
 
 
 def identity_json(cfg: dict, seed: int) -> str:
-    """What makes two data sets equal: the data-changing config sections and the seed."""
+    """What makes two data sets equal: the data-changing config sections and the seed (keys
+    added since a file was written count with the value that made it)."""
+    cfg = with_added_keys(cfg)
     return json.dumps({"seed": int(seed), **{s: cfg.get(s) for s in DATA_SECTIONS}}, sort_keys=True)
 
 
@@ -87,7 +89,8 @@ class Simulator:
         self.grid = PixelGrid(self.coarse.mesh, size=self.image_size)
         self.inside = np.asarray(self.grid.inside, dtype=bool)
         fine = self.fine.mesh
-        self.quad_points = element_quadrature_points(fine.nodes, fine.elements, int(p["quadrature"]))
+        # phantoms live on the unit disk: their sizes and places are fractions of the radius
+        self.quad_points = element_quadrature_points(fine.nodes / fine.radius, fine.elements, int(p["quadrature"]))
         self.gn_kwargs = gn_config(cfg)
         self.n_meas = int(self.fine.n_meas)
 
@@ -363,6 +366,9 @@ def check_config(cfg: dict, seed: int) -> dict[str, int]:
     for index in range(3):
         sampler.sample(sample_rng(seed, "train", index))
     _check_gn(cfg)
+    from dgm_eit.physics.fem import mesh_placement
+
+    mesh_placement(cfg)   # a bad radius or angle, named before any file exists
     fine_h0, coarse_h0 = float(cfg["simulation"]["h0"]), float(cfg["mesh"]["h0"])
     if fine_h0 > coarse_h0:
         raise InputError(f"simulation.h0 = {fine_h0} is coarser than the inversion mesh's "
@@ -403,7 +409,7 @@ def _open_resumable(partial_path: Path, identity: str, overwrite: bool) -> stora
     if partial.version != __version__:
         problem = (f"was started by dgm-eit {partial.version}, this is {__version__}; finish it with that version "
                    "or pass --overwrite to start again")
-    elif partial.identity != identity:
+    elif identity_json(json.loads(partial.identity), json.loads(partial.identity)["seed"]) != identity:
         problem = (f"holds an unfinished simulation that {_describe_difference(partial.identity, identity)}; "
                    "re-run that command to finish it, or pass --overwrite to discard it")
     else:

@@ -11,7 +11,6 @@ import numpy as np
 
 from dgm_eit.files import atomic_path, write_text
 from dgm_eit.ktc import METHOD_NAMES, TRAINED
-from dgm_eit.ktc.segment import disk as segment_disk
 
 LEADERBOARD = ("all-background prediction 6.70 / 21; official linearised baseline + Otsu 10.31; "
                "1st place (post-processing UNet, Bremen/UCL) 15.24 (all 7 levels of the hidden evaluation "
@@ -39,49 +38,76 @@ def _totals(runs: list[dict], levels) -> tuple[list[float], list[float]]:
 
 
 def _figure(path: Path, results: dict, level: int) -> None:
+    """One row per public target; the true classes, then per method its image (sigma /
+    sigma_water), its std map where it samples, and its classes with their challenge score
+    inside the panel. Images share one scale (0-2, water 1), std maps another; every panel
+    shows the tank's disk (white outside, grey outline)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Circle
+
+    from dgm_eit.figures import CLASS_NAMES, DPI, class_colour_map, clip_extend, colour_map, outside_masked
 
     numbers = results["numbers"]
-    methods = list(results["methods"])
-    rows = [("truth", None, None)]
-    for m in methods:
-        rows.append((f"{METHOD_NAMES[m]} image", m, "recon"))
-        rows.append((f"{METHOD_NAMES[m]} classes", m, "classes"))
-        if "recon_std" in results["methods"][m][level]:
-            rows.append((f"{METHOD_NAMES[m]} std", m, "recon_std"))
-    fig, axes = plt.subplots(len(rows), len(numbers), figsize=(2.0 * len(numbers), 2.0 * len(rows)), squeeze=False)
-    for r, (label, m, key) in enumerate(rows):
-        for c, n in enumerate(numbers):
+    methods = {m: per_level[level] for m, per_level in results["methods"].items()}
+    class_map = class_colour_map()
+    columns = [("true classes", None, "truth")]
+    for m, data in methods.items():
+        columns.append((f"{METHOD_NAMES[m]}\nimage", m, "recon"))
+        if "recon_std" in data:
+            columns.append((f"{METHOD_NAMES[m]}\nstd", m, "recon_std"))
+        columns.append((f"{METHOD_NAMES[m]}\nclasses", m, "classes"))
+    images = [data["recon"] for data in methods.values()]
+    stds = [data["recon_std"] for data in methods.values() if "recon_std" in data]
+    image_extend = clip_extend([outside_masked(a) for a in images], 0.0, 2.0)
+    std_max = max([float(np.nanmax(outside_masked(a))) for a in stds] + [1e-6])
+    fig, axes = plt.subplots(len(numbers), len(columns), figsize=(1.05 * len(columns) + 2.6, 1.35 * len(numbers) + 0.9),
+                             squeeze=False, layout="constrained")
+    drawn = {}
+    for c, (label, m, key) in enumerate(columns):
+        for r, n in enumerate(numbers):
             ax = axes[r, c]
-            if m is None:
-                ax.imshow(results["truths"][n], vmin=0, vmax=2, cmap="viridis")
-                ax.set_title(f"target {n}", fontsize=9)
+            if key == "truth":
+                drawn["classes"] = ax.imshow(outside_masked(results["truths"][n]), vmin=-0.5, vmax=2.5, cmap=class_map)
+            elif key == "classes":
+                ax.imshow(outside_masked(methods[m]["classes"][r]), vmin=-0.5, vmax=2.5, cmap=class_map)
+                ax.set_xlabel(f"score {methods[m]['scores'][r]:.3f}", fontsize=8, labelpad=2)
+            elif key == "recon_std":
+                drawn["std"] = ax.imshow(outside_masked(methods[m][key][r]), vmin=0.0, vmax=std_max,
+                                         cmap=colour_map("magma"))
             else:
-                data = results["methods"][m][level]
-                if key == "classes":
-                    ax.imshow(data[key][c], vmin=0, vmax=2, cmap="viridis")
-                    ax.set_title(f"{data['scores'][c]:.3f}", fontsize=8)
-                elif key == "recon_std":
-                    image = data[key][c]
-                    ax.imshow(np.where(segment_disk(image.shape[-1]), image, np.nan), cmap="magma")
-                else:
-                    image = data[key][c]
-                    inside = segment_disk(image.shape[-1])
-                    ax.imshow(np.where(inside, image, np.nan), vmin=0, vmax=2, cmap="RdBu_r")
+                drawn["image"] = ax.imshow(outside_masked(methods[m][key][r]), vmin=0.0, vmax=2.0,
+                                           cmap=colour_map("RdBu_r"))
+            size = ax.get_images()[0].get_array().shape[-1]
+            ax.add_patch(Circle(((size - 1) / 2, (size - 1) / 2), size / 2, fill=False, color="0.6", lw=0.6))
             ax.set_xticks([])
             ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=8)
             if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-    fig.suptitle(f"KTC2023 public targets, level {level} (classes: 0 water, 1 resistive, 2 conductive; images: "
-                 "sigma / sigma_water, 0-2)", fontsize=9)
-    fig.tight_layout()
+                ax.set_ylabel(f"target {n}", fontsize=9)
+    dropped = f"electrodes 1-{2 * (level - 1)} removed" if level > 1 else "all 32 electrodes"
+    clipped = "; image values beyond 0-2 are clipped (arrow on the colourbar)" if image_extend != "neither" else ""
+    fig.suptitle(f"KTC2023 public targets, level {level} ({dropped}); classes scored against the true classes "
+                 f"(challenge score under each panel, at most 1)\nimages: sigma / sigma_water, water 1, one scale "
+                 f"0-2{clipped}; white: outside the tank", fontsize=9)
+    bar = fig.colorbar(drawn["classes"], ax=axes, location="right", shrink=0.5, aspect=15, pad=0.01, ticks=[0, 1, 2])
+    bar.ax.set_yticklabels(CLASS_NAMES, fontsize=8)
+    # made last, placed nearest the panels: image scale, then std, then classes
+    if "std" in drawn:
+        fig.colorbar(drawn["std"], ax=axes, location="right", shrink=0.8, aspect=25, pad=0.01,
+                     label="per-pixel std of sigma / sigma_water")
+    fig.colorbar(drawn["image"], ax=axes, location="right", shrink=0.8, aspect=25, pad=0.01, extend=image_extend,
+                 label="sigma / sigma_water")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    try:
+        fig.draw_without_rendering()   # constrained layout needs a second pass to clear the title
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
 
 
 def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, manifest: dict) -> dict:

@@ -13,19 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from dgm_eit.data.phantoms import disk_mask
 from dgm_eit.datasets.ktc2023 import IMAGE_SIZE, SCORE_C1, SCORE_C2, SCORE_SIGMA_PX, _window
 from dgm_eit.errors import InputError
 
 # wide enough for the linearised images, whose amplitude is not that of the truth
 DEFAULT_LOW = tuple(float(x) for x in np.round(np.linspace(-0.5, 0.9, 15), 3))
 DEFAULT_HIGH = tuple(float(x) for x in np.round(np.linspace(1.1, 3.0, 20), 3))
-
-
-def disk(size: int) -> np.ndarray:
-    """(size, size) bool: pixel centres inside the disk (the rule of ``PixelGrid.inside``)."""
-    c = (np.arange(size) + 0.5) / size * 2 - 1
-    x, y = np.meshgrid(c, -c)
-    return x * x + y * y <= 1.0
 
 
 def upsample(images, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -37,10 +31,10 @@ def upsample(images, size: int = IMAGE_SIZE) -> np.ndarray:
     x = x[None] if single else x
     if x.ndim != 3 or x.shape[1] != x.shape[2]:
         raise InputError(f"images must have shape (N, n, n), got {np.shape(images)}")
-    x = np.where(disk(x.shape[-1])[None], x, 1.0)
+    x = np.where(disk_mask(x.shape[-1])[None], x, 1.0)
     up = torch.nn.functional.interpolate(torch.from_numpy(x)[:, None], size=(size, size), mode="bilinear",
                                          align_corners=False)[:, 0].numpy()
-    up = np.where(disk(size)[None], up, 1.0)
+    up = np.where(disk_mask(size)[None], up, 1.0)
     return up[0] if single else up
 
 

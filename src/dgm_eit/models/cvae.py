@@ -1,4 +1,4 @@
-"""Two-stage conditional VAE after Seo et al. 2019 (REFERENCE.md section 2).
+"""Two-stage conditional VAE after Seo et al. 2019 (SIAM J. Imaging Sci. 12(3)), as the paper used it.
 
 Stage ``vae``: a convolutional VAE learns a low-dimensional manifold of conductivity
 images. Stage ``regressor``: with the VAE frozen, an MLP maps normalised voltages to

@@ -462,14 +462,29 @@ class ForwardModel:
                 f"electrodes={self.electrode_model})")
 
 
-def forward_model_from_config(cfg: dict, section: str = "mesh") -> ForwardModel:
-    """The forward model of a resolved config: ``[mesh]`` keys, overridden by those present
-    in ``[section]`` (``section="simulation"`` gives the finer data mesh)."""
-    from dgm_eit.physics.mesh import disk_mesh
-    from dgm_eit.physics.protocol import make_protocol
+def mesh_placement(cfg: dict) -> tuple[float, float]:
+    """``(radius, first_electrode_angle)`` of a config's ``[mesh]``, checked (a config written
+    before they were keys reads as the unit disk with electrode 0 at angle 0)."""
+    from dgm_eit.config import with_added_keys
 
     if "mesh" not in cfg:
         raise InputError("the config has no [mesh] section")
+    mesh = with_added_keys(cfg)["mesh"]
+    radius, angle = mesh["radius"], mesh["first_electrode_angle"]
+    if not (isinstance(radius, (int, float)) and np.isfinite(radius) and radius > 0):
+        raise InputError(f"mesh.radius must be a positive length, got {radius!r}")
+    if not (isinstance(angle, (int, float)) and np.isfinite(angle)):
+        raise InputError(f"mesh.first_electrode_angle must be a finite angle in radians, got {angle!r}")
+    return float(radius), float(angle)
+
+
+def forward_model_from_config(cfg: dict, section: str = "mesh") -> ForwardModel:
+    """The forward model of a resolved config: ``[mesh]`` keys, overridden by those present
+    in ``[section]`` (``section="simulation"`` gives the finer data mesh on the same disk)."""
+    from dgm_eit.physics.mesh import disk_mesh
+    from dgm_eit.physics.protocol import make_protocol
+
+    radius, angle = mesh_placement(cfg)
     keys = dict(cfg["mesh"])
     if section != "mesh":
         if section not in cfg:
@@ -477,6 +492,7 @@ def forward_model_from_config(cfg: dict, section: str = "mesh") -> ForwardModel:
         keys.update(cfg[section])
     model = str(keys["electrode_model"])
     mesh = disk_mesh(n_electrodes=int(keys["n_electrodes"]), h0=float(keys["h0"]), electrode_model=model,
-                     electrode_width=float(keys["electrode_width"]))
+                     electrode_width=float(keys["electrode_width"]), radius=radius,
+                     first_electrode_angle=angle)
     protocol = make_protocol(str(keys["protocol"]), n_electrodes=int(keys["n_electrodes"]))
     return ForwardModel(mesh, protocol, electrode_model=model, contact_impedance=float(keys["contact_impedance"]))

@@ -1,0 +1,66 @@
+"""The KTC2023 entry point from Python: a folder of ``ref.mat`` and ``data<n>.mat`` -> images,
+std maps and classes, with a study made by ``dgm-eit run --profile ktc``. ``dgm-eit ktc``
+is this function plus its printout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dgm_eit.errors import InputError
+
+
+@dataclass
+class FolderReconstruction:
+    """What :func:`reconstruct_folder` made, one entry per ``data<n>.mat`` (sorted by n)."""
+
+    numbers: list[int]               # the n of each data<n>.mat
+    method: str                      # "linear", "gn", "cvae", "cnf", "csd", or a seed ensemble "cnf-ens" ...
+    why: str | None                  # why the study's default method was chosen (None: given by the caller)
+    val_score: float                 # the method's challenge score on simulated validation data
+    recon: np.ndarray                # (N, H, W) sigma / sigma_water (water 1), 0 outside the disk
+    recon_std: np.ndarray | None     # (N, H, W) per-pixel std for sampling methods (CNF, CSD*), else None
+    classes: np.ndarray              # (N, 256, 256) uint8: 0 water, 1 resistive, 2 conductive
+
+
+def reconstruct_folder(input_dir, level: int, run_dir, *, output_dir=None, method: str | None = None,
+                       seed: int = 0, device: str = "auto") -> FolderReconstruction:
+    """Reconstruct every ``data<n>.mat`` of ``input_dir`` against its ``ref.mat`` at ``level``
+    (1..7; level L drops electrodes 1..2(L-1)), as difference data ``Uel - Uelref``, with
+    ``method`` (default: the study's, :func:`dgm_eit.ktc.study.default_method`) and the
+    settings and segmentation thresholds the study chose for it; a trained method uses its
+    first seed's model. ``output_dir``: also write ``<n>.mat`` in the challenge's format."""
+    from dgm_eit.datasets.ktc2023 import removed_electrodes
+    from dgm_eit.ktc import ALL_METHODS
+    from dgm_eit.ktc.segment import segment_images
+    from dgm_eit.ktc.study import Methods, default_method, load_study, real_targets, seeded, write_submission
+    from dgm_eit.runtime import check_seed, limit_threads, resolve_device
+
+    removed_electrodes(level)   # refuses a bad level before any work
+    check_seed(seed)
+    if method is not None and method not in ALL_METHODS:
+        raise InputError(f"unknown KTC method {method!r}; choose from {', '.join(ALL_METHODS)}")
+    out = None if output_dir is None else Path(output_dir)
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"OUTPUT_DIR {out} exists and is not a directory")
+    cfg, chosen = load_study(run_dir)
+    chosen = {m: record for m, record in chosen.items() if "score" in record}   # a seed's choice may be pending
+    why = None
+    if method is None:
+        method, why = default_method(chosen, resamples=int(cfg["run"]["bootstrap_resamples"]))
+    if method not in chosen:
+        raise InputError(f"{run_dir} has no settings for method {method!r} (it ran {', '.join(chosen)})")
+    record = chosen[method]["seeds"][0] if seeded(method) else chosen[method]
+    limit_threads()
+    numbers, real = real_targets(Path(input_dir), [level])
+    methods = Methods(cfg, Path(run_dir), seed=seed, device=str(resolve_device(device)))
+    data = real["levels"][level]
+    made = methods.reconstruct(method, data["dv"], data["masks"], record)
+    classes = segment_images(made["recon"], record["low"], record["high"])
+    if out is not None:
+        write_submission(out, numbers, classes)
+    std = made.get("recon_std")
+    return FolderReconstruction(numbers, method, why, float(record["score"]), np.asarray(made["recon"]),
+                                None if std is None else np.asarray(std), classes)
