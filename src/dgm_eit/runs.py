@@ -40,8 +40,11 @@ TUNED_FILE = "tuned_csd.json"
 WEIGHTS = ("model", "best")          # model.safetensors (final), best.safetensors
 METRIC_FIELDS = ("stage", "epoch", "step", "train_loss", "val_loss", "lr", "wall_s")
 
-# trainer settings that change how a run proceeds but not what it computes
-RESUME_FREE_KEYS = ("train.threads", "train.progress", "train.checkpoint_minutes")
+# [train] keys that change how fast a step runs, not what it learns beyond rounding
+SPEED_KEYS = ("autocast", "compile", "channels_last", "optimizer_kernel")
+# trainer settings that change how a run proceeds but not what it computes (beyond rounding:
+# a checkpoint written with bfloat16 autocast continues in float32)
+RESUME_FREE_KEYS = ("train.threads", "train.progress", "train.checkpoint_minutes", *(f"train.{k}" for k in SPEED_KEYS))
 
 
 # ---------------------------------------------------------------------------------

@@ -33,6 +33,25 @@ def limit_threads(n: int | None = None) -> int:
     return n
 
 
+def blas_report() -> tuple[list, str]:
+    """The loaded BLAS libraries (threadpoolctl) as JSON-able dicts and as one line of text."""
+    import os
+
+    from threadpoolctl import threadpool_info
+
+    blas = []
+    for info in threadpool_info():
+        if info.get("user_api") != "blas":
+            continue
+        owner = os.path.basename(os.path.dirname(info.get("filepath") or "")) or "?"
+        blas.append({"internal_api": info.get("internal_api"), "version": info.get("version"),
+                     "num_threads": info.get("num_threads"), "library": owner,
+                     "architecture": info.get("architecture")})
+    text = ", ".join(f"{b['internal_api']} {b['version']} ({b['library']}, {b['num_threads']} thread(s))"
+                     for b in blas) or "none found"
+    return blas, text
+
+
 def resolve_device(name: str = "auto"):
     import torch
 

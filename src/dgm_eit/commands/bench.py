@@ -36,7 +36,8 @@ would flatter the speed-ups. The BLAS libraries, their versions and thread count
 ``OMP_NUM_THREADS`` and torch's threads (when torch is loaded) are printed with the figures
 and stored in the JSON object.
 
-``simulate`` is the data simulator's benchmark (dgm_eit.data.bench).
+``simulate`` is the data simulator's benchmark (dgm_eit.data.bench), ``train`` the training
+benchmark (dgm_eit.train_bench).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import argparse
 
 from dgm_eit.commands.common import add_profile_args, add_seed_arg
 
-HELP = "time the FEM against pyEIT (fem) or the data simulator (simulate)"
+HELP = "time the FEM against pyEIT (fem), the data simulator (simulate) or training steps with each speed-up (train)"
 
 FEM_KEYS = ("nodes", "elements", "ours_forward_ms", "pyeit_forward_ms", "ours_jacobian_ms",
             "pyeit_jacobian_ms", "ours_gn10_s", "pyeit_gn10_s", "speedup_forward",
@@ -83,6 +84,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--samples", type=int, default=200, help="samples to simulate (default: %(default)s)")
     add_profile_args(sim, default="paper")
     add_seed_arg(sim)
+    tr = sub.add_parser("train", help="optimiser steps per second of every model, plain fp32 and with each "
+                                      "speed-up, and the validation loss each reaches (dgm_eit.train_bench)",
+                        description="optimiser steps per second of every model at the profile's batch size, plain "
+                                    "fp32 and with each speed-up; a speed-up is kept where it is faster and its "
+                                    "validation loss after the same steps is within 1%% of fp32's")
+    tr.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    tr.add_argument("--out", default=None, metavar="FILE.json",
+                    help="also write the JSON object to FILE, updated after every model stage")
+    tr.add_argument("--data", default=None, metavar="FILE",
+                    help="a data set of the profile (default: --samples simulated with the profile)")
+    tr.add_argument("--samples", type=int, default=512, help="training samples to simulate (default: %(default)s)")
+    tr.add_argument("--steps", type=int, default=20, help="timed optimiser steps per variant (default: %(default)s)")
+    tr.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    tr.add_argument("--models", default=None, help="comma-separated models (default: all registered)")
+    tr.add_argument("--variants", default=None,
+                    help="comma-separated: fp32,bf16,fp16,compile,channels_last,foreach,fused,profile "
+                         "(default: all; fp16 on CUDA only)")
+    tr.add_argument("--threads", type=int, default=0, help="torch/BLAS threads; 0 = all usable cores (default)")
+    tr.add_argument("--side-by-side", action="store_true",
+                    help="also time two one-thread stages at once against one stage on every core (CPU)")
+    tr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
+    add_profile_args(tr, default="quick")
+    add_seed_arg(tr)
 
 
 def run(args) -> int:
@@ -90,6 +114,10 @@ def run(args) -> int:
         from dgm_eit.data.bench import run as run_simulate
 
         return run_simulate(args)
+    if args.target == "train":
+        from dgm_eit.train_bench import run as run_train
+
+        return run_train(args)
     return run_fem(args)
 
 
@@ -117,25 +145,6 @@ def _phantom(centroids, rng):
     return sigma
 
 
-def _blas_report() -> tuple[list, str]:
-    """The loaded BLAS libraries (threadpoolctl) as JSON-able dicts and as one line of text."""
-    import os
-
-    from threadpoolctl import threadpool_info
-
-    blas = []
-    for info in threadpool_info():
-        if info.get("user_api") != "blas":
-            continue
-        owner = os.path.basename(os.path.dirname(info.get("filepath") or "")) or "?"
-        blas.append({"internal_api": info.get("internal_api"), "version": info.get("version"),
-                     "num_threads": info.get("num_threads"), "library": owner,
-                     "architecture": info.get("architecture")})
-    text = ", ".join(f"{b['internal_api']} {b['version']} ({b['library']}, {b['num_threads']} thread(s))"
-                     for b in blas) or "none found"
-    return blas, text
-
-
 def run_fem(args) -> int:
     import json
     import os
@@ -153,7 +162,7 @@ def run_fem(args) -> int:
     from dgm_eit.physics import ForwardModel, disk_mesh, forward_model_from_config, make_protocol, pyeit_like_mesh
     from dgm_eit.recon import gauss_newton, gn_config
     from dgm_eit.recon.gauss_newton import clear_start_cache
-    from dgm_eit.runtime import check_seed, cpu_count
+    from dgm_eit.runtime import blas_report, check_seed, cpu_count
 
     if args.repeat < 1 or args.pyeit_repeat < 1 or args.gn_images < 1:
         raise InputError("--repeat, --pyeit-repeat and --gn-images must be at least 1")
@@ -284,7 +293,7 @@ def run_fem(args) -> int:
                   ours_gn_profile_ms=statistics.median(warm) * 1e3, ours_gn_profile_cold_ms=statistics.median(cold) * 1e3,
                   ours_gn_profile_cpu_ms=statistics.median(cpu) * 1e3)
 
-    blas, blas_text = _blas_report()
+    blas, blas_text = blas_report()
     torch_threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     result.update(threads=threads, blas=blas, omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                   torch_threads=torch_threads)

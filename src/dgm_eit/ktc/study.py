@@ -278,6 +278,14 @@ def image_scores(record: dict) -> np.ndarray:
     return np.array([r["image_scores"] for r in record.get("seeds", [record])], dtype=np.float64)
 
 
+def validation_intervals(chosen: dict, *, resamples: int, seed: int = 0) -> dict:
+    """Per method: its mean validation score with a 95% bootstrap interval over the validation
+    images, and its seeds when it has several (:func:`dgm_eit.stats.mean_interval`)."""
+    from dgm_eit.stats import mean_interval
+
+    return {m: mean_interval(image_scores(r), resamples=resamples, seed=seed) for m, r in chosen.items()}
+
+
 def default_method(chosen: dict, *, resamples: int, seed: int = 0) -> tuple[str, str]:
     """The method ``dgm-eit ktc`` uses without ``--method``, and why (one line).
 
@@ -286,12 +294,10 @@ def default_method(chosen: dict, *, resamples: int, seed: int = 0) -> tuple[str,
     the winner's, the methods are tied and the best-scoring seed ensemble among the tied is
     used (it averages out the seed noise that makes the tie); with no ensemble among them,
     the winner."""
-    from dgm_eit.stats import mean_interval
-
     if not all("image_scores" in r for m, r in chosen.items() if not seeded(m)):
         best = max(chosen, key=lambda m: chosen[m]["score"])   # a study made before the per-image scores
         return best, f"best mean validation score ({chosen[best]['score']:.3f}; no intervals in this older study)"
-    intervals = {m: mean_interval(image_scores(r), resamples=resamples, seed=seed) for m, r in chosen.items()}
+    intervals = validation_intervals(chosen, resamples=resamples, seed=seed)
     order = sorted(intervals, key=lambda m: -intervals[m].change)
     best = order[0]
 
@@ -389,8 +395,10 @@ class Study:
         chosen = self._timed("choose settings on validation", self._choose, methods)
         results = self._timed("reconstruct the real targets", self._targets, methods, chosen)
         resamples = int(self.cfg["run"]["bootstrap_resamples"])
-        default = default_method({m: chosen[m] for m in self.methods_list}, resamples=resamples)
-        manifest = {"seed": self.seed, "timings": self.timings, "default": default, "resamples": resamples}
+        mine = {m: chosen[m] for m in self.methods_list}
+        manifest = {"seed": self.seed, "timings": self.timings, "resamples": resamples,
+                    "default": default_method(mine, resamples=resamples),
+                    "val_intervals": validation_intervals(mine, resamples=resamples)}
         paths = write_report(self.out, self.cfg, methods, chosen, results, manifest)
         return {"chosen": chosen, "results": results, "paths": paths}
 
