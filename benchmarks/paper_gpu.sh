@@ -18,6 +18,9 @@ DEVICE=${DEVICE:-cuda}
 SAMPLES=${SAMPLES:-256}
 PROFILE=${PROFILE:-paper}
 STEPS=${STEPS:-20}
+MODELS=${MODELS:-cvae,cnf,score,unet}                               # bench train's models
+VARIANTS=${VARIANTS:-fp32,bf16,fp16,channels_last,foreach,fused,profile}
+COMPILE=${COMPILE:-1}                                               # 0: leave out torch.compile (1b)
 mkdir -p "$OUT_DIR"
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -35,11 +38,11 @@ start=$(date +%s)
 
 echo "== 1. training steps per second ($PROFILE profile, $DEVICE)"
 timeout 170 python3 -m dgm_eit bench train --profile "$PROFILE" --device "$DEVICE" --samples "$SAMPLES" --steps "$STEPS" --warmup 5 \
-  --variants fp32,bf16,fp16,channels_last,foreach,fused,profile --out "$OUT_DIR/bench_train.json" \
+  --models "$MODELS" --variants "$VARIANTS" --out "$OUT_DIR/bench_train.json" \
   > "$OUT_DIR/bench_train.log" 2>&1
 echo "exit $? after $(( $(date +%s) - start )) s"; tail -40 "$OUT_DIR/bench_train.log"
 echo "== 1b. torch.compile (its warm-up is the compile time)"
-timeout 100 python3 -m dgm_eit bench train --profile "$PROFILE" --device "$DEVICE" --samples "$SAMPLES" --steps "$STEPS" --warmup 5 \
+[ "$COMPILE" = 1 ] && timeout 100 python3 -m dgm_eit bench train --profile "$PROFILE" --device "$DEVICE" --samples "$SAMPLES" --steps "$STEPS" --warmup 5 \
   --models cnf,score --variants fp32,compile --out "$OUT_DIR/bench_compile.json" > "$OUT_DIR/bench_compile.log" 2>&1
 echo "exit $? after $(( $(date +%s) - start )) s"; grep -v "^W1\|^ " "$OUT_DIR/bench_compile.log" | tail -8
 
@@ -48,7 +51,7 @@ SHORT=(--set 'run.tests=["T1"]' --set data.n_train=$SAMPLES --set data.n_val=32 
        --set gn.tune_images=16 --set run.csd_tune_t0=[0.45] --set run.csd_tune_steps=[50] --set run.csd_tune_images=8
        --set csd.n_steps=50 --set cvae.vae.epochs=1 --set cvae.regressor.epochs=1 --set cnf.flow.epochs=1
        --set score.score.epochs=2 --set unet.regression.epochs=1 --set run.figure_samples=2 --set train.progress=false)
-timeout 230 python3 -m dgm_eit run --profile "$PROFILE" --device "$DEVICE" --seeds 1 --out "$OUT_DIR/run" --seed 0 "${SHORT[@]}" \
+timeout 200 python3 -m dgm_eit run --profile "$PROFILE" --device "$DEVICE" --seeds 1 --out "$OUT_DIR/run" --seed 0 "${SHORT[@]}" \
   > "$OUT_DIR/run.log" 2>&1
 echo "exit $? after $(( $(date +%s) - start )) s"; tail -25 "$OUT_DIR/run.log"
 

@@ -368,6 +368,8 @@ class Trainer:
         if requested.type == "cuda" and self.dist.active:
             requested = torch.device("cuda", self.dist.local_rank)
         if requested.type == "cuda":
+            if requested.index is None:   # set_device needs an index ("cuda" alone failed on the first GPU run)
+                requested = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(requested)
         self.device = requested
         threads = int(tcfg["threads"]) or runtime.cpu_count()

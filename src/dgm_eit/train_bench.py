@@ -238,6 +238,7 @@ def run(args) -> int:
                     r["val_loss_fp32"] = base["val_loss"]
                     r["val_rel_diff"] = abs(r["val_loss"] - base["val_loss"]) / max(abs(base["val_loss"]), 1e-12)
                     r["keep"] = variant != "fp32" and r["speedup"] > 1.0 and r["val_rel_diff"] <= LOSS_TOLERANCE
+                    r = {k: r[k] for k in ROW_KEYS}
                     rows.append(r)
                     print(f"{name + '/' + stage:22s}{variant:>15s}{r['batch_size']:7d}{r['steps_per_s']:9.2f}"
                           f"{r['images_per_s']:9.1f}{r['speedup']:8.2f}x{r['val_loss']:12.5g}"

@@ -107,6 +107,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tr.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: %(default)s)")
     add_profile_args(tr, default="quick")
     add_seed_arg(tr)
+    sd = sub.add_parser("seeds", help="train every model of a profile with several seeds on the same data and print "
+                                      "the spread of its test MSE change against GN",
+                        description="dgm-eit run with --seeds K (default 3) on the given tests (default T1), then "
+                                    "per table and model: each seed's MSE change against GN, their std and the "
+                                    "seed ensemble's. Resumable; an existing run directory with the same config "
+                                    "(any run.tests, run.seeds) is reused, so it also reads a finished run.")
+    sd.add_argument("--out", required=True, metavar="DIR", help="run directory (made, or reused)")
+    sd.add_argument("--seeds", type=int, default=3, metavar="K", help="training seeds per model (default: %(default)s)")
+    sd.add_argument("--tests", default="T1", help="comma-separated tests (default: %(default)s)")
+    sd.add_argument("--goal", type=float, default=3.0, help="std over seeds to meet, in points (default: %(default)s)")
+    sd.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    add_profile_args(sd, default="quick")
+    add_seed_arg(sd)
 
 
 def run(args) -> int:
@@ -118,7 +131,45 @@ def run(args) -> int:
         from dgm_eit.train_bench import run as run_train
 
         return run_train(args)
+    if args.target == "seeds":
+        return run_seeds(args)
     return run_fem(args)
+
+
+def run_seeds(args) -> int:
+    """``dgm-eit bench seeds``: the spread over training seeds of every model's MSE change against GN."""
+    import json
+    import math
+    import sys
+
+    from dgm_eit.config import load_config
+    from dgm_eit.experiments import Experiment
+    from dgm_eit.files import output_lock
+    from dgm_eit.methods import GAUSS_NEWTON
+    from dgm_eit.report import write_outputs
+
+    tests = [t.strip() for t in args.tests.split(",") if t.strip()]
+    cfg = load_config(args.profile, [*args.overrides, f"run.seeds={args.seeds}", f"run.tests={json.dumps(tests)}"])
+    experiment = Experiment(cfg, args.out, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+    with output_lock(args.out, "dgm-eit bench seeds"):
+        result = experiment.run()
+        write_outputs(result)
+    rows = result.seed_spread(GAUSS_NEWTON.key)
+    print(f"dgm-eit bench seeds: profile {cfg.get('profile', args.profile)}, --seed {args.seed}, {args.seeds} "
+          f"training seeds per model; MSE change against GN on the test split (points)")
+    print(f"{'table':18s}{'method':12s}{'per seed':>28s}{'mean':>8s}{'std':>7s}{'ensemble':>10s}  std <= {args.goal:g}")
+    for r in rows:
+        ok = "yes" if r["std"] <= args.goal else ("-" if math.isnan(r["std"]) else "NO")
+        ens = "-" if r["ensemble"] is None else f"{r['ensemble']:+.1f}"
+        print(f"{r['test'] + ' ' + r['test_set']:18s}{r['method']:12s}{' / '.join(f'{c:+.1f}' for c in r['per_seed']):>28s}"
+              f"{r['mean']:+8.1f}{r['std']:7.1f}{ens:>10s}  {ok}")
+    failures = result.failures
+    if failures:
+        print(f"dgm-eit bench seeds: {len(failures)} stage(s) did not complete; re-run to resume", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"profile": str(cfg.get("profile")), "seed": args.seed, "seeds": args.seeds, "goal": args.goal,
+                          "rows": rows}))
+    return 1 if failures else 0
 
 
 def _median_time(fn, repeat: int) -> float:
