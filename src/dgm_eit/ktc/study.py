@@ -146,7 +146,12 @@ def load_study(run_dir) -> tuple[dict, dict]:
     if not (root / "methods.json").is_file():
         raise InputError(f"{root} has no methods.json: the study has not finished; re-run the same "
                          "dgm-eit run command to finish it")
-    return cfg, read_json(root / "methods.json", "re-run the same dgm-eit run command to make it again")
+    chosen = read_json(root / "methods.json", "re-run the same dgm-eit run command to make it again")
+    missing = [m for m in cfg.get("run", {}).get("methods", []) if m not in chosen]
+    if missing:
+        raise InputError(f"{root} has not finished: its methods.json has no settings for {', '.join(missing)} "
+                         "of run.methods; re-run the same dgm-eit run command to finish it")
+    return cfg, chosen
 
 
 def validation_set(methods: Methods, n: int) -> dict:
@@ -211,22 +216,23 @@ def choose_settings(methods: Methods, method: str, val: dict, log: Callable = _l
     return best
 
 
-def real_targets(directory: Path, levels) -> tuple[list[int], dict]:
-    """The targets ``data<n>.mat`` of ``directory`` with ``ref.mat``: per level, difference
-    voltages and masks (N, M), plus the truths when ``true<n>.mat`` exist."""
+def real_targets(directory: Path, levels, truths: bool = True) -> tuple[list[int], dict]:
+    """The targets ``data<n>.mat`` of ``directory`` with ``ref.mat`` (:func:`ktc.read_targets`):
+    per level, difference voltages and masks (N, M), plus, with ``truths``, the truths where
+    ``true<n>.mat`` exist (the entry point never reads them)."""
     directory = Path(directory)
-    ref = ktc.load_reference(directory / "ref.mat")
-    numbers = sorted(int(p.stem[4:]) for p in directory.glob("data*.mat") if p.stem[4:].isdigit())
-    if not numbers:
-        raise InputError(f"{directory} holds no data<n>.mat files")
-    frames = [ktc.load_measurement(directory / f"data{n}.mat") for n in numbers]
+    ref, by_number = ktc.read_targets(directory)
+    numbers, frames = list(by_number), list(by_number.values())
     out = {}
     for level in levels:
         mask = ktc.level_mask(level, ref.injections, ref.pattern) & np.isfinite(ref.voltages)
         dv = np.stack([f.voltages - ref.voltages for f in frames])
         out[level] = {"dv": dv, "masks": mask[None, :] & np.isfinite(dv)}
-    truths = {n: ktc.load_truth(directory / f"true{n}.mat") for n in numbers if (directory / f"true{n}.mat").is_file()}
-    return numbers, {"levels": out, "truths": truths}
+    if not truths:
+        return numbers, {"levels": out, "truths": {}}
+    truth_maps = {n: ktc.load_truth(directory / f"true{n}.mat") for n in numbers
+                  if (directory / f"true{n}.mat").is_file()}
+    return numbers, {"levels": out, "truths": truth_maps}
 
 
 def write_submission(directory: Path, numbers, classes: np.ndarray) -> None:
