@@ -271,6 +271,25 @@ def test_7_ktc_score_help_says_what_scores_0():
 
 
 # ---------------------------------------------------------------------------------
+# 8. submissions are byte-identical: a fixed .mat header
+
+def test_8_a_submission_is_the_same_bytes_whenever_it_is_written(tmp_path, monkeypatch):
+    import time
+
+    from dgm_eit.ktc.study import write_submission
+
+    classes = _truth(1)[None]
+    written = []
+    for when in ("Mon Jul 31 20:45:04 2023", "Tue Aug  1 09:00:00 2023"):
+        monkeypatch.setattr(time, "asctime", lambda *a, when=when: when)
+        write_submission(tmp_path / when[:3], [1], classes)
+        written.append((tmp_path / when[:3] / "1.mat").read_bytes())
+    assert written[0] == written[1]
+    assert np.array_equal(ktc.load_reconstruction(tmp_path / "Mon" / "1.mat"), classes[0])
+    assert sio.loadmat(tmp_path / "Mon" / "1.mat")["reconstruction"].dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------------
 # 11. messages that name the file and speak the command line
 
 def test_11_all_nan_reference_names_the_file(study, inputs, tmp_path, capsys):

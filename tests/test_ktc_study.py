@@ -176,17 +176,20 @@ def test_ktc_run_and_entry_point(tmp_path, capsys):
     assert set(chosen) == {"linear", "gn", "cvae", "cnf", "csd"} and chosen["gn"]["iterations"] == 2
     # the submissions are the challenge's format and score as scores.csv says
     rows = [r.split(",") for r in scores[1:]]
-    for method, level, target, score, _ in rows[:8]:
+    for method, level, target, score in rows[:8]:
         pred = ktc.load_reconstruction(out / "submissions" / method / f"level_{level}" / f"{target}.mat")
         truth = ktc.load_truth(public_dir() / f"true{target}.mat")
         assert ktc.score(pred, truth) == pytest.approx(float(score), abs=1e-6)
-    # re-running reuses every stage and gives the same scores (the time column aside)
-    def table():
-        return [r.split(",")[:4] for r in (out / "scores.csv").read_text().splitlines()]
+    # re-running reuses every stage and writes the same scores and submissions, byte for byte;
+    # the times are in timings.json
+    def outputs():
+        return {p.relative_to(out): p.read_bytes() for p in [out / "scores.csv", *(out / "submissions").rglob("*.mat")]}
 
-    first = table()
+    first = outputs()
+    assert len(first) == 1 + 5 * 2 * 4
+    assert set(json.loads((out / "timings.json").read_text())["seconds_per_image"]) == set(chosen)
     assert main(args) == 0
-    assert table() == first
+    assert outputs() == first
     # the entry point on the public files at level 4 reproduces the study's submission
     pred_dir = tmp_path / "pred"
     assert main(["ktc", str(public_dir()), str(pred_dir), "4", "--run", str(out), "--method", "linear"]) == 0

@@ -237,15 +237,9 @@ def real_targets(directory: Path, levels, truths: bool = True) -> tuple[list[int
 
 def write_submission(directory: Path, numbers, classes: np.ndarray) -> None:
     """``<n>.mat`` with a uint8 ``reconstruction`` per target, as the challenge's entry point writes."""
-    import scipy.io as sio
-
-    from dgm_eit.files import atomic_path
-
     directory.mkdir(parents=True, exist_ok=True)
     for n, image in zip(numbers, classes):
-        with atomic_path(directory / f"{n}.mat") as tmp:
-            with open(tmp, "wb") as fh:
-                sio.savemat(fh, {"reconstruction": np.asarray(image, dtype=np.uint8)})
+        ktc.write_reconstruction(directory / f"{n}.mat", image)
 
 
 class Study:
