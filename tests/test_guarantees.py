@@ -535,3 +535,13 @@ def test_10_a_swallowed_ctrl_c_is_remembered_for_the_next_safe_point():
             pass   # as a finaliser would swallow it
         assert interrupted.is_set()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------------------------
+# Issue 21, 11: messages name what is wrong
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_21_11_a_noise_level_that_is_not_a_finite_number_is_named(tmp_path, capsys, value):
+    """It was reported as 'gn.lam must be >= 0, got 3.0' (GN's weight is scaled by the SNR)."""
+    fails(capsys, ["simulate", *SIM, f"--snr-db={value}", "--out", tmp_path / "s.h5"], "snr_db", value)
+    assert _files(tmp_path) == []

@@ -35,7 +35,7 @@ from dgm_eit import __version__
 from dgm_eit.data import storage
 from dgm_eit.data.storage import SPLIT_INDEX, sample_rng  # noqa: F401  (SPLIT_INDEX: tests and benchmarks)
 from dgm_eit.config import config_changes, set_key
-from dgm_eit.data.noise import add_noise
+from dgm_eit.data.noise import add_noise, check_snr_db
 from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
 from dgm_eit.errors import InputError
 from dgm_eit.recon.tuning import apply_gn_settings
@@ -362,6 +362,8 @@ def check_config(cfg: dict, seed: int) -> dict[str, int]:
     # rejection sampling failing is the practical test of "the anomalies cannot fit"
     for index in range(3):
         sampler.sample(sample_rng(seed, "train", index))
+    # before [gn]: GN's weight is scaled by the SNR, and a NaN weight would be blamed on gn.lam
+    check_snr_db(float(cfg["data"]["snr_db"]))
     _check_gn(cfg)
     fine_h0, coarse_h0 = float(cfg["simulation"]["h0"]), float(cfg["mesh"]["h0"])
     if fine_h0 > coarse_h0:
