@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import pytest
 
 from dgm_eit.cli import main
 from test_cli import SMALL_DATA, TINY_CNF, _save, fails, work  # noqa: F401  (work: fixture)
+from test_simulate import _alive, _descendants
 
 SIM = ["--profile", "smoke", *SMALL_DATA, "--workers", "1", "--quiet"]
 
@@ -545,3 +547,64 @@ def test_21_11_a_noise_level_that_is_not_a_finite_number_is_named(tmp_path, caps
     """It was reported as 'gn.lam must be >= 0, got 3.0' (GN's weight is scaled by the SNR)."""
     fails(capsys, ["simulate", *SIM, f"--snr-db={value}", "--out", tmp_path / "s.h5"], "snr_db", value)
     assert _files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------
+# Issue 21, 1: a killed run leaves no process behind, and nothing lands after it
+
+def test_21_1_a_worker_writes_nothing_once_its_main_process_is_gone(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from dgm_eit import runtime
+    from dgm_eit.files import OrphanedWorker, atomic_path
+
+    alive_r, alive_w = multiprocessing.Pipe(duplex=False)
+    monkeypatch.setattr(runtime, "_lifeline", alive_r)   # what exit_with_parent records in a worker
+    with atomic_path(tmp_path / "a.txt") as tmp:
+        tmp.write_text("while the main process lives")
+    alive_w.close()                                       # the main process dies
+    with pytest.raises(OrphanedWorker, match="b.txt"):
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_text("after")
+    assert _files(tmp_path) == ["a.txt"]
+    alive_r.close()
+
+
+def _wait_for(condition, proc, what: str, timeout: float = 900.0) -> None:
+    """Poll ``condition`` while ``proc`` runs; the timeout only ends a test that would hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the command ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process table from /proc")
+def test_21_1_sigkill_of_a_run_ends_its_workers_and_the_helpers(tmp_path):
+    """Two training stages side by side in worker processes, then SIGKILL of the main process:
+    the workers, the simulator's forkserver and the resource tracker all go within seconds
+    (they used to train on, write into the unlocked directory, and idle for ever)."""
+    out = tmp_path / "exp"
+    argv = [sys.executable, "-m", "dgm_eit", "run", "--profile", "smoke", *SMALL_DATA, "--out", str(out),
+            "--set", 'run.tests=["T1"]', "--set", 'run.methods=["gn","cnf"]', "--set", "run.jobs=2",
+            "--set", "cnf.flow.epochs=100000", "--set", "train.progress=false", "--device", "cpu"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "DGM_EIT_DEBUG": ""})
+    helpers = []
+    try:
+        checkpoints = [out / "runs" / f"cnf_{label}" / "checkpoints" / "last.pt" for label in ("2a_40dB", "4a_40dB")]
+        _wait_for(lambda: all(p.exists() for p in checkpoints), proc, "checkpoint of both training stages")
+        helpers = _descendants(proc.pid)
+        assert len(helpers) >= 2, "expected two training workers"
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        # 60 s only ends a test that would wait for ever; the workers go at once
+        while any(_alive(p) for p in helpers) and time.monotonic() < killed + 60:
+            time.sleep(0.1)
+        survivors = [p for p in helpers if _alive(p)]
+        assert not survivors, f"{len(survivors)} of {len(helpers)} processes outlived the killed run"
+    finally:
+        for pid in [proc.pid, *helpers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

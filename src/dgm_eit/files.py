@@ -37,12 +37,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     succeeds, and is removed if it fails. The suffix is kept (``x.tmp-PID-RAND.png``) so
     writers that pick a format from the name still work. An error writing the temporary
     file names ``path``, the file the user asked for."""
+    from dgm_eit.runtime import parent_gone
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
         try:
             yield tmp
+            if parent_gone():
+                # a pool worker outlived its main process by a moment: the output's lock is
+                # gone with it, so nothing may land
+                raise OrphanedWorker(f"not writing {path}: the process that started this worker is gone")
             os.replace(tmp, path)
         except OSError as err:
             if str(tmp) in str(err) or getattr(err, "filename", None) in (str(tmp), tmp):
@@ -51,6 +57,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class OrphanedWorker(RuntimeError):
+    """A worker process found its main process gone before renaming an output into place."""
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

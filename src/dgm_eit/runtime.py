@@ -78,6 +78,47 @@ def stop_pool(pool, grace: float = 0.0, interrupt: bool = False) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+# ---------------------------------------------------------------------------------
+# worker processes die with the main process
+
+_lifeline = None   # in a pool worker: the read end of a pipe only the main process can write
+
+
+def exit_with_parent(parent_alive) -> None:
+    """End this worker process when the main process dies, even by SIGKILL, and remember the
+    lifeline so :func:`parent_gone` can tell.
+
+    Pool workers block on a task queue whose write end they hold themselves, so they never
+    see the parent go: they would finish their task, write into a directory whose lock is
+    gone, and idle forever. ``parent_alive`` is the read end of a pipe whose only write end
+    the main process holds (``multiprocessing.Pipe(duplex=False)``, passed to the pool's
+    initializer): it reads EOF the moment that process is gone, whatever killed it."""
+    import threading
+
+    global _lifeline
+    _lifeline = parent_alive
+
+    def watch():
+        try:
+            parent_alive.recv()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dgm-eit-parent-watch", daemon=True).start()
+
+
+def parent_gone() -> bool:
+    """True in a pool worker whose main process has died (the lifeline reads EOF; the main
+    process never writes to it). Always False in the main process."""
+    if _lifeline is None:
+        return False
+    try:
+        return bool(_lifeline.poll())
+    except (OSError, ValueError):   # closed: the watch thread is ending this process
+        return True
+
+
 MAX_SEED = 2**48
 
 

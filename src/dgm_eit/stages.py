@@ -19,7 +19,7 @@ from typing import Callable
 
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_text
-from dgm_eit.runtime import cpu_count, limit_threads, stop_pool
+from dgm_eit.runtime import cpu_count, exit_with_parent, limit_threads, stop_pool
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,7 +81,9 @@ def reconstruct_stage(run_dir: Path, data: Path, out: Path, *, n_samples: int | 
                       progress=progress, **opts)
 
 
-def worker_init(threads: int) -> None:
+def worker_init(threads: int, parent_alive=None) -> None:
+    if parent_alive is not None:
+        exit_with_parent(parent_alive)
     limit_threads(threads)
 
 
@@ -197,9 +199,12 @@ class StageRunner:
         # a lone job (a re-run that redoes one stage) still gets the same thread count as in a
         # full run, so it computes the same numbers
         threads = max(1, cpu_count() // self.jobs)
-        with ProcessPoolExecutor(max_workers=min(self.jobs, len(pending)),
-                                 mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=worker_init, initargs=(threads,)) as pool:
+        context = multiprocessing.get_context("spawn")
+        # the workers end themselves when this process dies, even by SIGKILL (exit_with_parent);
+        # the pipe closes after the pool has shut down
+        alive_r, alive_w = context.Pipe(duplex=False)
+        with alive_r, alive_w, ProcessPoolExecutor(max_workers=min(self.jobs, len(pending)), mp_context=context,
+                                                   initializer=worker_init, initargs=(threads, alive_r)) as pool:
             futures = {}
             for job in pending:
                 # progress bars of parallel jobs would garble each other; the log says what finished
