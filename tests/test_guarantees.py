@@ -104,10 +104,8 @@ def test_4_a_second_writer_is_refused_at_once_naming_the_holder(work, tmp_path, 
             "train": ["train", "cnf", "--data", work["data"], "--out", out, *TINY_CNF],
             "run": ["run", "--profile", "smoke", *SMALL_DATA, "--out", out]}[command]
     with output_lock(out, "dgm-eit test"):
-        started = time.monotonic()
         fails(capsys, argv, str(out), f"pid {os.getpid()}")
-        assert time.monotonic() - started < 30   # refused before any work
-        assert not out.exists()
+        assert not out.exists()   # refused before any work
     assert _files(tmp_path) == []   # the lock file goes with its holder
 
 
@@ -483,7 +481,8 @@ def test_10_stopping_the_simulation_pool_does_not_wait_for_running_chunks():
     from dgm_eit.data.simulate import Task, _run_pool
 
     cfg_json = json.dumps(load_config("smoke"), sort_keys=True)
-    tasks = [Task("train", 0, 0, 1), Task("train", 1, 1, 3001)]
+    # the big chunk takes 15 min on an idle machine: waiting for it fails the test, whatever the load
+    tasks = [Task("train", 0, 0, 1), Task("train", 1, 1, 30_001)]
     results = _run_pool(cfg_json, 0, tasks, workers=2)
     task, arrays = next(results)          # the one-sample chunk; the big one is running
     assert task.chunk == 0 and arrays["v"].shape[0] == 1
@@ -491,7 +490,7 @@ def test_10_stopping_the_simulation_pool_does_not_wait_for_running_chunks():
 
     started = time.monotonic()
     results.close()                       # what Ctrl-C in the caller's loop does
-    assert time.monotonic() - started < 20   # the old code: about 90 s here, more under load
+    assert time.monotonic() - started < 300   # only ends a test that waits for the big chunk
     assert not [p for p in multiprocessing.active_children() if p.name.startswith(("SpawnProcess", "ForkServer"))]
 
 
@@ -523,7 +522,7 @@ def test_5_a_truncated_tuned_csd_json_is_named(work, tmp_path, capsys):
     assert not (tmp_path / "r.h5").exists()
 
 
-def test_10_a_swallowed_ctrl_c_is_remembered_for_the_next_safe_point():
+def test_10_a_swallowed_ctrl_c_is_remembered_for_the_next_safe_point(ctrl_c):
     import signal
 
     from dgm_eit.runtime import sigint_latch
@@ -608,3 +607,62 @@ def test_21_1_sigkill_of_a_run_ends_its_workers_and_the_helpers(tmp_path):
         for pid in [proc.pid, *helpers]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------
+# Issue 21, 10: Ctrl-C stops a run's reconstruction stage, and the same command resumes
+
+def test_21_10_ctrl_c_stops_a_reconstruction_stage_and_the_run_resumes(tmp_path):
+    """SIGINT to the whole process group, as a terminal sends it, to a run started with SIGINT
+    ignored, as a script's background job is: the run used to go on to its report, exit 0."""
+    from test_cli import _last_line, start_ignoring_sigint
+
+    out = tmp_path / "exp"
+    argv = ["run", "--profile", "smoke", *SMALL_DATA, "--out", out, "--set", 'run.tests=["T1"]',
+            "--set", 'run.methods=["gn","csd"]', "--set", "run.jobs=2", "--set", "train.progress=false",
+            "--device", "cpu"]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = start_ignoring_sigint([sys.executable, "-m", "dgm_eit", *map(str, argv)], stdout=subprocess.DEVNULL,
+                                     stderr=err, env={**os.environ, "DGM_EIT_DEBUG": ""}, start_new_session=True)
+        try:
+            _wait_for(lambda: "[queue] reconstruct" in err_path.read_text(), proc, "reconstruction stage")
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=300)   # only ends a test that would hang; it takes seconds
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    stderr = err_path.read_text()
+    assert rc == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "[done]  reconstruct" not in stderr
+    assert _last_line(stderr) == "dgm-eit: interrupted; re-run the same command to resume"
+    assert not (out / "report.md").exists()
+    assert not [p.name for p in (out / "recon").iterdir()]     # no half-written reconstruction
+    assert main([str(a) for a in argv]) == 0
+    assert sorted(p.name for p in (out / "recon").iterdir()) == ["csd_2a_40dB_on_2a_40dB.h5",
+                                                                 "csd_4a_40dB_on_4a_40dB.h5"]
+    assert (out / "report.md").is_file()
+
+
+def test_21_11_sigterm_stops_simulate_like_ctrl_c_and_removes_its_lock(tmp_path):
+    from test_cli import _last_line
+
+    out = tmp_path / "big.h5"
+    partial = tmp_path / "big.h5.partial"
+    argv = [sys.executable, "-m", "dgm_eit", "simulate", "--profile", "smoke", "--set", "data.n_train=8000", "--out",
+            str(out), "--workers", "2", "--chunk-size", "4", "--seed", "1", "--quiet"]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "DGM_EIT_DEBUG": ""})
+        try:
+            _wait_for(lambda: partial.exists() and (tmp_path / ".big.h5.lock").exists(), proc, "partial file")
+            proc.terminate()
+            rc = proc.wait(timeout=300)   # only ends a test that would hang
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err_path.read_text()
+    assert rc == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert _last_line(stderr) == "dgm-eit: terminated; re-run the same command to resume"
+    assert _files(tmp_path) == ["big.h5.partial", "stderr.txt"]   # no lock left, the partial file kept
