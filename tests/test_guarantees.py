@@ -666,3 +666,22 @@ def test_21_11_sigterm_stops_simulate_like_ctrl_c_and_removes_its_lock(tmp_path)
     assert "Traceback" not in stderr
     assert _last_line(stderr) == "dgm-eit: terminated; re-run the same command to resume"
     assert _files(tmp_path) == ["big.h5.partial", "stderr.txt"]   # no lock left, the partial file kept
+
+
+def test_21_10_a_stage_worker_ended_by_stop_pool_leaves_no_temporary_file(tmp_path):
+    """stop_pool ends a worker that outlasts the Ctrl-C grace with SIGTERM: the task unwinds
+    (atomic_path removes its temporary file) before the worker exits. A checkpoint being
+    written then was left as checkpoints/last.tmp-PID-RANDOM.pt."""
+    script = (
+        "import os, signal, sys\n"
+        "from dgm_eit.files import atomic_path\n"
+        "from dgm_eit.stages import worker_call\n"
+        "def write(path):\n"
+        "    with atomic_path(path) as tmp:\n"
+        "        tmp.write_text('half')\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)   # the handler runs before the next line\n"
+        "        sys.exit('SIGTERM did not unwind the task')\n"
+        f"worker_call(write, {{'path': {str(tmp_path / 'last.pt')!r}}})\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr
+    assert _files(tmp_path) == []

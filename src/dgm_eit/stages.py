@@ -101,16 +101,29 @@ def timed_call(fn: Callable, kwargs: dict) -> float:
     return time.perf_counter() - start
 
 
+class _WorkerTerminated(BaseException):
+    """SIGTERM in a pool worker's task; no ``except Exception`` of the task catches it."""
+
+
+def _terminate_task(signum, frame):
+    raise _WorkerTerminated
+
+
 def worker_call(fn: Callable, kwargs: dict) -> float:
     """:func:`timed_call` in a pool worker: Ctrl-C interrupts the task (training then saves
-    its checkpoint) and is ignored again once it is over."""
+    its checkpoint) and is ignored again once it is over. SIGTERM (``stop_pool`` after its
+    grace) unwinds the task, so that its temporary files are removed, then ends the worker."""
     import signal
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate_task)
     try:
         return timed_call(fn, kwargs)
+    except _WorkerTerminated:
+        os._exit(143)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ---------------------------------------------------------------------------------------
