@@ -257,9 +257,9 @@ def numbered_files(directory, prefix: str, option: str) -> dict[int, Path]:
     (``data01.mat`` is target 1, read as itself).
 
     Two files of one number (``data1.mat`` and ``data01.mat``) are refused, naming both: which
-    one was meant cannot be guessed. A name with other digits (``data².mat``, ``data٣.mat``,
-    ``data1_old.mat``) is no target: it is ignored with one warning naming it, so it never
-    blocks the valid files. Other files are ignored silently."""
+    one was meant cannot be guessed. A number in other digits (``data².mat``, ``data٣.mat``)
+    is no target: it is ignored with one warning naming it, so it never blocks the valid
+    files. Other files (``data_old.mat``, ``notes.mat``) are ignored silently."""
     import re
 
     directory = Path(directory)
@@ -274,7 +274,7 @@ def numbered_files(directory, prefix: str, option: str) -> dict[int, Path]:
                 raise InputError(f"{option} {directory} holds {found[n].name} and {p.name}, both target {n}; "
                                  "remove or rename one")
             found[n] = p
-        elif any(c.isnumeric() for c in middle):
+        elif middle and all(c.isnumeric() for c in middle):
             warnings.warn(f"{p} ignored: not {prefix}<n>.mat with n in the digits 0-9", stacklevel=2)
     return dict(sorted(found.items()))
 
