@@ -8,7 +8,8 @@ overwritten, and no two processes write one output.
   refused at once with the holder's pid.
 - :func:`check_output`: refuses an output that is also an input, a directory where a file
   is expected, and an existing file of another kind unless ``--overwrite``.
-- :func:`require_file`: "does not exist" vs "is a directory" for inputs.
+- :func:`require_file` / :func:`require_dir`: "does not exist" vs "is a directory" (or "is
+  not a directory") for inputs.
 """
 
 from __future__ import annotations
@@ -171,6 +172,15 @@ def require_file(path: str | Path, what: str = "file") -> Path:
         raise InputError(f"{what} {path} is a directory, not a file")
     if not path.exists():
         raise InputError(f"{what} {path} does not exist")
+    return path
+
+
+def require_dir(path: str | Path, what: str = "directory") -> Path:
+    """``path`` as a Path when it is an existing directory; otherwise an InputError that says
+    whether it is missing or something else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{what} {path} is not a directory" if path.exists() else f"{what} {path} does not exist")
     return path
 
 

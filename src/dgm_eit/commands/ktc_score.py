@@ -29,26 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def _folder(path, option: str):
-    from pathlib import Path
-
-    from dgm_eit.errors import InputError
-
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"{option} {path} is not a directory" if path.exists() else f"{option} {path} does not exist")
-    return path
-
-
 def score_directories(pred_dir, truth_dir) -> dict:
     """Per-target and total scores; targets numbered as in the file names (not glob order)."""
     import warnings
 
     from dgm_eit.datasets import ktc2023
     from dgm_eit.errors import InputError
+    from dgm_eit.files import require_dir
 
-    pred_dir = _folder(pred_dir, "--pred")
-    truth_dir = _folder(truth_dir, "--truth")
+    pred_dir = require_dir(pred_dir, "--pred")
+    truth_dir = require_dir(truth_dir, "--truth")
     targets = ktc2023.numbered_files(truth_dir, "true", "--truth")
     if not targets:
         raise InputError(f"--truth {truth_dir} holds no true<n>.mat files")

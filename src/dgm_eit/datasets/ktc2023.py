@@ -321,10 +321,9 @@ def check_frame(frame: Measurement, ref: Measurement) -> list[str]:
 def read_targets(directory, option: str = "INPUT_DIR") -> tuple[Measurement, dict[int, Measurement]]:
     """``ref.mat`` and the frames ``data<n>.mat`` of ``directory`` (:func:`numbered_files`),
     each checked against the reference (:func:`check_frame`; its warnings are issued)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise InputError(f"{option} {directory} is not a directory" if directory.exists()
-                         else f"{option} {directory} does not exist")
+    from dgm_eit.files import require_dir
+
+    directory = require_dir(directory, option)
     ref = load_reference(directory / "ref.mat")
     if not np.any(ref.voltages[ref.available]):
         raise InputError(f"{ref.path}: Uelref is all zeros; nothing was measured")
