@@ -5,6 +5,7 @@ simulator make real files with ``dgm-eit simulate --profile smoke``."""
 from __future__ import annotations
 
 import json
+import signal
 
 import h5py
 import numpy as np
@@ -52,3 +53,12 @@ def write_tiny_dataset(path, size=16, n_meas=208, n=(24, 8, 8), seed=0):
 @pytest.fixture
 def tiny_dataset(tmp_path):
     return write_tiny_dataset(tmp_path / "tiny.h5")
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt in this process during the test, as in a terminal, even
+    when the suite runs where SIGINT is ignored (started as a background job of a script)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import pytest
 
 from dgm_eit.cli import main
 from test_cli import SMALL_DATA, TINY_CNF, _save, fails, work  # noqa: F401  (work: fixture)
+from test_simulate import _alive, _descendants
 
 SIM = ["--profile", "smoke", *SMALL_DATA, "--workers", "1", "--quiet"]
 
@@ -102,10 +104,8 @@ def test_4_a_second_writer_is_refused_at_once_naming_the_holder(work, tmp_path, 
             "train": ["train", "cnf", "--data", work["data"], "--out", out, *TINY_CNF],
             "run": ["run", "--profile", "smoke", *SMALL_DATA, "--out", out]}[command]
     with output_lock(out, "dgm-eit test"):
-        started = time.monotonic()
         fails(capsys, argv, str(out), f"pid {os.getpid()}")
-        assert time.monotonic() - started < 30   # refused before any work
-        assert not out.exists()
+        assert not out.exists()   # refused before any work
     assert _files(tmp_path) == []   # the lock file goes with its holder
 
 
@@ -481,7 +481,8 @@ def test_10_stopping_the_simulation_pool_does_not_wait_for_running_chunks():
     from dgm_eit.data.simulate import Task, _run_pool
 
     cfg_json = json.dumps(load_config("smoke"), sort_keys=True)
-    tasks = [Task("train", 0, 0, 1), Task("train", 1, 1, 3001)]
+    # the big chunk takes 15 min on an idle machine: waiting for it fails the test, whatever the load
+    tasks = [Task("train", 0, 0, 1), Task("train", 1, 1, 30_001)]
     results = _run_pool(cfg_json, 0, tasks, workers=2)
     task, arrays = next(results)          # the one-sample chunk; the big one is running
     assert task.chunk == 0 and arrays["v"].shape[0] == 1
@@ -489,7 +490,7 @@ def test_10_stopping_the_simulation_pool_does_not_wait_for_running_chunks():
 
     started = time.monotonic()
     results.close()                       # what Ctrl-C in the caller's loop does
-    assert time.monotonic() - started < 20   # the old code: about 90 s here, more under load
+    assert time.monotonic() - started < 300   # only ends a test that waits for the big chunk
     assert not [p for p in multiprocessing.active_children() if p.name.startswith(("SpawnProcess", "ForkServer"))]
 
 
@@ -521,7 +522,7 @@ def test_5_a_truncated_tuned_csd_json_is_named(work, tmp_path, capsys):
     assert not (tmp_path / "r.h5").exists()
 
 
-def test_10_a_swallowed_ctrl_c_is_remembered_for_the_next_safe_point():
+def test_10_a_swallowed_ctrl_c_is_remembered_for_the_next_safe_point(ctrl_c):
     import signal
 
     from dgm_eit.runtime import sigint_latch
@@ -535,3 +536,152 @@ def test_10_a_swallowed_ctrl_c_is_remembered_for_the_next_safe_point():
             pass   # as a finaliser would swallow it
         assert interrupted.is_set()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------------------------
+# Issue 21, 11: messages name what is wrong
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_21_11_a_noise_level_that_is_not_a_finite_number_is_named(tmp_path, capsys, value):
+    """It was reported as 'gn.lam must be >= 0, got 3.0' (GN's weight is scaled by the SNR)."""
+    fails(capsys, ["simulate", *SIM, f"--snr-db={value}", "--out", tmp_path / "s.h5"], "snr_db", value)
+    assert _files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------
+# Issue 21, 1: a killed run leaves no process behind, and nothing lands after it
+
+def test_21_1_a_worker_writes_nothing_once_its_main_process_is_gone(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from dgm_eit import runtime
+    from dgm_eit.files import OrphanedWorker, atomic_path
+
+    alive_r, alive_w = multiprocessing.Pipe(duplex=False)
+    monkeypatch.setattr(runtime, "_lifeline", alive_r)   # what exit_with_parent records in a worker
+    with atomic_path(tmp_path / "a.txt") as tmp:
+        tmp.write_text("while the main process lives")
+    alive_w.close()                                       # the main process dies
+    with pytest.raises(OrphanedWorker, match="b.txt"):
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_text("after")
+    assert _files(tmp_path) == ["a.txt"]
+    alive_r.close()
+
+
+def _wait_for(condition, proc, what: str, timeout: float = 900.0) -> None:
+    """Poll ``condition`` while ``proc`` runs; the timeout only ends a test that would hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the command ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process table from /proc")
+def test_21_1_sigkill_of_a_run_ends_its_workers_and_the_helpers(tmp_path):
+    """Two training stages side by side in worker processes, then SIGKILL of the main process:
+    the workers, the simulator's forkserver and the resource tracker all go within seconds
+    (they used to train on, write into the unlocked directory, and idle for ever)."""
+    out = tmp_path / "exp"
+    argv = [sys.executable, "-m", "dgm_eit", "run", "--profile", "smoke", *SMALL_DATA, "--out", str(out),
+            "--set", 'run.tests=["T1"]', "--set", 'run.methods=["gn","cnf"]', "--set", "run.jobs=2",
+            "--set", "cnf.flow.epochs=100000", "--set", "train.progress=false", "--device", "cpu"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "DGM_EIT_DEBUG": ""})
+    helpers = []
+    try:
+        checkpoints = [out / "runs" / f"cnf_{label}" / "checkpoints" / "last.pt" for label in ("2a_40dB", "4a_40dB")]
+        _wait_for(lambda: all(p.exists() for p in checkpoints), proc, "checkpoint of both training stages")
+        helpers = _descendants(proc.pid)
+        assert len(helpers) >= 2, "expected two training workers"
+        proc.kill()
+        proc.wait()
+        killed = time.monotonic()
+        # 60 s only ends a test that would wait for ever; the workers go at once
+        while any(_alive(p) for p in helpers) and time.monotonic() < killed + 60:
+            time.sleep(0.1)
+        survivors = [p for p in helpers if _alive(p)]
+        assert not survivors, f"{len(survivors)} of {len(helpers)} processes outlived the killed run"
+    finally:
+        for pid in [proc.pid, *helpers]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------
+# Issue 21, 10: Ctrl-C stops a run's reconstruction stage, and the same command resumes
+
+def test_21_10_ctrl_c_stops_a_reconstruction_stage_and_the_run_resumes(tmp_path):
+    """SIGINT to the whole process group, as a terminal sends it, to a run started with SIGINT
+    ignored, as a script's background job is: the run used to go on to its report, exit 0."""
+    from test_cli import _last_line, start_ignoring_sigint
+
+    out = tmp_path / "exp"
+    argv = ["run", "--profile", "smoke", *SMALL_DATA, "--out", out, "--set", 'run.tests=["T1"]',
+            "--set", 'run.methods=["gn","csd"]', "--set", "run.jobs=2", "--set", "train.progress=false",
+            "--device", "cpu"]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = start_ignoring_sigint([sys.executable, "-m", "dgm_eit", *map(str, argv)], stdout=subprocess.DEVNULL,
+                                     stderr=err, env={**os.environ, "DGM_EIT_DEBUG": ""}, start_new_session=True)
+        try:
+            _wait_for(lambda: "[queue] reconstruct" in err_path.read_text(), proc, "reconstruction stage")
+            os.killpg(proc.pid, signal.SIGINT)
+            rc = proc.wait(timeout=300)   # only ends a test that would hang; it takes seconds
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    stderr = err_path.read_text()
+    assert rc == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "[done]  reconstruct" not in stderr
+    assert _last_line(stderr) == "dgm-eit: interrupted; re-run the same command to resume"
+    assert not (out / "report.md").exists()
+    assert not [p.name for p in (out / "recon").iterdir()]     # no half-written reconstruction
+    assert main([str(a) for a in argv]) == 0
+    assert sorted(p.name for p in (out / "recon").iterdir()) == ["csd_2a_40dB_on_2a_40dB.h5",
+                                                                 "csd_4a_40dB_on_4a_40dB.h5"]
+    assert (out / "report.md").is_file()
+
+
+def test_21_11_sigterm_stops_simulate_like_ctrl_c_and_removes_its_lock(tmp_path):
+    from test_cli import _last_line
+
+    out = tmp_path / "big.h5"
+    partial = tmp_path / "big.h5.partial"
+    argv = [sys.executable, "-m", "dgm_eit", "simulate", "--profile", "smoke", "--set", "data.n_train=8000", "--out",
+            str(out), "--workers", "2", "--chunk-size", "4", "--seed", "1", "--quiet"]
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "DGM_EIT_DEBUG": ""})
+        try:
+            _wait_for(lambda: partial.exists() and (tmp_path / ".big.h5.lock").exists(), proc, "partial file")
+            proc.terminate()
+            rc = proc.wait(timeout=300)   # only ends a test that would hang
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = err_path.read_text()
+    assert rc == 143, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert _last_line(stderr) == "dgm-eit: terminated; re-run the same command to resume"
+    assert _files(tmp_path) == ["big.h5.partial", "stderr.txt"]   # no lock left, the partial file kept
+
+
+def test_21_10_a_stage_worker_ended_by_stop_pool_leaves_no_temporary_file(tmp_path):
+    """stop_pool ends a worker that outlasts the Ctrl-C grace with SIGTERM: the task unwinds
+    (atomic_path removes its temporary file) before the worker exits. A checkpoint being
+    written then was left as checkpoints/last.tmp-PID-RANDOM.pt."""
+    script = (
+        "import os, signal, sys\n"
+        "from dgm_eit.files import atomic_path\n"
+        "from dgm_eit.stages import worker_call\n"
+        "def write(path):\n"
+        "    with atomic_path(path) as tmp:\n"
+        "        tmp.write_text('half')\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)   # the handler runs before the next line\n"
+        "        sys.exit('SIGTERM did not unwind the task')\n"
+        f"worker_call(write, {{'path': {str(tmp_path / 'last.pt')!r}}})\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr
+    assert _files(tmp_path) == []

@@ -178,18 +178,21 @@ def test_ktc_run_and_entry_point(tmp_path, capsys):
     # the submissions are the challenge's format and score as scores.csv says
     rows = [r.split(",") for r in scores[1:]]
     assert {r[1] for r in rows if r[0] == "cnf"} == {"0"} and {r[1] for r in rows if r[0] == "gn"} == {"-"}
-    for method, seed, level, target, score, _ in rows[:8] + rows[-8:]:
+    for method, seed, level, target, score in rows[:8] + rows[-8:]:
         where = out / "submissions" / method / ("" if seed == "-" else f"seed{seed}")
         pred = ktc.load_reconstruction(where / f"level_{level}" / f"{target}.mat")
         truth = ktc.load_truth(public_dir() / f"true{target}.mat")
         assert ktc.score(pred, truth) == pytest.approx(float(score), abs=1e-6)
-    # re-running reuses every stage and gives the same scores (the time column aside)
-    def table():
-        return [r.split(",")[:5] for r in (out / "scores.csv").read_text().splitlines()]
+    # re-running reuses every stage and writes the same scores and submissions, byte for byte;
+    # the times are in timings.json
+    def outputs():
+        return {p.relative_to(out): p.read_bytes() for p in [out / "scores.csv", *(out / "submissions").rglob("*.mat")]}
 
-    first = table()
+    first = outputs()
+    assert len(first) == 1 + 5 * 2 * 4
+    assert set(json.loads((out / "timings.json").read_text())["seconds_per_image"]) == set(chosen)
     assert main(args) == 0
-    assert table() == first
+    assert outputs() == first
     # the entry point on the public files at level 4 reproduces the study's submission
     pred_dir = tmp_path / "pred"
     assert main(["ktc", str(public_dir()), str(pred_dir), "4", "--run", str(out), "--method", "linear"]) == 0
@@ -212,7 +215,7 @@ def test_ktc_run_and_entry_point(tmp_path, capsys):
         submitted = sio.loadmat(out / "submissions" / "cnf" / "seed0" / "level_4" / f"{n}.mat")["reconstruction"]
         np.testing.assert_array_equal(classes, submitted)
         np.testing.assert_array_equal(sio.loadmat(tmp_path / "ex" / f"{n}.mat")["reconstruction"], submitted)
-        score = next(float(s) for m, _, lv, tg, s, _ in rows if (m, lv, tg) == ("cnf", "4", str(n)))
+        score = next(float(s) for m, _, lv, tg, s in rows if (m, lv, tg) == ("cnf", "4", str(n)))
         line = next(x for x in printed.splitlines() if x.startswith(f"data{n}.mat -> "))
         assert line.endswith(f"score {score:.3f}")
     assert (tmp_path / "ex" / "ktc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -252,7 +255,8 @@ def test_ktc_entry_point_errors(tmp_path, capsys):
     fails(capsys, ["ktc", public_dir(), tmp_path / "o", "1", "--run", tmp_path], "not a directory made by")
     (tmp_path / "in").mkdir()
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "run.json").write_text(json.dumps({"seed": 0, "config": load_config("ktc")}))
+    cfg = load_config("ktc", ['run.methods=["linear"]'])
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"seed": 0, "config": cfg}))
     (tmp_path / "run" / "methods.json").write_text(json.dumps({"linear": {"low": 0.5, "high": 1.5, "score": 0.5}}))
     fails(capsys, ["ktc", tmp_path / "in", tmp_path / "o", "1", "--run", tmp_path / "run"], "ref.mat")
     assert not (tmp_path / "o").exists()

@@ -61,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # a warning is one line, like an error: "dgm-eit CMD: warning: ..."
     warnings.formatwarning = lambda message, category, *rest, **kw: f"dgm-eit {args.command}: warning: {message}\n"
+    from dgm_eit.runtime import Terminated, stop_signals
+
     try:
-        return int(args._run(args) or 0)
+        with stop_signals():
+            return int(args._run(args) or 0)
+    except Terminated:
+        print("dgm-eit: terminated; re-run the same command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("dgm-eit: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -8,7 +8,8 @@ overwritten, and no two processes write one output.
   refused at once with the holder's pid.
 - :func:`check_output`: refuses an output that is also an input, a directory where a file
   is expected, and an existing file of another kind unless ``--overwrite``.
-- :func:`require_file`: "does not exist" vs "is a directory" for inputs.
+- :func:`require_file` / :func:`require_dir`: "does not exist" vs "is a directory" (or "is
+  not a directory") for inputs.
 """
 
 from __future__ import annotations
@@ -37,12 +38,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     succeeds, and is removed if it fails. The suffix is kept (``x.tmp-PID-RAND.png``) so
     writers that pick a format from the name still work. An error writing the temporary
     file names ``path``, the file the user asked for."""
+    from dgm_eit.runtime import parent_gone
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
         try:
             yield tmp
+            if parent_gone():
+                # a pool worker outlived its main process by a moment: the output's lock is
+                # gone with it, so nothing may land
+                raise OrphanedWorker(f"not writing {path}: the process that started this worker is gone")
             os.replace(tmp, path)
         except OSError as err:
             if str(tmp) in str(err) or getattr(err, "filename", None) in (str(tmp), tmp):
@@ -51,6 +58,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class OrphanedWorker(RuntimeError):
+    """A worker process found its main process gone before renaming an output into place."""
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -161,6 +172,15 @@ def require_file(path: str | Path, what: str = "file") -> Path:
         raise InputError(f"{what} {path} is a directory, not a file")
     if not path.exists():
         raise InputError(f"{what} {path} does not exist")
+    return path
+
+
+def require_dir(path: str | Path, what: str = "directory") -> Path:
+    """``path`` as a Path when it is an existing directory; otherwise an InputError that says
+    whether it is missing or something else."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{what} {path} is not a directory" if path.exists() else f"{what} {path} does not exist")
     return path
 
 

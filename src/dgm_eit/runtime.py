@@ -97,6 +97,123 @@ def stop_pool(pool, grace: float = 0.0, interrupt: bool = False) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+# ---------------------------------------------------------------------------------
+# worker processes die with the main process
+
+_lifeline = None   # in a pool worker: the read end of a pipe only the main process can write
+
+
+def exit_with_parent(parent_alive) -> None:
+    """End this worker process when the main process dies, even by SIGKILL, and remember the
+    lifeline so :func:`parent_gone` can tell.
+
+    Pool workers block on a task queue whose write end they hold themselves, so they never
+    see the parent go: they would finish their task, write into a directory whose lock is
+    gone, and idle forever. ``parent_alive`` is the read end of a pipe whose only write end
+    the main process holds (``multiprocessing.Pipe(duplex=False)``, passed to the pool's
+    initializer): it reads EOF the moment that process is gone, whatever killed it."""
+    import threading
+
+    global _lifeline
+    _lifeline = parent_alive
+
+    def watch():
+        try:
+            parent_alive.recv()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dgm-eit-parent-watch", daemon=True).start()
+
+
+def parent_gone() -> bool:
+    """True in a pool worker whose main process has died (the lifeline reads EOF; the main
+    process never writes to it). Always False in the main process."""
+    if _lifeline is None:
+        return False
+    try:
+        return bool(_lifeline.poll())
+    except (OSError, ValueError):   # closed: the watch thread is ending this process
+        return True
+
+
+@contextlib.contextmanager
+def sigint_held_back():
+    """Hold SIGINT back from this thread for the block; one that came meanwhile is raised when
+    the block ends. Processes started in the block begin with it blocked (the mask is
+    inherited), so a terminal's Ctrl-C, which reaches the whole process group, cannot
+    interrupt a pool worker while it is still starting (a traceback per worker); the
+    worker's initializer decides what SIGINT means there (:func:`release_sigint`)."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):   # pragma: no cover - Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def release_sigint(handler) -> None:
+    """In a process started under :func:`sigint_held_back`: install ``handler`` for SIGINT,
+    then let SIGINT through (one held back meanwhile meets the new handler)."""
+    import signal
+
+    signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+# ---------------------------------------------------------------------------------
+# stop signals
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``): handled like Ctrl-C, so locks are released and partial work
+    is kept resumable; the command exits 143."""
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM raises :class:`Terminated` in the main
+    thread for the block, then the previous handlers come back.
+
+    A shell that starts a command in the background without job control (``cmd &`` in a
+    script or a harness) makes it ignore SIGINT, and Python keeps it ignored: Ctrl-C or
+    ``kill -INT`` was lost and a run went on to its end (issue 21). Our commands are
+    resumable, so stopping them on request is always safe: SIGINT is honoured however the
+    process was started. Without a handler, SIGTERM would end the process at once, leaving
+    its lock file and its workers' checkpoints unwritten."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        # through the SIGINT handler in place (sigint_latch's remembers it), as Terminated
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            if callable(handler):
+                handler(signal.SIGINT, frame)
+        except KeyboardInterrupt:
+            pass
+        raise Terminated
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default then
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 MAX_SEED = 2**48
 
 

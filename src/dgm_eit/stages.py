@@ -19,7 +19,8 @@ from typing import Callable
 
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_text
-from dgm_eit.runtime import cpu_count, limit_threads, stop_pool
+from dgm_eit.runtime import (cpu_count, exit_with_parent, limit_threads, release_sigint, sigint_held_back,
+                             stop_pool)
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,7 +100,16 @@ def ensemble_stage(members: list[Path], out: Path) -> None:
                                    "members": json.dumps([str(p) for p in members])})
 
 
-def worker_init(threads: int) -> None:
+def worker_init(threads: int, parent_alive=None) -> None:
+    import signal
+
+    # Ctrl-C from a terminal reaches the whole process group: a worker between tasks (or
+    # still starting: it was started with SIGINT held back) leaves the decision to the main
+    # process, which interrupts the running tasks itself (stop_pool) and ends the rest; see
+    # worker_call
+    release_sigint(signal.SIG_IGN)
+    if parent_alive is not None:
+        exit_with_parent(parent_alive)
     limit_threads(threads)
 
 
@@ -107,6 +117,31 @@ def timed_call(fn: Callable, kwargs: dict) -> float:
     start = time.perf_counter()
     fn(**kwargs)
     return time.perf_counter() - start
+
+
+class _WorkerTerminated(BaseException):
+    """SIGTERM in a pool worker's task; no ``except Exception`` of the task catches it."""
+
+
+def _terminate_task(signum, frame):
+    raise _WorkerTerminated
+
+
+def worker_call(fn: Callable, kwargs: dict) -> float:
+    """:func:`timed_call` in a pool worker: Ctrl-C interrupts the task (training then saves
+    its checkpoint) and is ignored again once it is over. SIGTERM (``stop_pool`` after its
+    grace) unwinds the task, so that its temporary files are removed, then ends the worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate_task)
+    try:
+        return timed_call(fn, kwargs)
+    except _WorkerTerminated:
+        os._exit(143)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,19 +250,24 @@ class StageRunner:
         # a lone job (a re-run that redoes one stage) still gets the same thread count as in a
         # full run, so it computes the same numbers
         threads = max(1, cpu_count() // self.jobs)
-        with ProcessPoolExecutor(max_workers=min(self.jobs, len(pending)),
-                                 mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=worker_init, initargs=(threads,)) as pool:
+        context = multiprocessing.get_context("spawn")
+        # the workers end themselves when this process dies, even by SIGKILL (exit_with_parent);
+        # the pipe closes after the pool has shut down
+        alive_r, alive_w = context.Pipe(duplex=False)
+        with alive_r, alive_w, ProcessPoolExecutor(max_workers=min(self.jobs, len(pending)), mp_context=context,
+                                                   initializer=worker_init, initargs=(threads, alive_r)) as pool:
             futures = {}
-            for job in pending:
-                # progress bars of parallel jobs would garble each other; the log says what finished
-                kwargs = dict(job.kwargs, progress=False)
-                if "cfg" in kwargs:
-                    kwargs["cfg"] = copy.deepcopy(kwargs["cfg"])
-                    kwargs["cfg"]["train"]["threads"] = threads
-                futures[pool.submit(timed_call, job.fn, kwargs)] = job
-                self.log(f"[queue] {job.name}")
             try:
+                # the workers start during submit(); a Ctrl-C meanwhile is raised after it
+                with sigint_held_back():
+                    for job in pending:
+                        # progress bars of parallel jobs would garble each other; the log says what finished
+                        kwargs = dict(job.kwargs, progress=False)
+                        if "cfg" in kwargs:
+                            kwargs["cfg"] = copy.deepcopy(kwargs["cfg"])
+                            kwargs["cfg"]["train"]["threads"] = threads
+                        futures[pool.submit(worker_call, job.fn, kwargs)] = job
+                        self.log(f"[queue] {job.name}")
                 for future in as_completed(futures):
                     job = futures[future]
                     try:

@@ -14,13 +14,16 @@ HELP = ("reconstruct KTC2023 measurements as the challenge's entry point does: I
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder with ref.mat and data<n>.mat files")
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder for <n>.mat (created if missing)")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder for <n>.mat (created if missing; not INPUT_DIR)")
     parser.add_argument("level", metavar="LEVEL", type=int, help="difficulty level 1..7 (electrodes 1..2(L-1) dropped)")
     parser.add_argument("--run", required=True, metavar="DIR", help="directory made by dgm-eit run --profile ktc")
     parser.add_argument("--method", default=None, choices=ALL_METHODS,
                         help="method to use; a trained one uses its first seed's model, <method>-ens the seed "
                              "ensemble of a study run with --seeds K > 1 (default: the study's best on simulated "
                              "validation data, ties going to a seed ensemble; stderr says which and why)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files <n>.mat in OUTPUT_DIR that are not reconstructions (a reconstruction "
+                             "file, one variable 'reconstruction', is replaced anyway)")
     add_seed_arg(parser)
     add_device_arg(parser)
 
@@ -32,7 +35,7 @@ def run(args) -> int:
     from dgm_eit.ktc.entry import reconstruct_folder
 
     made = reconstruct_folder(args.input_dir, args.level, args.run, output_dir=args.output_dir,
-                              method=args.method, seed=args.seed, device=args.device)
+                              method=args.method, seed=args.seed, device=args.device, overwrite=args.overwrite)
     if made.why is not None:
         print(f"dgm-eit ktc: method {METHOD_NAMES[made.method]}: {made.why}", file=sys.stderr)
     print(f"{METHOD_NAMES[made.method]} (val score {made.val_score:.3f}), level {args.level}: wrote "

@@ -4,14 +4,20 @@ Reads every ``true<n>.mat`` (variable ``truth``) in ``--truth`` and the matching
 (variable ``reconstruction``) in ``--pred``, as the challenge's entry point writes them, and
 prints per-target scores (conductive SSIM, resistive SSIM, their mean) and the total. As in
 the challenge, a missing or wrongly shaped reconstruction scores 0 (with a warning); a
-``--pred`` with none of the targets is an error (most likely the wrong directory).
+``--pred`` with none of the targets is an error (most likely the wrong directory), and so is
+a reconstruction holding anything but the classes 0, 1, 2 (NaN, infinite, complex values, a
+raw image), as in a truth file. Numbers are ASCII digits (``true01.mat`` is target 1); two
+files of one number are refused, a name with other digits is ignored with a warning
+(:func:`dgm_eit.datasets.ktc2023.numbered_files`).
 """
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "score KTC2023 reconstructions (<n>.mat 'reconstruction') against ground truths (true<n>.mat 'truth')"
+HELP = ("score KTC2023 reconstructions (<n>.mat 'reconstruction') against ground truths (true<n>.mat 'truth'); "
+        "as in the challenge, a missing or wrongly shaped reconstruction scores 0 (with a warning), and one "
+        "holding anything but the classes 0, 1, 2 is refused")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,40 +29,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def _targets(truth_dir):
-    import re
-    from pathlib import Path
-
-    from dgm_eit.errors import InputError
-
-    truth_dir = Path(truth_dir)
-    if not truth_dir.is_dir():
-        raise InputError(f"--truth {truth_dir} is not a directory" if truth_dir.exists()
-                         else f"--truth {truth_dir} does not exist")
-    found = {}
-    for p in truth_dir.iterdir():
-        m = re.fullmatch(r"true(\d+)\.mat", p.name)
-        if m and p.is_file():
-            found[int(m.group(1))] = p
-    if not found:
-        raise InputError(f"--truth {truth_dir} holds no true<n>.mat files")
-    return dict(sorted(found.items()))
-
-
 def score_directories(pred_dir, truth_dir) -> dict:
     """Per-target and total scores; targets numbered as in the file names (not glob order)."""
     import warnings
-    from pathlib import Path
 
     from dgm_eit.datasets import ktc2023
     from dgm_eit.errors import InputError
+    from dgm_eit.files import require_dir
 
-    pred_dir = Path(pred_dir)
-    if not pred_dir.is_dir():
-        raise InputError(f"--pred {pred_dir} is not a directory" if pred_dir.exists()
-                         else f"--pred {pred_dir} does not exist")
-    targets = _targets(truth_dir)
-    present = {n: pred_dir / f"{n}.mat" for n in targets if (pred_dir / f"{n}.mat").is_file()}
+    pred_dir = require_dir(pred_dir, "--pred")
+    truth_dir = require_dir(truth_dir, "--truth")
+    targets = ktc2023.numbered_files(truth_dir, "true", "--truth")
+    if not targets:
+        raise InputError(f"--truth {truth_dir} holds no true<n>.mat files")
+    predictions = ktc2023.numbered_files(pred_dir, "", "--pred")
+    present = {n: p for n, p in predictions.items() if n in targets}
     if not present:
         names = ", ".join(f"{n}.mat" for n in list(targets)[:4])
         raise InputError(f"--pred {pred_dir} holds none of the reconstructions {names}"
@@ -71,12 +58,16 @@ def score_directories(pred_dir, truth_dir) -> dict:
             row["note"] = "missing"
         else:
             row["pred"] = str(present[n])
-            pred = ktc2023.load_reconstruction(present[n])
-            c, r = ktc2023.score_parts(pred, truth)
-            row.update(conductive=c, resistive=r, score=0.5 * (c + r))
+            pred = ktc2023.load_reconstruction(present[n], any_shape=True)
+            if pred.shape != truth.shape:
+                warnings.warn(f"{present[n]}: the reconstruction is {pred.shape}, not {truth.shape[0]} x "
+                              f"{truth.shape[1]}: target {n} scores 0, as in the challenge")
+                row["note"] = "wrong shape"
+            else:
+                c, r = ktc2023.score_parts(pred, truth)
+                row.update(conductive=c, resistive=r, score=0.5 * (c + r))
         rows.append(row)
-    extra = sorted(p.name for p in pred_dir.glob("*.mat")
-                   if p.stem.isdigit() and int(p.stem) not in targets)
+    extra = sorted(p.name for n, p in predictions.items() if n not in targets)
     if extra:
         warnings.warn(f"{len(extra)} reconstruction(s) without a ground truth ignored: {', '.join(extra[:5])}")
     return {"pred": str(pred_dir), "truth": str(truth_dir), "targets": rows,

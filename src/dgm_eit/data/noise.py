@@ -16,10 +16,15 @@ import numpy as np
 from dgm_eit.errors import InputError
 
 
-def noise_std(v_clean: np.ndarray, snr_db: float) -> np.ndarray:
-    """Per-sample noise standard deviation for ``v_clean`` ``(..., M)`` -> ``(...)``."""
+def check_snr_db(snr_db: float) -> float:
     if not math.isfinite(snr_db):
         raise InputError(f"data.snr_db must be a finite number of dB, got {snr_db}")
+    return float(snr_db)
+
+
+def noise_std(v_clean: np.ndarray, snr_db: float) -> np.ndarray:
+    """Per-sample noise standard deviation for ``v_clean`` ``(..., M)`` -> ``(...)``."""
+    check_snr_db(snr_db)
     v_clean = np.asarray(v_clean, dtype=np.float64)
     rms = np.linalg.norm(v_clean, axis=-1) / math.sqrt(v_clean.shape[-1])
     return rms * 10.0 ** (-snr_db / 20.0)

@@ -35,11 +35,11 @@ from dgm_eit import __version__
 from dgm_eit.data import storage
 from dgm_eit.data.storage import SPLIT_INDEX, sample_rng  # noqa: F401  (SPLIT_INDEX: tests and benchmarks)
 from dgm_eit.config import config_changes, set_key, with_added_keys
-from dgm_eit.data.noise import add_noise
+from dgm_eit.data.noise import add_noise, check_snr_db
 from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
 from dgm_eit.errors import InputError
 from dgm_eit.recon.tuning import apply_gn_settings
-from dgm_eit.runtime import check_seed, stop_pool
+from dgm_eit.runtime import check_seed, exit_with_parent, stop_pool
 
 # Config sections whose values change the simulated arrays; a file made with equal
 # sections (and seed) is the same data set, whatever the other sections say.
@@ -188,29 +188,9 @@ def _worker_init(cfg_json: str, parent_alive=None) -> None:
     # decides (it keeps the finished chunks and ends the workers)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_alive is not None:
-        _exit_with_parent(parent_alive)
+        exit_with_parent(parent_alive)
     _single_threaded()
     simulator_for(cfg_json)
-
-
-def _exit_with_parent(parent_alive) -> None:
-    """End this worker when the main process dies, even by SIGKILL.
-
-    Pool workers block on a task queue whose write end they hold themselves, so they
-    never see the parent go and would idle forever (keeping the forkserver alive too).
-    ``parent_alive`` is the read end of a pipe whose only write end the main process
-    holds: it reads EOF the moment that process is gone.
-    """
-    import os
-
-    def watch():
-        try:
-            parent_alive.recv()
-        except (EOFError, OSError):
-            pass
-        os._exit(1)
-
-    threading.Thread(target=watch, name="dgm-eit-parent-watch", daemon=True).start()
 
 
 def _compute_chunk(cfg_json: str, seed: int, split: str, start: int, stop: int, timed: bool = False):
@@ -365,6 +345,8 @@ def check_config(cfg: dict, seed: int) -> dict[str, int]:
     # rejection sampling failing is the practical test of "the anomalies cannot fit"
     for index in range(3):
         sampler.sample(sample_rng(seed, "train", index))
+    # before [gn]: GN's weight is scaled by the SNR, and a NaN weight would be blamed on gn.lam
+    check_snr_db(float(cfg["data"]["snr_db"]))
     _check_gn(cfg)
     from dgm_eit.physics.fem import mesh_placement
 

@@ -107,6 +107,9 @@ def _variable(data: dict, name: str, path: Path, what: str, hint: str = "") -> n
         held = sorted(k for k in data if not k.startswith("__"))
         raise InputError(f"{what} {path} has no variable {name!r} (it holds: {', '.join(held) or 'nothing'})"
                          + (f"; {hint}" if hint else ""))
+    # a cast to float64 would drop an imaginary part with only numpy's warning
+    if np.iscomplexobj(data[name]):
+        raise InputError(f"{what} {path}: variable {name!r} holds complex values; the KTC files hold real numbers")
     try:
         return np.asarray(data[name], dtype=np.float64)
     except (TypeError, ValueError):
@@ -134,7 +137,7 @@ def _frame(path, what: str, u_name: str, inj_name: str, other: tuple[str, str]) 
     path, data = _loadmat(path, what)
     hint = ""
     if u_name not in data and other[0] in data:
-        hint = f"it looks like a {other[1]} (it has {other[0]!r})"
+        hint = f"it has {other[0]!r}, so it looks like a {other[1]}"
     u = _variable(data, u_name, path, what, hint)
     inj = _variable(data, inj_name, path, what, hint)
     mpat = _variable(data, "Mpat", path, what)
@@ -143,8 +146,12 @@ def _frame(path, what: str, u_name: str, inj_name: str, other: tuple[str, str]) 
     mpat = _as_matrix(mpat, (N_ELECTRODES, N_PATTERNS), "Mpat", path)
     if np.isinf(u).any():
         raise InputError(f"{path}: {u_name} contains infinite values (missing data must be NaN)")
+    if np.isnan(u).all():
+        raise InputError(f"{path}: {u_name} holds no voltages (all NaN)")
     if not np.isfinite(mpat).all():
         raise InputError(f"{path}: Mpat contains NaN or inf")
+    if np.isnan(inj).all():
+        raise InputError(f"{path}: {inj_name} holds no currents (all NaN)")
     for a in (u, inj, mpat):
         a.setflags(write=False)
     return Measurement(u, inj, mpat, str(path))
@@ -154,12 +161,12 @@ def load_measurement(path) -> Measurement:
     """A measurement frame ``data<n>.mat`` (``Uel`` (2356, 1), ``Inj`` (32, 76), ``Mpat``
     (32, 31)). NaN voltages (electrodes missing in the evaluation sets) are kept: use
     :meth:`Measurement.mask` to select what a method may use."""
-    return _frame(path, "measurement file", "Uel", "Inj", ("Uelref", "reference frame: use load_reference"))
+    return _frame(path, "measurement file", "Uel", "Inj", ("Uelref", "reference frame (ref.mat), not a data<n>.mat"))
 
 
 def load_reference(path) -> Measurement:
     """The empty-tank frame ``ref.mat`` (``Uelref`` (2356, 1), ``Injref`` (32, 76), ``Mpat``)."""
-    return _frame(path, "reference file", "Uelref", "Injref", ("Uel", "measurement frame: use load_measurement"))
+    return _frame(path, "reference file", "Uelref", "Injref", ("Uel", "measurement frame (data<n>.mat), not ref.mat"))
 
 
 def _class_map(data: dict, name: str, path: Path, what: str) -> np.ndarray:
@@ -169,24 +176,165 @@ def _class_map(data: dict, name: str, path: Path, what: str) -> np.ndarray:
     return x
 
 
-def load_truth(path) -> np.ndarray:
-    """A ground truth ``true<n>.mat``: ``truth`` (256, 256) uint8, 0 water, 1 resistive, 2
-    conductive. Other values are refused: the score compares classes, so a stray value would
-    silently count as water."""
-    path, data = _loadmat(path, "truth file")
-    x = _class_map(data, "truth", path, "truth file")
+def _check_classes(x: np.ndarray, name: str, path: Path, what: str) -> None:
+    """Only the classes 0, 1, 2: the score compares class maps, so any other value (NaN, a
+    raw conductivity, a negated map) would silently count as water."""
+    if np.isnan(x).any():
+        raise InputError(f"{what} {path}: {name} holds NaN values ({int(np.isnan(x).sum())} pixels); "
+                         "it must hold the classes 0, 1, 2 only")
+    if np.isinf(x).any():
+        raise InputError(f"{what} {path}: {name} holds infinite values ({int(np.isinf(x).sum())} pixels); "
+                         "it must hold the classes 0, 1, 2 only")
     if not np.isin(x, (0, 1, 2)).all():
         bad = np.unique(x[~np.isin(x, (0, 1, 2))])[:5]
-        raise InputError(f"truth file {path}: truth must hold the classes 0, 1, 2 only, found {bad.tolist()}")
+        raise InputError(f"{what} {path}: {name} must hold the classes 0, 1, 2 only, found {bad.tolist()}")
+
+
+def load_truth(path) -> np.ndarray:
+    """A ground truth ``true<n>.mat``: ``truth`` (256, 256) uint8, 0 water, 1 resistive, 2
+    conductive. Other values are refused."""
+    path, data = _loadmat(path, "truth file")
+    x = _class_map(data, "truth", path, "truth file")
+    _check_classes(x, "truth", path, "truth file")
     return x.astype(np.uint8)
 
 
-def load_reconstruction(path) -> np.ndarray:
-    """A submission's ``<n>.mat``: ``reconstruction`` (256, 256), returned as float64 as
-    stored (any numeric type; the score reads classes with the organisers' tolerance,
-    |value - class| < 0.1)."""
+def load_reconstruction(path, *, any_shape: bool = False) -> np.ndarray:
+    """A submission's ``<n>.mat``: ``reconstruction`` (256, 256) of the classes 0, 1, 2 (any
+    numeric type), returned as float64. Other values (NaN, infinite, complex, a raw image)
+    are refused as in a truth file. ``any_shape``: return an array of another shape too (the
+    challenge scores it 0; :func:`score_parts` warns)."""
     path, data = _loadmat(path, "reconstruction file")
-    return _class_map(data, "reconstruction", path, "reconstruction file")
+    if any_shape:
+        x = _variable(data, "reconstruction", path, "reconstruction file")
+    else:
+        x = _class_map(data, "reconstruction", path, "reconstruction file")
+    _check_classes(x, "reconstruction", path, "reconstruction file")
+    return x
+
+
+# a fixed description in the .mat header instead of scipy's creation time, so that the same
+# classes always give the same bytes
+MAT_HEADER = b"MATLAB 5.0 MAT-file, written by dgm-eit (no creation time, so the same image gives the same file)"
+
+
+def write_reconstruction(path, classes) -> Path:
+    """Write a submission ``<n>.mat`` (``reconstruction``, 256 x 256 uint8) atomically, with a
+    fixed header: the bytes depend on the classes only."""
+    import io
+
+    import scipy.io
+
+    from dgm_eit.files import write_bytes
+
+    image = np.asarray(classes)
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        raise InputError(f"a reconstruction must be {IMAGE_SIZE} x {IMAGE_SIZE}, got shape {image.shape}")
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"reconstruction": image.astype(np.uint8)})
+    raw = buf.getvalue()
+    # the first 116 bytes are the header's free text; the version and byte order follow
+    write_bytes(path, MAT_HEADER.ljust(116, b" ") + raw[116:])
+    return Path(path)
+
+
+def is_reconstruction_file(path) -> bool:
+    """A ``.mat`` file holding one variable, ``reconstruction``: what the entry point writes."""
+    import scipy.io
+
+    try:
+        held = scipy.io.whosmat(str(path))
+    except Exception:   # scipy raises many kinds for bytes that are not a .mat file: not ours
+        return False
+    return [name for name, _, _ in held] == ["reconstruction"]
+
+
+# ---------------------------------------------------------------------------------
+# a directory of targets
+
+def numbered_files(directory, prefix: str, option: str) -> dict[int, Path]:
+    """``{n: path}`` of the files ``<prefix><n>.mat`` in ``directory``, ``n`` in ASCII digits
+    (``data01.mat`` is target 1, read as itself).
+
+    Two files of one number (``data1.mat`` and ``data01.mat``) are refused, naming both: which
+    one was meant cannot be guessed. A number in other digits (``data².mat``, ``data٣.mat``)
+    is no target: it is ignored with one warning naming it, so it never blocks the valid
+    files. Other files (``data_old.mat``, ``notes.mat``) are ignored silently."""
+    import re
+
+    directory = Path(directory)
+    found: dict[int, Path] = {}
+    for p in sorted(directory.iterdir()):
+        if not (p.name.startswith(prefix) and p.suffix == ".mat" and p.is_file()):
+            continue
+        middle = p.name[len(prefix):-len(".mat")]
+        if re.fullmatch(r"[0-9]+", middle):
+            n = int(middle)
+            if n in found:
+                raise InputError(f"{option} {directory} holds {found[n].name} and {p.name}, both target {n}; "
+                                 "remove or rename one")
+            found[n] = p
+        elif middle and all(c.isnumeric() for c in middle):
+            warnings.warn(f"{p} ignored: not {prefix}<n>.mat with n in the digits 0-9", stacklevel=2)
+    return dict(sorted(found.items()))
+
+
+def check_frame(frame: Measurement, ref: Measurement) -> list[str]:
+    """Refuse a measurement frame that cannot be a frame of the tank ``ref.mat`` describes;
+    return a warning for one whose size is far from the reference's.
+
+    The objects of a target change the voltages by some percent (the public targets: 7-13 %
+    of ``Uelref``, in norm 0.93-1.01 x), so: all zeros, a sign flip, and other injection or
+    measurement patterns are refused; a norm outside [1/2, 2] x the reference's, or a
+    difference larger than the reference itself, is warned about, naming the factor (the
+    voltage check of ``dgm-eit reconstruct``, with ``ref.mat`` as the yardstick)."""
+    path = frame.path
+    if not np.array_equal(frame.pattern, ref.pattern):
+        raise InputError(f"{path}: Mpat differs from ref.mat's ({ref.path}); the frames must use the same "
+                         "measurement patterns")
+    both = np.isfinite(frame.injections) & np.isfinite(ref.injections)
+    scale = np.abs(ref.injections[np.isfinite(ref.injections)]).max(initial=0.0)
+    if not np.allclose(frame.injections[both], ref.injections[both], rtol=1e-6, atol=1e-9 * scale):
+        raise InputError(f"{path}: Inj differs from ref.mat's Injref ({ref.path}); the frames must use the same "
+                         "injections")
+    present = frame.available & ref.available
+    if not present.any():
+        raise InputError(f"{path}: no voltage of Uel is present where ref.mat's Uelref is ({ref.path})")
+    u, u_ref = frame.voltages[present], ref.voltages[present]
+    norm, norm_ref = float(np.linalg.norm(u)), float(np.linalg.norm(u_ref))
+    if norm <= 1e-12 * norm_ref:
+        raise InputError(f"{path}: Uel is all zeros; nothing was measured")
+    if float(u @ u_ref) < -0.5 * norm * norm_ref:
+        raise InputError(f"{path}: Uel looks sign-flipped (its negative matches ref.mat's Uelref); check the "
+                         "electrode order or polarity")
+    factor = norm / norm_ref
+    if not 0.5 <= factor <= 2.0:
+        return [f"{path}: Uel is {factor:.3g} x the size of ref.mat's Uelref (a target changes it by some "
+                "percent); the image will not be meaningful"]
+    change = float(np.linalg.norm(u - u_ref)) / norm_ref
+    if change > 1.0:
+        return [f"{path}: Uel differs from ref.mat's Uelref by {change:.3g} x its size (a target changes it by "
+                "some percent); the image will not be meaningful"]
+    return []
+
+
+def read_targets(directory, option: str = "INPUT_DIR") -> tuple[Measurement, dict[int, Measurement]]:
+    """``ref.mat`` and the frames ``data<n>.mat`` of ``directory`` (:func:`numbered_files`),
+    each checked against the reference (:func:`check_frame`; its warnings are issued)."""
+    from dgm_eit.files import require_dir
+
+    directory = require_dir(directory, option)
+    ref = load_reference(directory / "ref.mat")
+    if not np.any(ref.voltages[ref.available]):
+        raise InputError(f"{ref.path}: Uelref is all zeros; nothing was measured")
+    paths = numbered_files(directory, "data", option)
+    if not paths:
+        raise InputError(f"{option} {directory} holds no data<n>.mat files")
+    frames = {n: load_measurement(p) for n, p in paths.items()}
+    for frame in frames.values():
+        for message in check_frame(frame, ref):
+            warnings.warn(message, stacklevel=2)
+    return ref, frames
 
 
 # ---------------------------------------------------------------------------------

@@ -26,13 +26,16 @@ class FolderReconstruction:
 
 
 def reconstruct_folder(input_dir, level: int, run_dir, *, output_dir=None, method: str | None = None,
-                       seed: int = 0, device: str = "auto") -> FolderReconstruction:
+                       seed: int = 0, device: str = "auto", overwrite: bool = False) -> FolderReconstruction:
     """Reconstruct every ``data<n>.mat`` of ``input_dir`` against its ``ref.mat`` at ``level``
     (1..7; level L drops electrodes 1..2(L-1)), as difference data ``Uel - Uelref``, with
     ``method`` (default: the study's, :func:`dgm_eit.ktc.study.default_method`) and the
     settings and segmentation thresholds the study chose for it; a trained method uses its
-    first seed's model. ``output_dir``: also write ``<n>.mat`` in the challenge's format."""
-    from dgm_eit.datasets.ktc2023 import removed_electrodes
+    first seed's model. ``output_dir``: also write ``<n>.mat`` in the challenge's format (never
+    into ``input_dir``; a file there that is not a reconstruction only with ``overwrite``).
+    Every input and output is checked before a model is loaded."""
+    from dgm_eit.datasets.ktc2023 import is_reconstruction_file, removed_electrodes
+    from dgm_eit.files import check_output
     from dgm_eit.ktc import ALL_METHODS
     from dgm_eit.ktc.segment import segment_images
     from dgm_eit.ktc.study import Methods, default_method, load_study, real_targets, seeded, write_submission
@@ -42,9 +45,12 @@ def reconstruct_folder(input_dir, level: int, run_dir, *, output_dir=None, metho
     check_seed(seed)
     if method is not None and method not in ALL_METHODS:
         raise InputError(f"unknown KTC method {method!r}; choose from {', '.join(ALL_METHODS)}")
-    out = None if output_dir is None else Path(output_dir)
+    source, out = Path(input_dir), None if output_dir is None else Path(output_dir)
     if out is not None and out.exists() and not out.is_dir():
         raise InputError(f"OUTPUT_DIR {out} exists and is not a directory")
+    if out is not None and out.resolve() == source.resolve():
+        raise InputError(f"OUTPUT_DIR {out} is INPUT_DIR {source}: <n>.mat would land among the inputs; "
+                         "choose another folder")
     cfg, chosen = load_study(run_dir)
     chosen = {m: record for m, record in chosen.items() if "score" in record}   # a seed's choice may be pending
     why = None
@@ -53,8 +59,11 @@ def reconstruct_folder(input_dir, level: int, run_dir, *, output_dir=None, metho
     if method not in chosen:
         raise InputError(f"{run_dir} has no settings for method {method!r} (it ran {', '.join(chosen)})")
     record = chosen[method]["seeds"][0] if seeded(method) else chosen[method]
+    numbers, real = real_targets(source, [level], truths=False)
+    for n in numbers if out is not None else ():
+        check_output(out / f"{n}.mat", own_kind=is_reconstruction_file, overwrite=overwrite, option="OUTPUT_DIR file",
+                     kind="reconstruction file (one variable 'reconstruction')")
     limit_threads()
-    numbers, real = real_targets(Path(input_dir), [level])
     methods = Methods(cfg, Path(run_dir), seed=seed, device=str(resolve_device(device)))
     data = real["levels"][level]
     made = methods.reconstruct(method, data["dv"], data["masks"], record)

@@ -190,6 +190,10 @@ def load_study(run_dir) -> tuple[dict, dict]:
     if old:
         raise InputError(f"{root} was made by an earlier dgm-eit (one model per method, no seeds: {', '.join(old)}); "
                          "make the study again with this version")
+    missing = [m for m in check_methods(cfg) if "score" not in chosen.get(m, {})]
+    if missing:
+        raise InputError(f"{root} has not finished: its methods.json has no settings for {', '.join(missing)} "
+                         "of run.methods; re-run the same dgm-eit run command to finish it")
     return cfg, chosen
 
 
@@ -317,35 +321,30 @@ def default_method(chosen: dict, *, resamples: int, seed: int = 0) -> tuple[str,
                   f"{rule}")
 
 
-def real_targets(directory: Path, levels) -> tuple[list[int], dict]:
-    """The targets ``data<n>.mat`` of ``directory`` with ``ref.mat``: per level, difference
-    voltages and masks (N, M), plus the truths when ``true<n>.mat`` exist."""
+def real_targets(directory: Path, levels, truths: bool = True) -> tuple[list[int], dict]:
+    """The targets ``data<n>.mat`` of ``directory`` with ``ref.mat`` (:func:`ktc.read_targets`):
+    per level, difference voltages and masks (N, M), plus, with ``truths``, the truths where
+    ``true<n>.mat`` exist (the entry point never reads them)."""
     directory = Path(directory)
-    ref = ktc.load_reference(directory / "ref.mat")
-    numbers = sorted(int(p.stem[4:]) for p in directory.glob("data*.mat") if p.stem[4:].isdigit())
-    if not numbers:
-        raise InputError(f"{directory} holds no data<n>.mat files")
-    frames = [ktc.load_measurement(directory / f"data{n}.mat") for n in numbers]
+    ref, by_number = ktc.read_targets(directory)
+    numbers, frames = list(by_number), list(by_number.values())
     out = {}
     for level in levels:
         mask = ktc.level_mask(level, ref.injections, ref.pattern) & np.isfinite(ref.voltages)
         dv = np.stack([f.voltages - ref.voltages for f in frames])
         out[level] = {"dv": dv, "masks": mask[None, :] & np.isfinite(dv)}
-    truths = {n: ktc.load_truth(directory / f"true{n}.mat") for n in numbers if (directory / f"true{n}.mat").is_file()}
-    return numbers, {"levels": out, "truths": truths}
+    if not truths:
+        return numbers, {"levels": out, "truths": {}}
+    truth_maps = {n: ktc.load_truth(directory / f"true{n}.mat") for n in numbers
+                  if (directory / f"true{n}.mat").is_file()}
+    return numbers, {"levels": out, "truths": truth_maps}
 
 
 def write_submission(directory: Path, numbers, classes: np.ndarray) -> None:
     """``<n>.mat`` with a uint8 ``reconstruction`` per target, as the challenge's entry point writes."""
-    import scipy.io as sio
-
-    from dgm_eit.files import atomic_path
-
     directory.mkdir(parents=True, exist_ok=True)
     for n, image in zip(numbers, classes):
-        with atomic_path(directory / f"{n}.mat") as tmp:
-            with open(tmp, "wb") as fh:
-                sio.savemat(fh, {"reconstruction": np.asarray(image, dtype=np.uint8)})
+        ktc.write_reconstruction(directory / f"{n}.mat", image)
 
 
 class Study:
