@@ -591,7 +591,7 @@ def test_21_1_sigkill_of_a_run_ends_its_workers_and_the_helpers(tmp_path):
                             env={**os.environ, "DGM_EIT_DEBUG": ""})
     helpers = []
     try:
-        checkpoints = [out / "runs" / f"cnf_{label}" / "checkpoints" / "last.pt" for label in ("2a_40dB", "4a_40dB")]
+        checkpoints = [out / "runs" / f"cnf_{label}" / "seed0" / "checkpoints" / "last.pt" for label in ("2a_40dB", "4a_40dB")]
         _wait_for(lambda: all(p.exists() for p in checkpoints), proc, "checkpoint of both training stages")
         helpers = _descendants(proc.pid)
         assert len(helpers) >= 2, "expected two training workers"
@@ -639,8 +639,8 @@ def test_21_10_ctrl_c_stops_a_reconstruction_stage_and_the_run_resumes(tmp_path)
     assert not (out / "report.md").exists()
     assert not [p.name for p in (out / "recon").iterdir()]     # no half-written reconstruction
     assert main([str(a) for a in argv]) == 0
-    assert sorted(p.name for p in (out / "recon").iterdir()) == ["csd_2a_40dB_on_2a_40dB.h5",
-                                                                 "csd_4a_40dB_on_4a_40dB.h5"]
+    assert sorted(p.name for p in (out / "recon").iterdir()) == ["csd_2a_40dB_on_2a_40dB_seed0.h5",
+                                                                 "csd_4a_40dB_on_4a_40dB_seed0.h5"]
     assert (out / "report.md").is_file()
 
 
