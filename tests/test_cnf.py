@@ -188,3 +188,22 @@ def test_trains_with_the_shared_trainer_and_reloads(tiny_dataset, tmp_path):
     assert torch.equal(out1["recon"], out2["recon"]) and torch.isfinite(out1["recon"]).all()
     # the ActNorm initialisation is part of the saved weights
     assert all(bool(b) for name, b in model.named_buffers() if name.endswith("initialised"))
+
+
+def test_samples_are_clipped_to_the_training_range_before_their_mean_and_std():
+    info = DataInfo(**{**_info(16).__dict__, "sigma_min": 0.5, "sigma_max": 1.5})
+    batch = {"gn": torch.ones(2, 16, 16)}
+    inside = disk_mask(16).bool()
+    out = {}
+    for clip in (True, False):
+        torch.manual_seed(0)
+        model = CNF(_cfg(clip_samples=clip), info).eval()
+        # a hot latent sends the samples far outside the training range, as a flow's tail can
+        out[clip] = model.reconstruct(batch, n_samples=8, generator=torch.Generator().manual_seed(1), temperature=10.0)
+    recon = out[True]["recon"][:, inside]
+    assert recon.min() >= 0.5 and recon.max() <= 1.5
+    assert out[False]["recon"][:, inside].abs().max() > 1.5     # without clipping they stay out
+    # the sample std (ddof 1) of 8 values within [0.5, 1.5] is at most 0.5 sqrt(8/7)
+    assert out[True]["recon_std"].max() <= 0.5 * math.sqrt(8 / 7) + 1e-6
+    # a run made before the range was recorded reconstructs unclipped
+    assert not CNF(_cfg(clip_samples=True), _info(16)).clip_samples

@@ -222,9 +222,15 @@ class Experiment:
                 return tuning_spec(s)
         raise InputError(f"no results table tests {method.key} ({train.label}) on {data.label}")
 
-    def member_files(self, method: Method, train: DataSpec, data: DataSpec) -> list[Path]:
-        """The reconstructions an ensemble pools: its method's, one per seed."""
-        return [self.layout.recon(method.ensemble_of, train, data, k) for k in range(self.n_seeds)]
+    def seed_files(self, key: str, train: DataSpec, data: DataSpec) -> list[Path]:
+        """The reconstructions of the method ``key`` by each seed's model."""
+        return [self.layout.recon(key, train, data, k) for k in range(self.n_seeds)]
+
+    def method_files(self, method: Method, train: DataSpec, data: DataSpec) -> list[Path]:
+        """The reconstruction files a trained method is scored from: one per seed, or an ensemble's one."""
+        if method.ensemble:
+            return [self.layout.recon(method.key, train, data)]
+        return self.seed_files(method.key, train, data)
 
     # -- stage jobs ------------------------------------------------------------------------
 
@@ -271,7 +277,7 @@ class Experiment:
     def _ensemble_job(self, method: Method, train: DataSpec, data: DataSpec) -> StageJob:
         out = self.layout.recon(method.key, train, data)
         return StageJob(f"pool {method.key} ({train.label}) on {data.label}", lambda: self._recon_done(out),
-                        ensemble_stage, dict(members=self.member_files(method, train, data), out=out))
+                        ensemble_stage, dict(members=self.seed_files(method.ensemble_of, train, data), out=out))
 
     # -- run -------------------------------------------------------------------------------
 
@@ -342,12 +348,6 @@ class Experiment:
             records[name] = {"status": "done", "seconds_per_image": spi, "device": "cpu"}
             self.log(f"[done]  {name}: {spi * 1000:.0f} ms per image")
 
-    def _method_files(self, method: Method, train: DataSpec | None, data: DataSpec) -> list[Path]:
-        """The reconstruction files a method is scored from: one per seed, or the ensemble's one."""
-        if method.ensemble:
-            return [self.layout.recon(method.key, train, data)]
-        return [self.layout.recon(method.key, train, data, k) for k in range(self.n_seeds)]
-
     def _evaluate(self, setting: Setting, data_ok: dict) -> SettingResult:
         result = SettingResult(setting)
         if not data_ok.get(setting.data):
@@ -363,7 +363,7 @@ class Experiment:
                 images = [(arrays["gn"], None)]
                 files = []
             else:
-                files = self._method_files(method, train, setting.data)
+                files = self.method_files(method, train, setting.data)
                 absent = [p.name for p in files if not p.exists()]
                 if absent:
                     result.missing[method.key] = f"no reconstruction ({', '.join(absent)})"
@@ -415,7 +415,7 @@ class Experiment:
             run_dirs = [self.layout.run(method.model, train, k) for k in range(self.n_seeds)]
             if not all(runs.is_finished(d) for d in run_dirs):
                 continue
-            files = [f for m, t, d in jobs if m == method and t == train for f in self._method_files(m, t, d)]
+            files = [f for m, t, d in jobs if m == method and t == train for f in self.method_files(m, t, d)]
             attrs = [recon_attrs(f) for f in files if f.exists()]
             spi = [a["seconds_per_image"] for a in attrs if "seconds_per_image" in a]
             nfe = [a["nfe"] for a in attrs if "nfe" in a]

@@ -32,6 +32,8 @@ class DataInfo:
     v_std: list[float]
     sigma_mean: float
     sigma_std: float
+    sigma_min: float | None = None    # the training images' range (None in runs made before it was recorded)
+    sigma_max: float | None = None
 
     @classmethod
     def from_arrays(cls, sigma: np.ndarray, v: np.ndarray) -> "DataInfo":
@@ -47,6 +49,8 @@ class DataInfo:
             v_std=v_std.tolist(),
             sigma_mean=float(sigma.mean()),
             sigma_std=float(sigma.std() or 1.0),
+            sigma_min=float(sigma.min()),
+            sigma_max=float(sigma.max()),
         )
 
     def save(self, path: str | Path) -> None:

@@ -11,6 +11,12 @@ dimension; reconstruction is the mean (and per-pixel std) of K posterior samples
 The image is 0 outside the disk, a value with no spread that a density cannot model. The
 flow therefore sees standard normal noise there (an easy, independent part of the density)
 and reconstructions are set to 0 outside the disk.
+
+A flow's rare samples can leave the range of every training image by orders of magnitude
+(a 4-anomaly flow of the quick profile drew pixels of 194 where the truth lies in [0, 1.5];
+its mean of 64 samples was then 131% worse than GN on validation, while the same samples
+clipped to the training range were 60% better). With ``cnf.clip_samples`` the samples are
+clipped to the training images' range before their mean and std are taken.
 """
 
 from __future__ import annotations
@@ -122,6 +128,10 @@ class CNF(GenerativeModel):
         self.register_buffer("sigma_mean", torch.tensor(float(info.sigma_mean)))
         self.register_buffer("sigma_std", torch.tensor(float(info.sigma_std)))
         self.register_buffer("inside", disk_mask(size).float())
+        self.clip_samples = bool(cfg["clip_samples"]) and info.sigma_min is not None
+        if self.clip_samples:
+            # from data_info.json, not saved with the weights
+            self.register_buffer("sample_range", torch.tensor([info.sigma_min, info.sigma_max]), persistent=False)
 
         self.cond_net = ConditioningNetwork(
             cond_channels, int(cfg["cond_vector"]), res_blocks=int(cfg["cond_res_blocks"]),
@@ -273,7 +283,9 @@ class CNF(GenerativeModel):
                             dtype=self.inside.dtype).to(device) * temp
             x = self.from_latent(z, [m[index] for m in maps], vector[index])
             samples[start:stop] = x[:, 0]
-        samples = (samples * self.sigma_std + self.sigma_mean) * self.inside
-        samples = samples.view(b, k, self.size, self.size)
+        samples = samples * self.sigma_std + self.sigma_mean
+        if self.clip_samples:
+            samples = samples.clamp(self.sample_range[0], self.sample_range[1])
+        samples = (samples * self.inside).view(b, k, self.size, self.size)
         std = samples.std(dim=1) if k > 1 else torch.zeros_like(samples[:, 0])
         return {"recon": samples.mean(dim=1), "recon_std": std, "nfe": k}
