@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from dgm_eit.cli import main
+from dgm_eit.results import read_recon
 from test_cli import SMALL_DATA, TINY_CNF, _save, fails, work  # noqa: F401  (work: fixture)
 from test_simulate import _alive, _descendants
 
@@ -634,10 +635,13 @@ def test_21_10_ctrl_c_stops_a_reconstruction_stage_and_the_run_resumes(tmp_path)
                 os.killpg(proc.pid, signal.SIGKILL)
     stderr = err_path.read_text()
     assert rc == 130, stderr[-2000:]
-    assert "Traceback" not in stderr and "[done]  reconstruct" not in stderr
+    assert "Traceback" not in stderr
     assert _last_line(stderr) == "dgm-eit: interrupted; re-run the same command to resume"
     assert not (out / "report.md").exists()
-    assert not [p.name for p in (out / "recon").iterdir()]     # no half-written reconstruction
+    # a fast machine may finish a reconstruction before the signal lands: what is there is whole
+    for path in (out / "recon").iterdir():
+        assert path.suffix == ".h5", f"half-written {path.name}"
+        read_recon(path)
     assert main([str(a) for a in argv]) == 0
     assert sorted(p.name for p in (out / "recon").iterdir()) == ["csd_2a_40dB_on_2a_40dB_seed0.h5",
                                                                  "csd_4a_40dB_on_4a_40dB_seed0.h5"]
