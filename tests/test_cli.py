@@ -568,6 +568,47 @@ def test_reconstruct_with_csd_same_seed_same_images(work, score_run, tmp_path):
     assert not np.array_equal(a, c)
 
 
+def test_a_reconstruction_file_records_the_command_that_remakes_it(work, score_run, tmp_path):
+    """t0 and steps reach the sampler, and every option the file records goes back into its
+    command (run here, so its paths are the ones given)."""
+    import shlex
+
+    from dgm_eit.reconstruct import reconstruct_command
+    from dgm_eit.results import read_recon, recon_attrs
+
+    def reconstruct(name, *options):
+        out = tmp_path / name
+        assert main([str(a) for a in ["reconstruct", "--run", score_run, "--data", work["data"], "--out", out,
+                                      "--sampler", "csd", "--limit", 2, "--samples", 2, "--batch-size", 1,
+                                      "--threads", 1, "--device", "cpu", "--seed", 5, *options]]) == 0
+        return out
+
+    made = reconstruct("a.h5", "--t0", 0.3, "--steps", 2)
+    attrs = recon_attrs(made)
+    assert {k: attrs[k] for k in ("t0", "n_steps", "n_samples", "sampler", "limit", "batch_size", "threads",
+                                  "device", "weights", "seed")} == {
+        "t0": 0.3, "n_steps": 2, "n_samples": 2, "sampler": "csd", "limit": 2, "batch_size": 1, "threads": 1,
+        "device": "cpu", "weights": "model", "seed": 5}
+    command = reconstruct_command(attrs, run=score_run, data=work["data"], out=tmp_path / "again.h5")
+    assert command.startswith("dgm-eit reconstruct ") and " --t0 0.3 --steps 2 " in command
+    assert main(shlex.split(command)[1:]) == 0
+    for mine, theirs in zip(read_recon(tmp_path / "again.h5"), read_recon(made)):
+        assert np.array_equal(mine, theirs)
+    other = read_recon(reconstruct("b.h5", "--t0", 0.5, "--steps", 2))[0]
+    assert not np.array_equal(other, read_recon(made)[0])
+    with pytest.raises(ValueError, match="records no seed"):
+        reconstruct_command({"split": "test"}, run="r", data="d", out="o")
+
+
+@pytest.mark.parametrize("option, value, words", [("--t0", "0", ["--t0", "(0, 1]"]), ("--t0", "1.5", ["--t0"]),
+                                                  ("--steps", "0", ["--steps", ">= 1"]),
+                                                  ("--threads", "0", ["--threads", ">= 1"])])
+def test_reconstruct_refuses_bad_sampler_steps_and_threads(work, score_run, tmp_path, capsys, option, value, words):
+    fails(capsys, ["reconstruct", "--run", score_run, "--data", work["data"], "--out", tmp_path / "r.h5",
+                   option, value, "--device", "cpu"], *words)
+    assert leftovers(tmp_path, "r.h5") == []
+
+
 def test_tune_t0_same_seed_same_table(work, score_run, tmp_path):
     run = _copy_run(score_run, tmp_path)
 
@@ -608,6 +649,8 @@ def test_reconstruct_refuses_a_sampler_for_a_model_without_samplers(work, tmp_pa
     that never ran."""
     fails(capsys, ["reconstruct", "--run", work["run"], "--data", work["data"], "--out", tmp_path / "r.h5",
                    "--sampler", "csd", "--device", "cpu"], "--sampler csd", "'cnf'")
+    fails(capsys, ["reconstruct", "--run", work["run"], "--data", work["data"], "--out", tmp_path / "r.h5",
+                   "--t0", "0.3", "--steps", "2", "--device", "cpu"], "--t0 0.3, --steps 2 apply to score runs")
     assert leftovers(tmp_path, "r.h5") == []
 
 

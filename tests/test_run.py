@@ -307,6 +307,58 @@ def test_csd_settings_are_chosen_on_the_validation_split_of_each_tables_training
                      r"the validation split of 4a_25dB", section)
 
 
+def _printed_commands(block: str) -> dict[str, str]:
+    """``{comment: command}`` of a block of ``# comment`` lines, each followed by its command."""
+    lines = [line for line in block.strip().splitlines() if line.strip()]
+    return {c[2:]: cmd for c, cmd in zip(lines, lines[1:]) if c.startswith("# ") and cmd.startswith("dgm-eit ")}
+
+
+def _remake(out: Path, command: str, monkeypatch) -> Path:
+    """Run a printed command where the report says to (the output directory); the file it wrote."""
+    import shlex
+
+    argv = shlex.split(command)
+    assert argv[:2] == ["dgm-eit", "reconstruct"]
+    monkeypatch.chdir(out)
+    assert main(argv[1:]) == 0
+    return out / argv[argv.index("--out") + 1]
+
+
+def test_the_printed_command_remakes_a_row_bit_for_bit(smoke_run, monkeypatch):
+    """Test 2's CSD* row (the prior trained at 40 dB; sampler dds, t0 and steps chosen on
+    validation, samples drawn from the seed): seed 0's command under the table remakes the
+    run's file and its numbers; remake.sh's command of CNF's seed 1 does the same."""
+    from dgm_eit.results import recon_attrs
+
+    out, _ = smoke_run
+    title = "### T2: 2 anomalies, 25 dB"
+    section = (out / "report.md").read_text().split(title)[1].split("\n### ")[0]
+    block = section.split("<summary>Commands that remake this table's rows</summary>")[1].split("</details>")[0]
+    commands = _printed_commands(block.split("```sh")[1].split("```")[0])
+    assert list(commands) == ["CVAE", "CNF", "CSD* (2a_40dB)", "CSD-guided (2a_40dB)"]
+    csd = commands["CSD* (2a_40dB)"]
+    attrs = recon_attrs(out / "recon" / "csd_2a_40dB_on_2a_25dB_seed0.h5")
+    for option in ("--sampler dds", f"--t0 {attrs['t0']!r}", f"--steps {attrs['n_steps']}", "--samples 2",
+                   f"--seed {_experiment(out).training_seed('score', DataSpec(2, 40.0), 0)}"):
+        assert f" {option} " in f"{csd} "
+    assert "GN needs no command" in block
+    assert "A seed ensemble pools its method's seed files" in block
+    assert "CSD* ens (2a_40dB) `recon/csd_2a_40dB_on_2a_25dB_seed0.h5`, `recon/csd_2a_40dB_on_2a_25dB_seed1.h5`" in block
+    rows = {(r["test"], r["test_set"], r["method"], r["seed"], r["metric"]): r for r in _csv_rows(out)}
+    data = out / "data" / "2a_25dB.h5"
+    script = _printed_commands((out / "remake.sh").read_text())
+    assert len(script) == 6 * 4 * SEEDS
+    for command, own, row in [
+            (csd, "csd_2a_40dB_on_2a_25dB_seed0.h5", ("T2", "2a_25dB", "CSD*", "0", "MSE")),
+            (script["T2: 2 anomalies, 25 dB: CNF, seed 1"], "cnf_2a_25dB_on_2a_25dB_seed1.h5",
+             ("T2", "2a_25dB", "CNF", "1", "MSE"))]:
+        remade = _remake(out, command, monkeypatch)
+        assert remade == out / "remade" / own
+        for mine, theirs in zip(read_recon(remade), read_recon(out / "recon" / own)):
+            assert theirs is not None and np.array_equal(mine, theirs)
+        assert evaluate_file(remade, data, "test")[0]["MSE"].mean == float(rows[row]["mean"])
+
+
 def test_test3_alone_still_simulates_the_set_that_tunes_csd(tmp_path):
     cfg = load_config("smoke")
     cfg["run"]["tests"] = ["T3"]

@@ -19,8 +19,9 @@ order, each reused when its output exists:
    atomically), and with several seeds the ensembles
    ``DIR/recon/<method>-ens_<train label>_on_<test label>.h5`` pooled from them. GN needs
    no stage: its image is the data set's ``gn`` array, and it has no seed.
-4. metrics, intervals, ``metrics.csv``, figures and ``report.md``: recomputed on every run
-   (cheap).
+4. metrics, intervals, ``metrics.csv``, figures, ``report.md`` and ``remake.sh`` (the
+   ``dgm-eit reconstruct`` command behind every seed's reconstruction file, read from its
+   attributes: :meth:`Experiment.remake_command`): recomputed on every run (cheap).
 
 A stage that fails is recorded in ``DIR/stages.json`` and in the report, and the stages
 that do not depend on it still run; the command then exits non-zero. Re-running the
@@ -44,6 +45,7 @@ from dgm_eit.methods import GAUSS_NEWTON, Method, select_methods
 from dgm_eit.metrics import per_sample
 from dgm_eit.models.posterior import TUNABLE_SAMPLERS
 from dgm_eit.paper import settings_for
+from dgm_eit.reconstruct import reconstruct_command
 from dgm_eit.report import comparison_figure
 from dgm_eit.results import (DataSpec, EfficiencyRow, MethodResult, RunResult, Setting, SettingResult,
                              read_recon, recon_attrs, recon_file_problem)
@@ -107,6 +109,15 @@ class Layout:
         """A reconstruction by the model of seed ``seed_index``; None: a method without seeds (an ensemble)."""
         seed = "" if seed_index is None else f"_seed{seed_index}"
         return self.root / "recon" / f"{method}_{train.label}_on_{data.label}{seed}.h5"
+
+    def remade(self, recon: Path) -> Path:
+        """Where the printed command that remakes the reconstruction file ``recon`` writes it, so
+        that it can be compared with the run's own."""
+        return self.root / "remade" / recon.name
+
+    def relative(self, path: Path) -> Path:
+        """``path`` as a command run in the output directory names it."""
+        return path.relative_to(self.root)
 
     def figure(self, setting: Setting) -> Path:
         return self.root / "figures" / f"{setting.key}.png"
@@ -231,6 +242,15 @@ class Experiment:
         if method.ensemble:
             return [self.layout.recon(method.key, train, data)]
         return self.seed_files(method.key, train, data)
+
+    def remake_command(self, method: Method, train: DataSpec, data: DataSpec, k: int) -> str:
+        """The ``dgm-eit reconstruct`` command that remakes seed ``k``'s reconstruction file of a
+        trained method into ``remade/`` (from its attributes: seed, samples, sampler, the t0 and
+        steps chosen on validation ...), its paths relative to the output directory, to be run there."""
+        layout = self.layout
+        path = layout.recon(method.key, train, data, k)
+        return reconstruct_command(recon_attrs(path), run=layout.relative(layout.run(method.model, train, k)),
+                                   data=layout.relative(layout.data(data)), out=layout.relative(layout.remade(path)))
 
     # -- stage jobs ------------------------------------------------------------------------
 
@@ -381,7 +401,14 @@ class Experiment:
                     chosen = {k: attrs[k] for k in ("t0", "n_steps", "sampler") if k in attrs}
                     sampling.append({**chosen, "tuned_on": self.tuning_set(method, train, setting.data).label})
             seeded = method.model is not None and not method.ensemble
-            result.methods.append(MethodResult(method.key, method.name, train, values, seeded, sampling))
+            commands, pooled_from = [], []
+            if seeded:
+                commands = [self.remake_command(method, train, setting.data, k) for k in range(self.n_seeds)]
+            elif method.ensemble:
+                members = self.seed_files(method.ensemble_of, train, setting.data)
+                pooled_from = [str(self.layout.relative(p)) for p in members]
+            result.methods.append(MethodResult(method.key, method.name, train, values, seeded, sampling, commands,
+                                               pooled_from))
             # figures show the first seed's model, and each ensemble
             recon, std = images[0]
             recons[method.name] = recon

@@ -9,6 +9,7 @@ it, and the caller.
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
@@ -200,8 +201,10 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
                       sampler: str | None = None, seed: int = 0, device: str = "auto",
                       batch_size: int = 64, weights: str = "model", limit: int | None = None,
                       progress: bool = False, **opts) -> dict:
-    """Reconstruct a split of a data-set file; write ``out`` (HDF5) when given."""
-    model, cfg, info = load_run(run_dir, runtime.resolve_device(device), weights=weights)
+    """Reconstruct a split of a data-set file; write ``out`` (HDF5) when given, with what
+    :func:`reconstruct_command` needs to remake it."""
+    device = runtime.resolve_device(device)
+    model, cfg, info = load_run(run_dir, device, weights=weights)
     opts = run_options(run_dir, cfg, opts)
     # the noise level of these measurements (data-consistent sampling weighs them by it)
     opts.setdefault("snr_db", dataset_config(data_path).get("data", {}).get("snr_db"))
@@ -226,16 +229,47 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
     result = reconstruct_arrays(model, arrays["v"], arrays.get("gn"), n_samples=n_samples, seed=seed,
                                 batch_size=batch_size, progress=progress, **opts)
     if out is not None:
+        # the thread count too: a reduction split over other threads adds in another order
         attrs = {"method": model.name, "split": split, "seed": int(seed), "data": str(Path(data_path).resolve()),
-                 "run": str(Path(run_dir).resolve())}
+                 "run": str(Path(run_dir).resolve()), "weights": weights, "batch_size": int(batch_size),
+                 "threads": torch.get_num_threads(), "device": str(device)}
         if n_samples is not None:
             attrs["n_samples"] = int(n_samples)
         if sampler is not None:
             attrs["sampler"] = sampler
+        if limit is not None:
+            attrs["limit"] = int(limit)
         # sampler settings chosen on validation (by dgm-eit run or tune-t0) or given explicitly
         attrs.update({k: opts[k] for k in SETTING_KEYS if k in opts})
         write_recon_file(out, result, attrs)
     return result
+
+
+# the attributes of a reconstruction file that are options of dgm-eit reconstruct, in the
+# order a command gives them (t0 and n_steps: the settings dgm-eit run chose on validation)
+COMMAND_OPTIONS = (("n_samples", "--samples"), ("sampler", "--sampler"), ("t0", "--t0"), ("n_steps", "--steps"),
+                   ("limit", "--limit"), ("weights", "--weights"), ("batch_size", "--batch-size"),
+                   ("threads", "--threads"), ("device", "--device"))
+
+
+def reconstruct_command(attrs: dict, *, run, data, out) -> str:
+    """The ``dgm-eit reconstruct`` command that remakes a reconstruction file written by
+    :func:`reconstruct_split`, from its attributes ``attrs``; ``run``, ``data`` and ``out`` are
+    the paths the command names (the file records absolute ones, which moving the
+    directory would break). A file from an older version, without some attribute, gets a
+    command that leaves that option at its default."""
+    missing = [k for k in ("split", "seed") if k not in attrs]
+    if missing:
+        raise InputError(f"the reconstruction file records no {' or '.join(missing)}: it was not written by "
+                         "dgm-eit reconstruct, so no command remakes it")
+    argv = ["dgm-eit", "reconstruct", "--run", str(run), "--data", str(data), "--split", str(attrs["split"]),
+            "--out", str(out), "--seed", str(int(attrs["seed"]))]
+    for key, option in COMMAND_OPTIONS:
+        if key in attrs:
+            value = attrs[key]
+            # repr: the shortest text that reads back as the same float
+            argv += [option, repr(float(value)) if isinstance(value, float) else str(value)]
+    return shlex.join(argv)
 
 
 def gn_images(cfg: dict, v: np.ndarray, image_size: int) -> np.ndarray:

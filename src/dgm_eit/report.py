@@ -19,11 +19,12 @@ from dgm_eit.methods import GAUSS_NEWTON
 from dgm_eit.metrics import LOWER_IS_BETTER, METRICS, Summary
 from dgm_eit.paper import PAPER_CITATION, PAPER_PARAMETERS, PAPER_RESULTS, TESTS, paper_mse_change
 from dgm_eit.recon.tuning import describe
-from dgm_eit.results import RunResult, SettingResult
+from dgm_eit.results import MethodResult, RunResult, SettingResult
 
 # decimals per metric in tables: enough to separate methods at the paper's scale
 DIGITS = {"MSE": 5, "PSNR": 2, "SSIM": 3, "RE": 3, "AE": 4, "DR": 3}
 
+REMAKE_SCRIPT = "remake.sh"   # next to report.md: the command behind every seed's reconstruction file
 CSV_COLUMNS = ("test", "train_set", "test_set", "method", "seed", "metric", "mean", "std", "n")
 PER_SAMPLE_COLUMNS = ("test", "train_set", "test_set", "method", "seed", "index", *METRICS)
 INTERVAL_COLUMNS = ("test", "train_set", "test_set", "method", "mse_vs_gn_percent", "ci_low", "ci_high", "verdict",
@@ -210,6 +211,59 @@ def _chosen(values: list) -> str:
     return f"{values[0]:g}" if len(set(values)) == 1 else " / ".join(f"{v:g}" for v in values)
 
 
+def row_label(mr: MethodResult, sr: SettingResult) -> str:
+    """A method's row in a table: its name, and its training set where that is not the test set."""
+    same = mr.train_set is None or mr.train_set == sr.setting.data
+    return mr.name if same else f"{mr.name} ({mr.train_set.label})"
+
+
+def remake_section(sr: SettingResult) -> str:
+    """The commands that remake a table's rows (seed 0's; every seed's are in remake.sh), collapsed."""
+    seeded = [mr for mr in sr.methods if mr.commands]
+    if not seeded:
+        return ""
+    seeds = max(mr.n_seeds for mr in seeded)
+    scope = (f"The row is the mean over the {seeds} seeds' files; the other seeds' commands (run directory "
+             f"`seed<k>`, their own `--seed`) are in `{REMAKE_SCRIPT}`." if seeds > 1 else
+             "The row's numbers are this file's.")
+    lines = ["<details><summary>Commands that remake this table's rows</summary>", "",
+             "Run in the output directory: each command remakes seed 0's reconstruction file of a trained method with "
+             "the settings the run used (samples, sampler, the t0 and steps chosen on validation, seed, threads, "
+             "device) into `remade/`; on the same machine it equals the run's own file in `recon/`, and "
+             f"`dgm-eit evaluate --pred <its --out> --data <its --data>` scores it. {scope}", "", "```sh"]
+    for mr in seeded:
+        lines += [f"# {row_label(mr, sr)}", mr.commands[0]]
+    lines.append("```")
+    notes = []
+    if any(mr.method == GAUSS_NEWTON.key for mr in sr.methods):
+        notes.append("GN needs no command: its images are the test set's own Gauss-Newton images (the data "
+                     "set's `test/gn` array, made when the data set was simulated).")
+    pooled = [f"{row_label(mr, sr)} " + ", ".join(f"`{f}`" for f in mr.pooled_from)
+              for mr in sr.methods if mr.pooled_from]
+    if pooled:
+        notes.append("A seed ensemble pools its method's seed files (`dgm_eit.reconstruct.pool_members`): "
+                     + "; ".join(pooled) + ".")
+    if notes:
+        lines += ["", " ".join(notes)]
+    return "\n".join(lines + ["", "</details>"])
+
+
+def remake_script(result: RunResult) -> str:
+    """``remake.sh``: the command of every seed's reconstruction file of every table."""
+    lines = ["#!/bin/sh",
+             "# Remakes every reconstruction file the tables of report.md are scored from, with the settings",
+             "# the run used; run it in this directory: sh remake.sh. Each command writes remade/<file>,",
+             "# equal to recon/<file> on the same machine (score one: dgm-eit evaluate --pred <its --out>",
+             "# --data <its --data>). GN needs no command (the test set's own gn images); a seed ensemble",
+             "# pools its method's seed files (dgm_eit.reconstruct.pool_members).",
+             "set -e"]
+    for sr in result.settings:
+        for mr in sr.methods:
+            for k, command in enumerate(mr.commands):
+                lines += ["", f"# {sr.setting.title}: {row_label(mr, sr)}, seed {k}", command]
+    return "\n".join(lines) + "\n"
+
+
 def setting_section(sr: SettingResult, cfg: dict) -> str:
     """One results table of a run."""
     s = sr.setting
@@ -217,7 +271,7 @@ def setting_section(sr: SettingResult, cfg: dict) -> str:
     lines = [f"### {s.title} (paper Table {s.paper_table})", ""]
     rows, extra = {}, {}
     for mr in sr.methods:
-        label = mr.name if mr.train_set is None or mr.train_set == s.data else f"{mr.name} ({mr.train_set.label})"
+        label = row_label(mr, sr)
         rows[label] = mr.pooled()
         c = sr.comparisons.get(mr.method)
         own = c is not None and mr.method != GAUSS_NEWTON.key
@@ -261,6 +315,9 @@ def setting_section(sr: SettingResult, cfg: dict) -> str:
     if sr.figure is not None:
         rel = os.path.relpath(sr.figure, sr.figure.parent.parent)
         lines += ["", f"![{s.title}]({rel})"]
+    remake = remake_section(sr)
+    if remake:
+        lines += ["", remake]
     return "\n".join(lines)
 
 
@@ -375,13 +432,15 @@ def seeds_section(result: RunResult) -> str:
 
 
 def write_outputs(result: RunResult) -> dict[str, Path]:
-    """Write ``report.md``, ``metrics.csv``, ``metrics_per_sample.csv`` and ``intervals.csv``;
-    figures are already in place."""
+    """Write ``report.md``, ``metrics.csv``, ``metrics_per_sample.csv``, ``intervals.csv`` and
+    ``remake.sh``; figures are already in place."""
     out = Path(result.out)
     paths = {"report": out / "report.md", "metrics": out / "metrics.csv",
-             "per_sample": out / "metrics_per_sample.csv", "intervals": out / "intervals.csv"}
+             "per_sample": out / "metrics_per_sample.csv", "intervals": out / "intervals.csv",
+             "remake": out / REMAKE_SCRIPT}
     write_metrics_csv(paths["metrics"], result.records())
     write_metrics_csv(paths["per_sample"], result.per_sample_records(), PER_SAMPLE_COLUMNS)
     write_metrics_csv(paths["intervals"], result.interval_records(), INTERVAL_COLUMNS)
+    write_text(paths["remake"], remake_script(result))
     write_text(paths["report"], render_report(result))
     return paths

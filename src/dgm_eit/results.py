@@ -5,7 +5,9 @@ them; neither the records nor the file functions know who made them.
 
 Reconstruction file (HDF5, docs/DESIGN.md): ``recon`` (N,H,W) float32, optional
 ``recon_std`` (N,H,W); attributes ``method``, ``seconds_per_image``, ``nfe``, ``split``,
-``data`` (path), ``seed`` and the sampler settings that made it.
+``data`` and ``run`` (paths), ``seed``, the options that made it (``n_samples``, ``sampler``,
+``weights``, ``batch_size``, ``threads``, ``device``, ``limit``) and the sampler settings
+(``t0``, ``n_steps`` ...): :func:`dgm_eit.reconstruct.reconstruct_command` remakes it from them.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class MethodResult:
     per_seed: list[dict[str, np.ndarray]]
     seeded: bool = False
     sampling: list[dict] = field(default_factory=list)   # per seed: sampler settings chosen on validation
+    # per seed: the dgm-eit reconstruct command that remakes its reconstruction file, run in
+    # the output directory (none for GN and the ensembles)
+    commands: list[str] = field(default_factory=list)
+    pooled_from: list[str] = field(default_factory=list)  # an ensemble: the seed files it pools, as commands name them
 
     @property
     def n_seeds(self) -> int:

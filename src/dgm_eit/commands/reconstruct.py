@@ -30,13 +30,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, metavar="NAME",
                         help="sampler of a score run: " + " | ".join(SAMPLER_NAMES)
                         + " (default: the run's csd.sampler)")
-    parser.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per batch (default: %(default)s)")
+    parser.add_argument("--t0", type=float, default=None, metavar="T",
+                        help="score run, samplers that start from the GN image (csd, dds, dps): its insertion "
+                             "time in (0, 1] (default: the run's tune-t0 choice, else its csd.t0)")
+    parser.add_argument("--steps", type=int, default=None, metavar="N",
+                        help="score run: reverse steps (default: the run's tune-t0 choice, else its csd.n_steps)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="B",
+                        help="images per batch (default: %(default)s); a sampling model draws its noise batch "
+                             "by batch, so its images can depend on it")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N samples of the split")
     parser.add_argument("--weights", default="model", choices=("model", "best"),
                         help="final weights or best-on-validation (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out file that is not a reconstruction file "
                              "(an input is never overwritten)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads of torch (default: torch's own choice); another count can change "
+                             "the last bits of the images (dgm-eit run records the count in each "
+                             "reconstruction file)")
     add_seed_arg(parser)
     add_device_arg(parser)
 
@@ -47,8 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from dgm_eit.files import check_output, is_image_file, is_npy_file
     from dgm_eit.results import is_recon_file
 
-    if args.limit is not None and args.limit < 1:
-        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    for option, value in (("--limit", args.limit), ("--steps", args.steps), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise InputError(f"{option} must be >= 1, got {value}")
+    if args.t0 is not None and not 0 < args.t0 <= 1:
+        raise InputError(f"--t0 must lie in (0, 1], got {args.t0}")
     # before any work: never over the user's data, voltages or weights, nor over a file of
     # another kind unless --overwrite
     suffix = args.out.lower().rsplit(".", 1)[-1]
@@ -57,15 +71,21 @@ def run(args: argparse.Namespace) -> int:
         suffix, (None, "output"))
     check_output(args.out, inputs=[("--data", args.data), ("--voltages", args.voltages)], own_kind=own_kind,
                  kind=kind, overwrite=args.overwrite)
-    if args.sampler is not None:
+    sampling = [f"{option} {value}" for option, value in (("--sampler", args.sampler), ("--t0", args.t0),
+                                                            ("--steps", args.steps)) if value is not None]
+    if sampling:
         model_name = _run_model_name(args.run)
-        # only the score model has samplers; the others ignore the option, and the output
+        # only the score model has samplers; the others ignore these options, and the output
         # would name a sampler that never ran
         if model_name not in (None, "score"):
-            raise InputError(f"--sampler {args.sampler} applies to score runs only; "
-                             f"{args.run} holds a {model_name!r} run")
+            raise InputError(f"{', '.join(sampling)} {'applies' if len(sampling) == 1 else 'apply'} to score runs "
+                             f"only; {args.run} holds a {model_name!r} run")
+    if args.threads is not None:
+        from dgm_eit.runtime import limit_threads
+
+        limit_threads(args.threads)
     common = dict(n_samples=args.samples, sampler=args.sampler, seed=args.seed, device=args.device,
-                  batch_size=args.batch_size, weights=args.weights)
+                  batch_size=args.batch_size, weights=args.weights, t0=args.t0, n_steps=args.steps)
     if args.data:
         if not args.out.endswith((".h5", ".hdf5")):
             raise InputError(f"--out {args.out}: reconstructions of a data set go to an .h5 file")
