@@ -19,8 +19,8 @@ order, each reused when its output exists:
    atomically), and with several seeds the ensembles
    ``DIR/recon/<method>-ens_<train label>_on_<test label>.h5`` pooled from them. GN needs
    no stage: its image is the data set's ``gn`` array, and it has no seed.
-4. metrics, intervals, ``metrics.csv``, figures and ``report.md``: recomputed on every run
-   (cheap).
+4. metrics, intervals, the calibration of the std maps, ``metrics.csv``, figures and
+   ``report.md``: recomputed on every run (cheap).
 
 A stage that fails is recorded in ``DIR/stages.json`` and in the report, and the stages
 that do not depend on it still run; the command then exits non-zero. Re-running the
@@ -41,7 +41,7 @@ from dgm_eit import runs
 from dgm_eit.data.storage import dataset_gn_settings, read_split
 from dgm_eit.errors import InputError
 from dgm_eit.methods import GAUSS_NEWTON, Method, select_methods
-from dgm_eit.metrics import per_sample
+from dgm_eit.metrics import evaluate_calibration, per_sample
 from dgm_eit.models.posterior import TUNABLE_SAMPLERS
 from dgm_eit.paper import settings_for
 from dgm_eit.report import comparison_figure
@@ -369,8 +369,11 @@ class Experiment:
                     result.missing[method.key] = f"no reconstruction ({', '.join(absent)})"
                     continue
                 images = [read_recon(p) for p in files]
+            # a method that draws one sample per image writes no std map to calibrate
+            calibrated = method.std_map and all(std is not None for _, std in images)
             try:
                 values = [per_sample(recon, truth) for recon, _ in images]
+                calibration = [evaluate_calibration(recon, std, truth) for recon, std in images] if calibrated else []
             except InputError as err:
                 result.missing[method.key] = f"not scored: {err}"
                 continue
@@ -381,7 +384,9 @@ class Experiment:
                     chosen = {k: attrs[k] for k in ("t0", "n_steps", "sampler") if k in attrs}
                     sampling.append({**chosen, "tuned_on": self.tuning_set(method, train, setting.data).label})
             seeded = method.model is not None and not method.ensemble
-            result.methods.append(MethodResult(method.key, method.name, train, values, seeded, sampling))
+            samples = recon_attrs(files[0]).get("n_samples") if calibrated else None
+            result.methods.append(MethodResult(method.key, method.name, train, values, seeded, sampling, calibration,
+                                               None if samples is None else int(samples)))
             # figures show the first seed's model, and each ensemble
             recon, std = images[0]
             recons[method.name] = recon
