@@ -139,3 +139,41 @@ def test_ktc_figure_is_a_grid_with_scores_under_their_panels(tmp_path, drawn):
     assert {"sigma / sigma_water", "per-pixel std of sigma / sigma_water"} <= set(bars)
     assert bars["sigma / sigma_water"].extend == "max" and "clipped" in fig._suptitle.get_text()
     assert _title_clears_the_headers(fig)
+
+
+def test_calibration_figure_has_a_panel_per_table_and_a_line_per_method(tmp_path, drawn):
+    from matplotlib.colors import to_hex
+
+    from dgm_eit.metrics import COVERAGE_LEVELS
+    from dgm_eit.report import calibration_figure
+
+    levels = np.array(COVERAGE_LEVELS)
+    spread = np.full(len(levels), 0.02)
+    curves = {"T1: 2 anomalies, 40 dB": {"CNF": (0.7 * levels, spread), "CSD*": (levels, spread)},
+              "T1: 4 anomalies, 40 dB": {"CNF": (0.8 * levels, spread)},
+              "T2: 2 anomalies, 25 dB": {"CSD* ens": (np.minimum(1.2 * levels, 1), np.full(len(levels), np.nan))},
+              "T2: 4 anomalies, 25 dB": {"CNF": (levels, spread)}}
+    path = tmp_path / "calibration.png"
+    calibration_figure(path, curves)
+    fig = drawn[-1]
+    assert Image.open(path).info["dpi"][0] == pytest.approx(DPI, abs=0.1)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == list(curves)
+    assert len(fig.axes) == 6   # a 2 x 3 grid, its last two cells hidden
+    for ax, lines in zip(panels, curves.values()):
+        assert ax.get_xlabel() == "nominal coverage of the interval"
+        assert ax.get_ylabel() == "observed coverage (disk pixels)"
+        assert (ax.get_xlim(), ax.get_ylim()) == ((0.0, 1.0), (0.0, 1.0))
+        diagonal = [line for line in ax.get_lines() if line.get_label() == "calibrated"]
+        assert len(diagonal) == 1
+        np.testing.assert_array_equal(diagonal[0].get_xydata(), [[0, 0], [1, 1]])
+        curves_drawn = {c.get_label(): c.lines[0] for c in ax.containers}   # errorbar: (data line, caps, bars)
+        assert set(curves_drawn) == set(lines)
+        for name, (observed, _) in lines.items():
+            np.testing.assert_allclose(curves_drawn[name].get_xydata(), np.column_stack([levels, observed]))
+    # one colour per method in every panel, one legend entry per method
+    cnf = {to_hex(c.lines[0].get_color()) for ax in panels for c in ax.containers if c.get_label() == "CNF"}
+    assert len(cnf) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["calibrated", "CNF", "CSD*", "CSD* ens"]
+    with pytest.raises(InputError, match="no method"):
+        calibration_figure(tmp_path / "none.png", {})

@@ -12,7 +12,8 @@ from dgm_eit.config import load_config
 from dgm_eit.data.storage import read_split
 from dgm_eit.experiments import Experiment
 from dgm_eit.methods import get_method, select_methods
-from dgm_eit.metrics import METRICS, evaluate
+from dgm_eit.metrics import (CALIBRATION, COVERAGE, METRICS, calibrated_sampler_coverage, evaluate,
+                             evaluate_calibration)
 from dgm_eit.paper import PAPER_RESULTS, paper_mse_change, settings_for
 from dgm_eit.report import CSV_COLUMNS
 from dgm_eit.results import DataSpec, evaluate_file, read_recon
@@ -50,14 +51,19 @@ def test_smoke_run_makes_every_row_table_and_figure(smoke_run):
     trained = [m for m in methods if m.model is not None and not m.ensemble]
     assert len(trained) == 4 and {m.key for m in methods} == {m.key for m in trained} | {
         "gn", *(m.key + "-ens" for m in trained)}
-    # per seed, plus the pooled row, for every trained method; one row for GN and each ensemble
-    blocks = len(methods) + SEEDS * len(trained)
-    assert len(rows) == len(settings) * blocks * len(METRICS)
+    # per seed, plus the pooled row, for every trained method; one row for GN and each ensemble;
+    # a method with std maps adds its calibration figures to each
+    blocks = {m.key: 1 + (SEEDS if m.model is not None and not m.ensemble else 0) for m in methods}
+    figures_per_block = {m.key: len(METRICS) + (len(CALIBRATION) if m.std_map else 0) for m in methods}
+    assert len(rows) == len(settings) * sum(blocks[k] * figures_per_block[k] for k in blocks)
     seen = {(r["test"], r["train_set"], r["test_set"], r["method"], r["seed"], r["metric"]) for r in rows}
     assert len(seen) == len(rows)
     for r in rows:
         assert int(r["n"]) == (SEEDS if r["seed"] == "all" else cfg["data"]["n_test"])
-        assert np.isfinite(float(r["mean"])) and np.isfinite(float(r["std"]))
+        assert np.isfinite(float(r["mean"]))
+        # a correlation over the whole test set has no spread over its images
+        whole_set = r["metric"] in CALIBRATION and r["metric"] not in COVERAGE and r["seed"] != "all"
+        assert r["std"] == "nan" if whole_set else np.isfinite(float(r["std"]))
     assert {r["seed"] for r in rows if r["method"] == "CNF"} == {"0", "1", "all"}
     assert {r["seed"] for r in rows if r["method"] in ("GN", "CNF ens")} == {"-"}
     # CSD* in Test 2 uses the prior trained on the 40 dB set; CVAE/CNF their own 25 dB set
@@ -76,7 +82,7 @@ def test_smoke_run_makes_every_row_table_and_figure(smoke_run):
     assert report.count(f"resampling the {cfg['data']['n_test']} test images and the {SEEDS} seeds") == 6
     assert "## Efficiency" in report and "| CSD* | 2a_40dB | 1 |" in report and "| CSD* ens | 2a_40dB | 2 |" in report
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", report)
-    assert len(figures) == 6
+    assert len(figures) == 6 + 1   # one per table, and the calibration curves
     for rel in figures:
         assert (out / rel).stat().st_size > 5000
     assert "did not complete" not in report
@@ -183,6 +189,52 @@ def test_intervals_csv_and_the_verdicts_read_the_bootstrap(smoke_run):
     for r in t1:
         below = sum(float(o["ci_high"]) < float(r["ci_low"]) for o in t1 if o is not r)
         assert int(r["rank"]) == 1 + below
+
+
+def test_report_and_csv_measure_the_calibration_of_every_std_map(smoke_run):
+    from dgm_eit.report import CALIBRATION_FIGURE
+
+    out, _ = smoke_run
+    cfg = load_config("smoke")
+    methods = select_methods(cfg["run"]["methods"], ensembles=True)
+    with_std = {m.name for m in methods if m.std_map}
+    assert with_std == {"CNF", "CSD*", "CVAE ens", "CNF ens", "CSD* ens", "CSD-guided ens"}
+    rows = _csv_rows(out)
+    calibrated = {r["method"] for r in rows if r["metric"] in CALIBRATION}
+    assert calibrated == with_std
+    csv_rows = {(r["method"], r["seed"], r["metric"]): r for r in rows
+                if (r["test"], r["test_set"]) == ("T1", "2a_40dB")}
+    figures = {}
+    for method, seed, metric in csv_rows:
+        figures.setdefault((method, seed), set()).add(metric)
+    for (method, _), names in figures.items():
+        assert names == set(METRICS) | (set(CALIBRATION) if method in with_std else set())
+    # the CSV's figures are those of the written reconstructions
+    truth = read_split(out / "data" / "2a_40dB.h5", "test", keys=("sigma",))["sigma"]
+    per_seed = [evaluate_calibration(*read_recon(out / "recon" / f"cnf_2a_40dB_on_2a_40dB_seed{k}.h5"), truth)
+                for k in range(SEEDS)]
+    for name in ("coverage90", "std_err_corr_pixels"):
+        assert float(csv_rows[("CNF", "1", name)]["mean"]) == pytest.approx(per_seed[1][name].mean)
+        assert float(csv_rows[("CNF", "all", name)]["mean"]) == pytest.approx(np.mean([c[name].mean for c in per_seed]))
+    ensemble = evaluate_calibration(*read_recon(out / "recon" / "cnf-ens_2a_40dB_on_2a_40dB.h5"), truth)
+    assert float(csv_rows[("CNF ens", "-", "coverage90")]["mean"]) == pytest.approx(ensemble["coverage90"].mean)
+
+    report = (out / "report.md").read_text()
+    section = report.split("## Uncertainty calibration")[1].split("\n## ")[0]
+    assert "Gaussian" in section
+    table = [line.split(" | ") for line in section.splitlines() if re.match(r"\| T\d ", line)]
+    assert len(table) == 6 * len(with_std)
+    for cells in table:
+        assert cells[1].split(" (")[0] in with_std
+        assert re.fullmatch(r"\d+\.\d% ± \d+\.\d", cells[2]) or cells[1].split(" (")[0].endswith(" ens")
+        assert "confident" in cells[6] or cells[6].startswith("calibrated")
+    t1 = {cells[1]: cells for cells in table if cells[0] == "| T1 2a_40dB"}
+    coverage = float(csv_rows[("CNF", "all", "coverage90")]["mean"])
+    assert t1["CNF"][2].startswith(f"{100 * coverage:.1f}% ± ")
+    samples = cfg["run"]["cnf_samples"]
+    assert t1["CNF"][3] == f"{100 * calibrated_sampler_coverage(0.9, samples):.0f}% ({samples})"
+    assert f"![Uncertainty calibration]({CALIBRATION_FIGURE.as_posix()})" in section
+    assert (out / CALIBRATION_FIGURE).stat().st_size > 5000
 
 
 def test_noise_levels_share_phantoms(smoke_run):

@@ -19,9 +19,10 @@ order, each reused when its output exists:
    atomically), and with several seeds the ensembles
    ``DIR/recon/<method>-ens_<train label>_on_<test label>.h5`` pooled from them. GN needs
    no stage: its image is the data set's ``gn`` array, and it has no seed.
-4. metrics, intervals, ``metrics.csv``, figures, ``report.md`` and ``remake.sh`` (the
-   ``dgm-eit reconstruct`` command behind every seed's reconstruction file, read from its
-   attributes: :meth:`Experiment.remake_command`): recomputed on every run (cheap).
+4. metrics, intervals, the calibration of the std maps, ``metrics.csv``, figures, ``report.md``
+   and ``remake.sh`` (the ``dgm-eit reconstruct`` command behind every seed's reconstruction
+   file, read from its attributes: :meth:`Experiment.remake_command`): recomputed on every run
+   (cheap).
 
 A stage that fails is recorded in ``DIR/stages.json`` and in the report, and the stages
 that do not depend on it still run; the command then exits non-zero. Re-running the
@@ -42,7 +43,7 @@ from dgm_eit import runs
 from dgm_eit.data.storage import dataset_gn_settings, read_split
 from dgm_eit.errors import InputError
 from dgm_eit.methods import GAUSS_NEWTON, Method, select_methods
-from dgm_eit.metrics import per_sample
+from dgm_eit.metrics import evaluate_calibration, per_sample
 from dgm_eit.models.posterior import TUNABLE_SAMPLERS
 from dgm_eit.paper import settings_for
 from dgm_eit.reconstruct import reconstruct_command
@@ -389,8 +390,11 @@ class Experiment:
                     result.missing[method.key] = f"no reconstruction ({', '.join(absent)})"
                     continue
                 images = [read_recon(p) for p in files]
+            # a method that draws one sample per image writes no std map to calibrate
+            calibrated = method.std_map and all(std is not None for _, std in images)
             try:
                 values = [per_sample(recon, truth) for recon, _ in images]
+                calibration = [evaluate_calibration(recon, std, truth) for recon, std in images] if calibrated else []
             except InputError as err:
                 result.missing[method.key] = f"not scored: {err}"
                 continue
@@ -407,8 +411,10 @@ class Experiment:
             elif method.ensemble:
                 members = self.seed_files(method.ensemble_of, train, setting.data)
                 pooled_from = [str(self.layout.relative(p)) for p in members]
-            result.methods.append(MethodResult(method.key, method.name, train, values, seeded, sampling, commands,
-                                               pooled_from))
+            samples = recon_attrs(files[0]).get("n_samples") if calibrated else None
+            result.methods.append(MethodResult(method.key, method.name, train, values, seeded, sampling,
+                                               commands=commands, pooled_from=pooled_from, calibration=calibration,
+                                               posterior_samples=None if samples is None else int(samples)))
             # figures show the first seed's model, and each ensemble
             recon, std = images[0]
             recons[method.name] = recon

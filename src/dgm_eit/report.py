@@ -16,19 +16,25 @@ import numpy as np
 
 from dgm_eit.files import atomic_path, write_text
 from dgm_eit.methods import GAUSS_NEWTON
-from dgm_eit.metrics import LOWER_IS_BETTER, METRICS, Summary
+from dgm_eit.metrics import (COVERAGE, COVERAGE_LEVELS, LOWER_IS_BETTER, METRICS, Summary,
+                             calibrated_sampler_coverage, coverage_name)
 from dgm_eit.paper import PAPER_CITATION, PAPER_PARAMETERS, PAPER_RESULTS, TESTS, paper_mse_change
 from dgm_eit.recon.tuning import describe
-from dgm_eit.results import MethodResult, RunResult, SettingResult
+from dgm_eit.results import MethodResult, RunResult, Setting, SettingResult
 
 # decimals per metric in tables: enough to separate methods at the paper's scale
-DIGITS = {"MSE": 5, "PSNR": 2, "SSIM": 3, "RE": 3, "AE": 4, "DR": 3}
+DIGITS = {"MSE": 5, "PSNR": 2, "SSIM": 3, "RE": 3, "AE": 4, "DR": 3,
+          "std_err_corr_pixels": 2, "std_err_corr_images": 2}
 
 REMAKE_SCRIPT = "remake.sh"   # next to report.md: the command behind every seed's reconstruction file
 CSV_COLUMNS = ("test", "train_set", "test_set", "method", "seed", "metric", "mean", "std", "n")
 PER_SAMPLE_COLUMNS = ("test", "train_set", "test_set", "method", "seed", "index", *METRICS)
 INTERVAL_COLUMNS = ("test", "train_set", "test_set", "method", "mse_vs_gn_percent", "ci_low", "ci_high", "verdict",
                     "win_rate", "rank", "tied_with", "images", "seeds", "resamples", "bootstrap_seed", "level")
+
+CALIBRATION_FIGURE = Path("figures") / "calibration.png"   # under the run directory
+HEADLINE_LEVEL = 0.9       # the interval whose coverage the calibration table gives
+SLIGHTLY = 0.05            # a coverage this close to HEADLINE_LEVEL is "slightly" over- or under-confident
 
 
 def format_metric(metric: str, summary: Summary) -> str:
@@ -201,6 +207,11 @@ SAMPLER_TEXT = {
 }
 
 
+def method_label(mr: MethodResult, setting: Setting) -> str:
+    """A method as a table names it: with its training set where that is not the test set."""
+    return mr.name if mr.train_set is None or mr.train_set == setting.data else f"{mr.name} ({mr.train_set.label})"
+
+
 def _rank(c) -> str:
     return f"{c.rank}=" if c.tied_with else str(c.rank)
 
@@ -209,12 +220,6 @@ def _chosen(values: list) -> str:
     """One value, or the values of every seed when they differ."""
     values = list(values)
     return f"{values[0]:g}" if len(set(values)) == 1 else " / ".join(f"{v:g}" for v in values)
-
-
-def row_label(mr: MethodResult, sr: SettingResult) -> str:
-    """A method's row in a table: its name, and its training set where that is not the test set."""
-    same = mr.train_set is None or mr.train_set == sr.setting.data
-    return mr.name if same else f"{mr.name} ({mr.train_set.label})"
 
 
 def remake_section(sr: SettingResult) -> str:
@@ -232,13 +237,13 @@ def remake_section(sr: SettingResult) -> str:
              "device) into `remade/`; on the same machine it equals the run's own file in `recon/`, and "
              f"`dgm-eit evaluate --pred <its --out> --data <its --data>` scores it. {scope}", "", "```sh"]
     for mr in seeded:
-        lines += [f"# {row_label(mr, sr)}", mr.commands[0]]
+        lines += [f"# {method_label(mr, sr.setting)}", mr.commands[0]]
     lines.append("```")
     notes = []
     if any(mr.method == GAUSS_NEWTON.key for mr in sr.methods):
         notes.append("GN needs no command: its images are the test set's own Gauss-Newton images (the data "
                      "set's `test/gn` array, made when the data set was simulated).")
-    pooled = [f"{row_label(mr, sr)} " + ", ".join(f"`{f}`" for f in mr.pooled_from)
+    pooled = [f"{method_label(mr, sr.setting)} " + ", ".join(f"`{f}`" for f in mr.pooled_from)
               for mr in sr.methods if mr.pooled_from]
     if pooled:
         notes.append("A seed ensemble pools its method's seed files (`dgm_eit.reconstruct.pool_members`): "
@@ -260,7 +265,7 @@ def remake_script(result: RunResult) -> str:
     for sr in result.settings:
         for mr in sr.methods:
             for k, command in enumerate(mr.commands):
-                lines += ["", f"# {sr.setting.title}: {row_label(mr, sr)}, seed {k}", command]
+                lines += ["", f"# {sr.setting.title}: {method_label(mr, sr.setting)}, seed {k}", command]
     return "\n".join(lines) + "\n"
 
 
@@ -271,7 +276,7 @@ def setting_section(sr: SettingResult, cfg: dict) -> str:
     lines = [f"### {s.title} (paper Table {s.paper_table})", ""]
     rows, extra = {}, {}
     for mr in sr.methods:
-        label = row_label(mr, sr)
+        label = method_label(mr, sr.setting)
         rows[label] = mr.pooled()
         c = sr.comparisons.get(mr.method)
         own = c is not None and mr.method != GAUSS_NEWTON.key
@@ -353,6 +358,139 @@ def beats_gn_section(result: RunResult) -> str:
     return "\n".join(lines)
 
 
+def confidence(coverage: float, level: float = HEADLINE_LEVEL) -> str:
+    """How std maps read whose central ``level`` intervals hold the share ``coverage`` of the truths."""
+    if not math.isfinite(coverage):
+        return "-"
+    if coverage == level:
+        return "calibrated"
+    reading = ("over-confident (intervals too narrow)" if coverage < level
+               else "under-confident (intervals too wide)")
+    return f"slightly {reading}" if abs(coverage - level) <= SLIGHTLY else reading
+
+
+def _coverage_percent(summary: Summary) -> str:
+    text = f"{100 * summary.mean:.1f}%"
+    return text if math.isnan(summary.std) else f"{text} ± {100 * summary.std:.1f}"
+
+
+def _correlation(name: str, summary: Summary) -> str:
+    return "-" if math.isnan(summary.mean) else format_metric(name, summary)
+
+
+def _calibrated(result: RunResult):
+    """``(setting result, method result, pooled figures)`` of every method with std maps."""
+    return [(sr, mr, mr.pooled()) for sr in result.settings for mr in sr.methods if mr.calibration]
+
+
+def calibration_curves(result: RunResult) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Per results table (its title), per method with std maps: the observed coverage at each
+    level of :data:`~dgm_eit.metrics.COVERAGE_LEVELS`, mean and std over seeds (NaN: one seed)."""
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for sr, mr, figures in _calibrated(result):
+        curves.setdefault(sr.setting.title, {})[mr.name] = (np.array([figures[n].mean for n in COVERAGE]),
+                                                            np.array([figures[n].std for n in COVERAGE]))
+    return curves
+
+
+def calibration_section(result: RunResult) -> str:
+    """How well the std maps of the methods that have them measure their errors."""
+    rows = []
+    for sr, mr, figures in _calibrated(result):
+        covered = figures[coverage_name(HEADLINE_LEVEL)]
+        reference = (math.nan if mr.posterior_samples is None
+                     else calibrated_sampler_coverage(HEADLINE_LEVEL, mr.posterior_samples))
+        rows.append([f"{sr.setting.test} {sr.setting.data.label}", method_label(mr, sr.setting),
+                     _coverage_percent(covered),
+                     f"{100 * reference:.0f}% ({mr.posterior_samples})" if math.isfinite(reference) else "-",
+                     _correlation("std_err_corr_pixels", figures["std_err_corr_pixels"]),
+                     _correlation("std_err_corr_images", figures["std_err_corr_images"]),
+                     confidence(covered.mean)])
+    if not rows:
+        return "No method of this run wrote std maps (the CNF, CSD* and every seed ensemble do)."
+    level = f"{100 * HEADLINE_LEVEL:.0f}%"
+    intro = (
+        "The CNF, CSD* and every seed ensemble give each pixel a posterior mean and std (the std map). "
+        "The reconstruction files keep only these two, so the posterior of a pixel is taken as the Gaussian "
+        "N(mean, std²), and its central interval of level p is mean ± z std, z the (1 + p)/2 normal quantile "
+        f"(1.645 for 90%). **{level} coverage**: the share of the pixels inside the disk, over all test images, "
+        "whose true value lies in that interval (a pixel of std 0 only where its mean is exact). A calibrated "
+        f"std map covers {level}; less is over-confident (the std too small), more under-confident (\"slightly\": "
+        f"within {100 * SLIGHTLY:.0f} points). **calibrated sampler (n)**: what this interval covers for a "
+        "sampler that draws from the true posterior when the mean and std come from the method's n samples per "
+        "image, as here (Student-t with n - 1 degrees of freedom: the std of few samples is itself uncertain; "
+        "for an ensemble, whose n samples come from several models, approximately). **corr pixels**: Pearson "
+        "correlation of the std and the absolute error over every disk pixel of the test set; **corr images**: "
+        "of each image's mean std and its RMSE over the disk, across the images; positive where the std points "
+        "at the errors, - where the std is constant. Each figure: the mean over the training seeds (± the std "
+        "over the seeds when there are several); an ensemble's, of its one pooled reconstruction. metrics.csv "
+        "holds them per seed (`coverage10` ... `coverage95`, `std_err_corr_pixels`, `std_err_corr_images`).")
+    table = markdown_table(["test set", "Method", f"{level} coverage", "calibrated sampler (n)", "corr pixels",
+                            "corr images", "reading"], rows)
+    levels = ", ".join(f"{100 * p:.0f}" for p in COVERAGE_LEVELS)
+    curve = (f"Observed against nominal coverage of the central intervals of level {levels}% (mean over seeds; "
+             "bars: ± the std over seeds); the dashed diagonal is a calibrated std map, a line below it an "
+             "over-confident one.")
+    return "\n\n".join([intro, table, curve, f"![Uncertainty calibration]({CALIBRATION_FIGURE.as_posix()})"])
+
+
+def calibration_figure(path: str | Path, curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+                       levels: Iterable[float] = COVERAGE_LEVELS) -> None:
+    """Calibration curves: one panel per results table (``curves``: title -> method -> (observed
+    coverage per level of ``levels``, its std over seeds or NaN)), one line per method, in the
+    same colour in every panel, and the diagonal a calibrated std map would follow."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dgm_eit.errors import InputError
+    from dgm_eit.figures import DPI
+
+    if not curves:
+        raise InputError("calibration figure: no method with std maps to draw")
+    levels = np.asarray(list(levels), dtype=np.float64)
+    methods = list(dict.fromkeys(name for lines in curves.values() for name in lines))
+    palette = matplotlib.colormaps["tab10"].colors
+    colours = {name: palette[i % len(palette)] for i, name in enumerate(methods)}
+    n_cols = min(3, len(curves))
+    n_rows = -(-len(curves) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 3.2 * n_rows + 0.6), squeeze=False,
+                             layout="constrained")
+    for ax in axes.ravel()[len(curves):]:
+        ax.set_visible(False)
+    for ax, (title, lines) in zip(axes.ravel(), curves.items()):
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="calibrated")
+        for name, (observed, spread) in lines.items():
+            if len(observed) != len(levels):
+                raise InputError(f"calibration figure: {name} has {len(observed)} coverages for {len(levels)} levels")
+            spread = np.asarray(spread, dtype=np.float64)
+            ax.errorbar(levels, observed, yerr=spread if np.isfinite(spread).all() else None, marker="o",
+                        markersize=3, linewidth=1.2, capsize=2, color=colours[name], label=name)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_box_aspect(1)   # square, so the calibrated diagonal runs at 45 degrees
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("nominal coverage of the interval", fontsize=8)
+        ax.set_ylabel("observed coverage (disk pixels)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_title(textwrap.fill(title, 40), fontsize=8)
+    legend = {}   # one entry per method of any panel
+    for ax in axes.ravel()[:len(curves)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(len(legend), 5), fontsize=8)
+    fig.suptitle("Calibration of the std maps: Gaussian central intervals mean ± z std", fontsize=9)
+    try:
+        fig.draw_without_rendering()   # constrained layout needs a second pass to clear a wrapped title
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
+
+
 def stages_section(result: RunResult) -> str:
     rows = []
     for name, record in result.stages.items():
@@ -412,6 +550,7 @@ def render_report(result: RunResult) -> str:
     lines += ["", "## Does every generative model beat GN on MSE?", "",
               "Yes where the 95% interval of its MSE change lies wholly below 0; tied where it spans 0.", "",
               beats_gn_section(result) or "(no GN)"]
+    lines += ["", "## Uncertainty calibration", "", calibration_section(result)]
     lines += ["", "## Efficiency", "", efficiency_section(result)]
     lines += ["", "## Training seeds", "", seeds_section(result)]
     lines += ["", "## Stages", "", stages_section(result)]
@@ -432,12 +571,18 @@ def seeds_section(result: RunResult) -> str:
 
 
 def write_outputs(result: RunResult) -> dict[str, Path]:
-    """Write ``report.md``, ``metrics.csv``, ``metrics_per_sample.csv``, ``intervals.csv`` and
-    ``remake.sh``; figures are already in place."""
+    """Write ``report.md``, ``metrics.csv``, ``metrics_per_sample.csv``, ``intervals.csv``,
+    ``remake.sh`` and, where a method has std maps, the calibration figure; the tables' figures
+    are already in place."""
     out = Path(result.out)
     paths = {"report": out / "report.md", "metrics": out / "metrics.csv",
              "per_sample": out / "metrics_per_sample.csv", "intervals": out / "intervals.csv",
              "remake": out / REMAKE_SCRIPT}
+    curves = calibration_curves(result)
+    if curves:
+        paths["calibration"] = out / CALIBRATION_FIGURE
+        paths["calibration"].parent.mkdir(parents=True, exist_ok=True)
+        calibration_figure(paths["calibration"], curves)
     write_metrics_csv(paths["metrics"], result.records())
     write_metrics_csv(paths["per_sample"], result.per_sample_records(), PER_SAMPLE_COLUMNS)
     write_metrics_csv(paths["intervals"], result.interval_records(), INTERVAL_COLUMNS)

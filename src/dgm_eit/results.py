@@ -62,13 +62,27 @@ class Setting:
         return f"{self.test}: trained on {self.train.title}, tested on {self.data.title}"
 
 
+def pool_seeds(per_seed: list[dict[str, Summary]]) -> dict[str, Summary]:
+    """Per figure of the seeds' summaries: the mean over seeds of their means, the std over seeds
+    of those means (ddof = 1; NaN with one seed) and ``n`` = the number of seeds."""
+    out = {}
+    for name in per_seed[0]:
+        means = np.array([summaries[name].mean for summaries in per_seed])
+        with np.errstate(invalid="ignore"):   # PSNR = inf for an exact image
+            std = float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
+        out[name] = Summary(float(np.mean(means)), std, len(means))
+    return out
+
+
 @dataclass
 class MethodResult:
     """One method's scores on one table's test set.
 
     ``per_seed`` holds the per-image metrics of each training seed of the method's model, in
     seed order; GN (no training) and a seed ensemble (all seeds pooled into one model) have
-    one entry and ``seeded`` False."""
+    one entry and ``seeded`` False. ``calibration`` holds, in the same order, the calibration
+    of each seed's std maps (:func:`dgm_eit.metrics.evaluate_calibration`); it is empty for a
+    method without std maps."""
 
     method: str                      # the method's registry key
     name: str                        # as tables show it
@@ -80,6 +94,8 @@ class MethodResult:
     # the output directory (none for GN and the ensembles)
     commands: list[str] = field(default_factory=list)
     pooled_from: list[str] = field(default_factory=list)  # an ensemble: the seed files it pools, as commands name them
+    calibration: list[dict[str, Summary]] = field(default_factory=list)
+    posterior_samples: int | None = None   # samples behind each image's mean and std map
 
     @property
     def n_seeds(self) -> int:
@@ -90,19 +106,15 @@ class MethodResult:
         return np.stack([values[metric] for values in self.per_seed])
 
     def per_seed_summaries(self) -> list[dict[str, Summary]]:
-        """Mean and std over the test images, per seed."""
-        return [summarize(values) for values in self.per_seed]
+        """Per seed: mean and std over the test images of every metric, then the calibration
+        figures of the seed's std maps, if any."""
+        calibration = self.calibration or [{}] * self.n_seeds
+        return [{**summarize(values), **figures} for values, figures in zip(self.per_seed, calibration)]
 
     def pooled(self) -> dict[str, Summary]:
-        """Per metric: the mean over seeds of the test-set means, the std over seeds of those
-        means (ddof = 1; NaN with one seed) and ``n`` = the number of seeds."""
-        out = {}
-        for metric in METRICS:
-            means = np.array([np.mean(values[metric]) for values in self.per_seed])
-            with np.errstate(invalid="ignore"):   # PSNR = inf for an exact image
-                std = float(np.std(means, ddof=1)) if len(means) > 1 else math.nan
-            out[metric] = Summary(float(np.mean(means)), std, len(means))
-        return out
+        """Per metric and calibration figure: the mean over seeds of the per-seed values, the std
+        over seeds (ddof = 1; NaN with one seed) and ``n`` = the number of seeds."""
+        return pool_seeds(self.per_seed_summaries())
 
 
 @dataclass(frozen=True)
@@ -181,17 +193,17 @@ class RunResult:
                                "test_set": sr.setting.data.label, "method": mr.name}
 
     def records(self) -> list[dict]:
-        """Rows of ``metrics.csv``: per seed (mean and std over the test images; ``seed`` = the
-        seed's index, ``-`` for GN and ensembles) and, for trained methods, the pooled row
-        (``seed`` = ``all``: mean over seeds, std over seeds, ``n`` = seeds)."""
+        """Rows of ``metrics.csv``, one per metric and, for a method with std maps, one per
+        calibration figure: per seed (mean and std over the test images; ``seed`` = the seed's
+        index, ``-`` for GN and ensembles) and, for trained methods, the pooled row (``seed`` =
+        ``all``: mean over seeds, std over seeds, ``n`` = seeds)."""
         rows = []
         for _, mr, key in self._rows():
             blocks = [(k if mr.seeded else "-", s) for k, s in enumerate(mr.per_seed_summaries())]
             if mr.seeded:
                 blocks.append(("all", mr.pooled()))
             for seed, summaries in blocks:
-                for metric in METRICS:
-                    s = summaries[metric]
+                for metric, s in summaries.items():
                     rows.append({**key, "seed": seed, "metric": metric, "mean": repr(s.mean), "std": repr(s.std),
                                  "n": s.n})
         return rows

@@ -51,7 +51,8 @@ def run(args) -> int:
     failures = result.failures
     print(f"report: {paths['report']}\nmetrics: {paths['metrics']} (per image: {paths['per_sample'].name}; "
           f"intervals: {paths['intervals'].name})\n"
-          f"figures: {len([s for s in result.settings if s.figure])} in {result.out / 'figures'}")
+          f"figures: {len([s for s in result.settings if s.figure]) + ('calibration' in paths)} in "
+          f"{result.out / 'figures'}")
     if failures:
         print(f"dgm-eit run: {len(failures)} stage(s) did not complete: " + "; ".join(
             f"{name} ({record.get('status')}: {record.get('message', '')})" for name, record in failures.items()),
