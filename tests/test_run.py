@@ -1,6 +1,7 @@
 """``dgm-eit run --profile smoke --seeds 2`` end to end, once per test session (a few minutes)."""
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -451,3 +452,27 @@ def test_a_run_interrupted_in_its_second_seed_resumes_and_keeps_the_first(tmp_pa
     assert all(path.read_bytes() == data for path, data in first.items())
     with open(out / "metrics.csv", newline="") as f:
         assert {r["seed"] for r in csv.DictReader(f) if r["method"] == "CVAE"} == {"0", "1", "all"}
+
+
+def test_bench_seeds_prints_each_seeds_change_against_gn_and_keeps_the_studys_report(smoke_run, capsys):
+    out, code = smoke_run
+    assert code == 0
+    report = (out / "report.md").read_bytes()
+    capsys.readouterr()
+    assert main(["bench", "seeds", "--profile", "smoke", "--out", str(out), "--seeds", str(SEEDS), "--tests", "T1",
+                 "--set", "train.progress=false", "--json"]) == 0
+    printed = capsys.readouterr()
+    assert (out / "report.md").read_bytes() == report     # the study's report covers T2 and T3 too
+    assert "report.md left as it was" in printed.err
+    rows = json.loads(printed.out.strip().splitlines()[-1])["rows"]
+    # the same numbers as the study's metrics.csv: each seed's mean MSE against GN's
+    mse = {(r["test_set"], r["method"], r["seed"]): float(r["mean"]) for r in _csv_rows(out)
+           if r["test"] == "T1" and r["metric"] == "MSE"}
+    trained = {(test_set, method) for test_set, method, seed in mse if seed == "0"}
+    assert {(r["test_set"], r["method"]) for r in rows} == trained and len(trained) >= 6
+    for r in rows:
+        gn = mse[(r["test_set"], "GN", "-")]
+        expected = [100 * (mse[(r["test_set"], r["method"], str(k))] / gn - 1) for k in range(SEEDS)]
+        assert np.allclose(r["per_seed"], expected, rtol=1e-6)
+        assert r["std"] == pytest.approx(np.std(expected, ddof=1))
+        assert r["ensemble"] is not None
