@@ -19,6 +19,20 @@ DPI = 150
 OUTSIDE_COLOUR = "white"
 
 
+def save_figure(fig, path) -> None:
+    """Write ``fig`` as a PNG at :data:`DPI`, atomically, and close it whatever happens."""
+    import matplotlib.pyplot as plt
+
+    from dgm_eit.files import atomic_path
+
+    try:
+        fig.draw_without_rendering()   # constrained layout needs a second pass to clear a wrapped title
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, format="png")
+    finally:
+        plt.close(fig)
+
+
 def outside_masked(images: np.ndarray) -> np.ndarray:
     """``(..., n, n)`` images as float64 with NaN at the pixels whose centre lies outside the disk."""
     images = np.asarray(images, dtype=np.float64)

@@ -122,7 +122,7 @@ def comparison_figure(path: str | Path, truth: np.ndarray, recons: Mapping[str, 
     import matplotlib.pyplot as plt
 
     from dgm_eit.errors import InputError
-    from dgm_eit.figures import DPI, clip_extend, colour_map, outside_masked
+    from dgm_eit.figures import clip_extend, colour_map, outside_masked, save_figure
 
     truth = outside_masked(truth)
     n_rows = truth.shape[0]
@@ -172,12 +172,7 @@ def comparison_figure(path: str | Path, truth: np.ndarray, recons: Mapping[str, 
     if std_image is not None:
         fig.colorbar(std_image, ax=axes[:, len(values):].ravel().tolist(), location="bottom", shrink=0.9,
                      aspect=20, extend=std_extend, label="per-pixel std of σ")
-    try:
-        fig.draw_without_rendering()   # constrained layout needs a second pass to clear a wrapped title
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=DPI, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def _seconds(value: float | None) -> str:
@@ -447,7 +442,7 @@ def calibration_figure(path: str | Path, curves: Mapping[str, Mapping[str, tuple
     import matplotlib.pyplot as plt
 
     from dgm_eit.errors import InputError
-    from dgm_eit.figures import DPI
+    from dgm_eit.figures import save_figure
 
     if not curves:
         raise InputError("calibration figure: no method with std maps to draw")
@@ -483,12 +478,7 @@ def calibration_figure(path: str | Path, curves: Mapping[str, Mapping[str, tuple
             legend.setdefault(label, handle)
     fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(len(legend), 5), fontsize=8)
     fig.suptitle("Calibration of the std maps: Gaussian central intervals mean ± z std", fontsize=9)
-    try:
-        fig.draw_without_rendering()   # constrained layout needs a second pass to clear a wrapped title
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=DPI, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def stages_section(result: RunResult) -> str:

@@ -56,7 +56,7 @@ def _figure(path: Path, results: dict, level: int) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
 
-    from dgm_eit.figures import CLASS_NAMES, DPI, class_colour_map, clip_extend, colour_map, outside_masked
+    from dgm_eit.figures import CLASS_NAMES, class_colour_map, clip_extend, colour_map, outside_masked, save_figure
 
     numbers = results["numbers"]
     methods = {m: per_level[level] for m, per_level in results["methods"].items()}
@@ -110,12 +110,7 @@ def _figure(path: Path, results: dict, level: int) -> None:
     fig.colorbar(drawn["image"], ax=axes, location="right", shrink=0.8, aspect=25, pad=0.01, extend=image_extend,
                  label="sigma / sigma_water")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.draw_without_rendering()   # constrained layout needs a second pass to clear the title
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=DPI, format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, manifest: dict) -> dict:
