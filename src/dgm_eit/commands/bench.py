@@ -112,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         description="dgm-eit run with --seeds K (default 3) on the given tests (default T1), then "
                                     "per table and model: each seed's MSE change against GN, their std and the "
                                     "seed ensemble's. Resumable; an existing run directory with the same config "
-                                    "(any run.tests, run.seeds) is reused, so it also reads a finished run.")
+                                    "(any run.tests, run.seeds) is reused, so it also reads a finished run; its report.md is "
+                                    "written only in a new directory, never over a study's own.")
     sd.add_argument("--out", required=True, metavar="DIR", help="run directory (made, or reused)")
     sd.add_argument("--seeds", type=int, default=3, metavar="K", help="training seeds per model (default: %(default)s)")
     sd.add_argument("--tests", default="T1", help="comma-separated tests (default: %(default)s)")
