@@ -244,13 +244,14 @@ class Experiment:
             return [self.layout.recon(method.key, train, data)]
         return self.seed_files(method.key, train, data)
 
-    def remake_command(self, method: Method, train: DataSpec, data: DataSpec, k: int) -> str:
+    def remake_command(self, method: Method, train: DataSpec, data: DataSpec, k: int, attrs: dict) -> str:
         """The ``dgm-eit reconstruct`` command that remakes seed ``k``'s reconstruction file of a
-        trained method into ``remade/`` (from its attributes: seed, samples, sampler, the t0 and
-        steps chosen on validation ...), its paths relative to the output directory, to be run there."""
+        trained method into ``remade/`` from that file's attributes ``attrs`` (seed, samples,
+        sampler, the t0 and steps chosen on validation ...), its paths relative to the output
+        directory, to be run there."""
         layout = self.layout
         path = layout.recon(method.key, train, data, k)
-        return reconstruct_command(recon_attrs(path), run=layout.relative(layout.run(method.model, train, k)),
+        return reconstruct_command(attrs, run=layout.relative(layout.run(method.model, train, k)),
                                    data=layout.relative(layout.data(data)), out=layout.relative(layout.remade(path)))
 
     # -- stage jobs ------------------------------------------------------------------------
@@ -398,20 +399,20 @@ class Experiment:
             except InputError as err:
                 result.missing[method.key] = f"not scored: {err}"
                 continue
+            attrs = [recon_attrs(path) for path in files]
             sampling = []
             if self._tunes(method) and not method.ensemble:
-                for path in files:
-                    attrs = recon_attrs(path)
-                    chosen = {k: attrs[k] for k in ("t0", "n_steps", "sampler") if k in attrs}
-                    sampling.append({**chosen, "tuned_on": self.tuning_set(method, train, setting.data).label})
+                tuned_on = self.tuning_set(method, train, setting.data).label
+                sampling = [{**{k: a[k] for k in ("t0", "n_steps", "sampler") if k in a}, "tuned_on": tuned_on}
+                            for a in attrs]
             seeded = method.model is not None and not method.ensemble
             commands, pooled_from = [], []
             if seeded:
-                commands = [self.remake_command(method, train, setting.data, k) for k in range(self.n_seeds)]
+                commands = [self.remake_command(method, train, setting.data, k, a) for k, a in enumerate(attrs)]
             elif method.ensemble:
                 members = self.seed_files(method.ensemble_of, train, setting.data)
                 pooled_from = [str(self.layout.relative(p)) for p in members]
-            samples = recon_attrs(files[0]).get("n_samples") if calibrated else None
+            samples = attrs[0].get("n_samples") if calibrated else None
             result.methods.append(MethodResult(method.key, method.name, train, values, seeded, sampling,
                                                commands=commands, pooled_from=pooled_from, calibration=calibration,
                                                posterior_samples=None if samples is None else int(samples)))
@@ -425,7 +426,6 @@ class Experiment:
         if result.methods:
             k = min(int(run["figure_samples"]), len(truth))
             path = self.layout.figure(setting)
-            path.parent.mkdir(parents=True, exist_ok=True)
             comparison_figure(path, truth[:k], {n: r[:k] for n, r in recons.items()},
                               {n: s[:k] for n, s in stds.items()}, setting.title)
             result.figure = path

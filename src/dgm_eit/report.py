@@ -571,7 +571,6 @@ def write_outputs(result: RunResult) -> dict[str, Path]:
     curves = calibration_curves(result)
     if curves:
         paths["calibration"] = out / CALIBRATION_FIGURE
-        paths["calibration"].parent.mkdir(parents=True, exist_ok=True)
         calibration_figure(paths["calibration"], curves)
     write_metrics_csv(paths["metrics"], result.records())
     write_metrics_csv(paths["per_sample"], result.per_sample_records(), PER_SAMPLE_COLUMNS)

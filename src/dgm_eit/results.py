@@ -219,27 +219,6 @@ class RunResult:
                     rows.append(row)
         return rows
 
-    def seed_spread(self, reference: str) -> list[dict]:
-        """Per table and trained method: each seed's MSE change against the method ``reference``
-        (GN) in percent, their mean and std over seeds (ddof = 1), and the seed ensemble's change
-        when there is one."""
-        rows = []
-        for sr in self.settings:
-            gn = sr.get(reference)
-            if gn is None:
-                continue
-            base = float(np.mean(gn.errors("MSE")))
-            for mr in sr.methods:
-                if not mr.seeded:
-                    continue
-                changes = [100.0 * (float(np.mean(e)) / base - 1.0) for e in mr.errors("MSE")]
-                ens = next((m for m in sr.methods if m.method == f"{mr.method}-ens"), None)
-                rows.append({"test": sr.setting.test, "test_set": sr.setting.data.label, "method": mr.name,
-                             "per_seed": changes, "mean": float(np.mean(changes)),
-                             "std": float(np.std(changes, ddof=1)) if len(changes) > 1 else math.nan,
-                             "ensemble": None if ens is None else 100.0 * (float(np.mean(ens.errors("MSE"))) / base - 1.0)})
-        return rows
-
     def interval_records(self) -> list[dict]:
         """Rows of ``intervals.csv``: every method's MSE change against GN per table."""
         run = self.cfg["run"]

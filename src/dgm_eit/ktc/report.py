@@ -109,7 +109,6 @@ def _figure(path: Path, results: dict, level: int) -> None:
                      label="per-pixel std of sigma / sigma_water")
     fig.colorbar(drawn["image"], ax=axes, location="right", shrink=0.8, aspect=25, pad=0.01, extend=image_extend,
                  label="sigma / sigma_water")
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path)
 
 

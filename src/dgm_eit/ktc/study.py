@@ -333,10 +333,8 @@ def real_targets(directory: Path, levels, truths: bool = True) -> tuple[list[int
         mask = ktc.level_mask(level, ref.injections, ref.pattern) & np.isfinite(ref.voltages)
         dv = np.stack([f.voltages - ref.voltages for f in frames])
         out[level] = {"dv": dv, "masks": mask[None, :] & np.isfinite(dv)}
-    if not truths:
-        return numbers, {"levels": out, "truths": {}}
     truth_maps = {n: ktc.load_truth(directory / f"true{n}.mat") for n in numbers
-                  if (directory / f"true{n}.mat").is_file()}
+                  if truths and (directory / f"true{n}.mat").is_file()}
     return numbers, {"levels": out, "truths": truth_maps}
 
 
