@@ -672,6 +672,34 @@ def test_21_11_sigterm_stops_simulate_like_ctrl_c_and_removes_its_lock(tmp_path)
     assert _files(tmp_path) == ["big.h5.partial", "stderr.txt"]   # no lock left, the partial file kept
 
 
+def test_21_10_stop_pool_ends_a_worker_caught_sending_its_result(tmp_path):
+    """A worker ended while it sends its result leaves half a message in the result pipe; the
+    pool's manager thread then waits for the rest forever, and interpreter exit joins that
+    thread: `simulate` hung after Ctrl-C on CI. The worker here writes half a message and
+    waits; stop_pool must end it and let the interpreter exit."""
+    script = tmp_path / "half_result.py"
+    script.write_text(
+        "import multiprocessing, os, pathlib, struct, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from dgm_eit.runtime import stop_pool\n"
+        "def half_result(marker):\n"
+        "    result_queue = sys._getframe(1).f_locals['result_queue']   # the pool worker's\n"
+        "    os.write(result_queue._writer.fileno(), struct.pack('!i', 1 << 20) + b'\\x80')\n"
+        "    pathlib.Path(marker).touch()\n"
+        "    time.sleep(3600)\n"
+        "if __name__ == '__main__':\n"
+        "    marker = pathlib.Path(sys.argv[1])\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'))\n"
+        "    pool.submit(half_result, str(marker))\n"
+        "    while not marker.exists():\n"
+        "        time.sleep(0.05)\n"
+        "    stop_pool(pool)\n"
+        "    print('stopped')\n")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "sent")], capture_output=True, text=True,
+                          timeout=300)   # only ends a test that would hang
+    assert proc.returncode == 0 and proc.stdout == "stopped\n", proc.stderr[-2000:]
+
+
 def test_21_10_a_stage_worker_ended_by_stop_pool_leaves_no_temporary_file(tmp_path):
     """stop_pool ends a worker that outlasts the Ctrl-C grace with SIGTERM: the task unwinds
     (atomic_path removes its temporary file) before the worker exits. A checkpoint being

@@ -94,6 +94,16 @@ def stop_pool(pool, grace: float = 0.0, interrupt: bool = False) -> None:
             process.terminate()
     for process in processes:
         process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    # A worker ended while sending its result leaves the pool's manager thread reading a
+    # message that never completes, and interpreter exit joins that thread: the command hung
+    # after Ctrl-C (CI, issue 21). The main process holds the last write end of the result
+    # pipe; closing it turns that read into EOF, which the manager takes as a broken pool.
+    result_queue = getattr(pool, "_result_queue", None)
+    if result_queue is not None:
+        result_queue._writer.close()
     pool.shutdown(wait=False, cancel_futures=True)
 
 
