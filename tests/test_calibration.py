@@ -211,3 +211,55 @@ def test_report_section_and_figure(tmp_path):
     (tmp_path / CALIBRATION_FIGURE).unlink()
     assert "No method of this run wrote std maps" in calibration_section(result)
     assert "calibration" not in write_outputs(result) and not (tmp_path / CALIBRATION_FIGURE).exists()
+
+
+# ---------------------------------------------------------------------------------------
+# the std scale chosen on validation data (run.calibration_images)
+
+@pytest.mark.parametrize("width", [0.5, 1.0, 2.0])
+def test_the_validation_scale_undoes_a_wrong_width(width):
+    from dgm_eit.metrics import std_scale_for_coverage
+
+    truth = _truth()
+    mean, std = _posterior(truth, width=width)
+    scale = std_scale_for_coverage(mean, std, truth, 0.9)
+    # reported width x scale = the true std: the scale is the inverse of the error in width
+    assert scale * width == pytest.approx(1.0, rel=0.03)
+    assert evaluate_calibration(mean, scale * std, truth)["coverage90"].mean == pytest.approx(0.9, abs=0.002)
+
+
+def test_a_scale_chosen_on_validation_calibrates_other_images():
+    from dgm_eit.metrics import SCALED_COVERAGE, scaled_coverage, std_scale_for_coverage
+
+    val, test = _truth(seed=0), _truth(seed=5)
+    scale = std_scale_for_coverage(*_posterior(val, width=0.4, seed=2), val, 0.9)
+    mean, std = _posterior(test, width=0.4, seed=3)
+    assert evaluate_calibration(mean, std, test)["coverage90"].mean < 0.5   # over-confident as it comes
+    figures = scaled_coverage(mean, std, test, scale, IMAGES)
+    assert set(figures) == {*SCALED_COVERAGE, "std_scale"}
+    assert figures["coverage90_scaled"].mean == pytest.approx(0.9, abs=0.01)
+    assert figures["std_scale"].mean == scale and figures["std_scale"].n == IMAGES
+
+
+def test_the_scale_is_the_smallest_that_covers_the_level():
+    from dgm_eit.metrics import std_scale_for_coverage
+
+    truth = np.zeros((1, SIZE, SIZE))
+    n = int(disk_mask(SIZE).sum())
+    errors = np.zeros((1, SIZE, SIZE))
+    errors[0][disk_mask(SIZE)] = np.arange(1, n + 1) / n   # distinct errors 1/n ... 1
+    std = np.ones_like(errors) / 1.6448536269514722      # z std = 1
+    scale = std_scale_for_coverage(errors, std, truth, 0.9)
+    assert scale == pytest.approx(math.ceil(0.9 * n) / n)
+    assert evaluate_calibration(errors, scale * std, truth)["coverage90"].mean >= 0.9
+    assert evaluate_calibration(errors, 0.999 * scale * std, truth)["coverage90"].mean < 0.9
+
+
+def test_no_scale_covers_pixels_of_std_zero_with_an_error():
+    from dgm_eit.metrics import std_scale_for_coverage
+
+    truth = _truth(20)
+    mean, std = _posterior(truth)
+    std[:, :, : SIZE // 2] = 0.0    # half the disk claims certainty and is wrong
+    with pytest.raises(InputError, match="no std scale covers 90%"):
+        std_scale_for_coverage(mean, std, truth, 0.9)

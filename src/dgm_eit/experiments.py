@@ -43,7 +43,7 @@ from dgm_eit import runs
 from dgm_eit.data.storage import dataset_gn_settings, read_split
 from dgm_eit.errors import InputError
 from dgm_eit.methods import GAUSS_NEWTON, Method, select_methods
-from dgm_eit.metrics import evaluate_calibration, per_sample
+from dgm_eit.metrics import evaluate_calibration, per_sample, scaled_coverage
 from dgm_eit.models.posterior import TUNABLE_SAMPLERS
 from dgm_eit.paper import settings_for
 from dgm_eit.reconstruct import reconstruct_command
@@ -196,6 +196,13 @@ class Experiment:
         run = self.cfg["run"]
         return method.tunes_t0 and method.sampler(run) in TUNABLE_SAMPLERS and bool(run["csd_tune_t0"])
 
+    def _calibrates(self, method: Method) -> bool:
+        """Whether the scale of the method's std maps is chosen on validation data in this run
+        (a seed ensemble pools its seeds' maps unscaled)."""
+        run = self.cfg["run"]
+        return (method.std_map and not method.ensemble and int(run["calibration_images"]) > 0
+                and (method.n_samples(run) or 1) > 1)
+
     def datasets(self) -> list[DataSpec]:
         specs = []
         for s in self.settings:
@@ -204,7 +211,8 @@ class Experiment:
                 train = self.train_set(method, s)
                 if train is not None:
                     specs.append(train)
-            if any(m.tunes_t0 for m in self.methods) and self.cfg["run"]["csd_tune_t0"]:
+            if ((any(m.tunes_t0 for m in self.methods) and self.cfg["run"]["csd_tune_t0"])
+                    or any(self._calibrates(m) for m in self.methods)):
                 specs.append(tuning_spec(s))
         return sorted(set(specs), key=_spec_order)
 
@@ -288,13 +296,14 @@ class Experiment:
         run = self.cfg["run"]
         out = self.layout.recon(method.key, train, data, k)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tune = self.layout.data(self.tuning_set(method, train, data)) if self._tunes(method) else None
+        validation = self.layout.data(self.tuning_set(method, train, data))
         return StageJob(f"reconstruct {method.key} ({train.label}) on {data.label}, seed {k}",
                         lambda: self._recon_done(out), reconstruct_stage,
                         dict(run_dir=self.layout.run(method.model, train, k), data=self.layout.data(data),
                              out=out, n_samples=method.n_samples(run), sampler=method.sampler(run),
                              seed=self.training_seed(method.model, train, k), device=self.device,
-                             cfg=config_for(self.cfg, data), tune_data=tune))
+                             cfg=config_for(self.cfg, data), tune_data=validation if self._tunes(method) else None,
+                             calibrate_data=validation if self._calibrates(method) else None))
 
     def _ensemble_job(self, method: Method, train: DataSpec, data: DataSpec) -> StageJob:
         out = self.layout.recon(method.key, train, data)
@@ -391,15 +400,16 @@ class Experiment:
                     result.missing[method.key] = f"no reconstruction ({', '.join(absent)})"
                     continue
                 images = [read_recon(p) for p in files]
+            attrs = [recon_attrs(path) for path in files] or [{}]
             # a method that draws one sample per image writes no std map to calibrate
             calibrated = method.std_map and all(std is not None for _, std in images)
             try:
                 values = [per_sample(recon, truth) for recon, _ in images]
-                calibration = [evaluate_calibration(recon, std, truth) for recon, std in images] if calibrated else []
+                calibration = [_calibration(recon, std, truth, a) for (recon, std), a in zip(images, attrs)
+                               ] if calibrated else []
             except InputError as err:
                 result.missing[method.key] = f"not scored: {err}"
                 continue
-            attrs = [recon_attrs(path) for path in files]
             sampling = []
             if self._tunes(method) and not method.ensemble:
                 tuned_on = self.tuning_set(method, train, setting.data).label
@@ -470,6 +480,15 @@ class Experiment:
                                       float(np.mean(spi)) if spi else None, float(np.mean(nfe)) if nfe else None,
                                       device, models))
         return rows
+
+
+def _calibration(recon, std, truth, attrs: dict) -> dict:
+    """The calibration figures of one reconstruction file's std maps and, where the run chose
+    a scale for them on validation data (attribute ``std_scale``), of the scaled maps."""
+    figures = evaluate_calibration(recon, std, truth)
+    if "std_scale" in attrs:
+        figures.update(scaled_coverage(recon, std, truth, float(attrs["std_scale"]), int(attrs["std_scale_images"])))
+    return figures
 
 
 def _parameters(run_dir: Path) -> int | None:

@@ -69,6 +69,8 @@ SSIM_SETTINGS = {
 
 # nominal levels of the central intervals whose observed coverage makes the calibration curve
 COVERAGE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+# the interval a study calibrates the std maps to (run.calibration_images) and its report leads with
+CALIBRATION_LEVEL = 0.9
 
 
 def coverage_name(level: float) -> str:
@@ -78,6 +80,7 @@ def coverage_name(level: float) -> str:
 
 COVERAGE = tuple(coverage_name(p) for p in COVERAGE_LEVELS)
 CALIBRATION = (*COVERAGE, "std_err_corr_pixels", "std_err_corr_images")
+SCALED_COVERAGE = tuple(f"{name}_scaled" for name in COVERAGE)   # of the std maps times their validation scale
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,38 @@ def evaluate_calibration(pred, std, truth) -> dict[str, Summary]:
     rmse = np.sqrt(np.mean(abs_error**2, axis=1))
     out["std_err_corr_pixels"] = Summary(pearson(spread, abs_error), math.nan, n)
     out["std_err_corr_images"] = Summary(pearson(spread.mean(axis=1), rmse), math.nan, n)
+    return out
+
+
+def std_scale_for_coverage(pred, std, truth, level: float = 0.9) -> float:
+    """The factor s that makes the std maps ``s * std`` cover ``level`` of the disk pixels of
+    these images (their Gaussian central interval of that level; inclusive bounds, as
+    :func:`coverage`): the ``level`` quantile of |error| / (z std) over the pixels.
+
+    Chosen on validation images, it is a temperature of the std maps, as a sampler's own
+    temperature is of its draws: it rescales them and leaves their ranking of the pixels (the
+    std-error correlations) as it is. A pixel of std 0 and error > 0 no factor covers; if more
+    than 1 - ``level`` of the pixels are such, no factor reaches ``level`` and this refuses."""
+    abs_error, spread = disk_pixels(pred, std, truth)
+    z = float(central_interval_z([level])[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(abs_error == 0, 0.0, abs_error / (z * spread)).ravel()
+    # the smallest s with share(ratio <= s) >= level: the order statistic ceil(level * n)
+    k = math.ceil(level * ratio.size) - 1
+    scale = float(np.partition(ratio, k)[k])
+    if not math.isfinite(scale):
+        raise InputError(f"no std scale covers {100 * level:.0f}% of the pixels: more than "
+                         f"{100 * (1 - level):.0f}% have std 0 and a non-zero error")
+    return scale
+
+
+def scaled_coverage(pred, std, truth, scale: float, scale_images: int) -> dict[str, Summary]:
+    """The coverages (:data:`SCALED_COVERAGE`) of the std maps times ``scale``, a factor chosen
+    on ``scale_images`` validation images (:func:`std_scale_for_coverage`), and the factor
+    itself as ``std_scale`` (n: those images)."""
+    abs_error, spread = disk_pixels(pred, std, truth)
+    out = summarize(dict(zip(SCALED_COVERAGE, coverage(abs_error, float(scale) * spread).T)))
+    out["std_scale"] = Summary(float(scale), math.nan, int(scale_images))
     return out
 
 

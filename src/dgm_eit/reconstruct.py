@@ -200,9 +200,9 @@ def run_options(run_dir, cfg: dict, opts: dict) -> dict:
 def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_samples: int | None = None,
                       sampler: str | None = None, seed: int = 0, device: str = "auto",
                       batch_size: int = 64, weights: str = "model", limit: int | None = None,
-                      progress: bool = False, **opts) -> dict:
+                      progress: bool = False, attrs: dict | None = None, **opts) -> dict:
     """Reconstruct a split of a data-set file; write ``out`` (HDF5) when given, with what
-    :func:`reconstruct_command` needs to remake it."""
+    :func:`reconstruct_command` needs to remake it and the caller's own ``attrs``."""
     device = runtime.resolve_device(device)
     model, cfg, info = load_run(run_dir, device, weights=weights)
     opts = run_options(run_dir, cfg, opts)
@@ -230,7 +230,7 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
                                 batch_size=batch_size, progress=progress, **opts)
     if out is not None:
         # the thread count too: a reduction split over other threads adds in another order
-        attrs = {"method": model.name, "split": split, "seed": int(seed), "data": str(Path(data_path).resolve()),
+        attrs = {**(attrs or {}), "method": model.name, "split": split, "seed": int(seed), "data": str(Path(data_path).resolve()),
                  "run": str(Path(run_dir).resolve()), "weights": weights, "batch_size": int(batch_size),
                  "threads": torch.get_num_threads(), "device": str(device)}
         if n_samples is not None:

@@ -16,8 +16,8 @@ import numpy as np
 
 from dgm_eit.files import atomic_path, write_text
 from dgm_eit.methods import GAUSS_NEWTON
-from dgm_eit.metrics import (COVERAGE, COVERAGE_LEVELS, LOWER_IS_BETTER, METRICS, Summary,
-                             calibrated_sampler_coverage, coverage_name)
+from dgm_eit.metrics import (CALIBRATION_LEVEL, COVERAGE, COVERAGE_LEVELS, LOWER_IS_BETTER, METRICS, SCALED_COVERAGE,
+                             Summary, calibrated_sampler_coverage, coverage_name)
 from dgm_eit.paper import PAPER_CITATION, PAPER_PARAMETERS, PAPER_RESULTS, TESTS, paper_mse_change
 from dgm_eit.recon.tuning import describe
 from dgm_eit.results import MethodResult, RunResult, Setting, SettingResult
@@ -33,7 +33,7 @@ INTERVAL_COLUMNS = ("test", "train_set", "test_set", "method", "mse_vs_gn_percen
                     "win_rate", "rank", "tied_with", "images", "seeds", "resamples", "bootstrap_seed", "level")
 
 CALIBRATION_FIGURE = Path("figures") / "calibration.png"   # under the run directory
-HEADLINE_LEVEL = 0.9       # the interval whose coverage the calibration table gives
+HEADLINE_LEVEL = CALIBRATION_LEVEL   # the interval whose coverage the calibration table gives
 SLIGHTLY = 0.05            # a coverage this close to HEADLINE_LEVEL is "slightly" over- or under-confident
 
 
@@ -383,9 +383,21 @@ def calibration_curves(result: RunResult) -> dict[str, dict[str, tuple[np.ndarra
     level of :data:`~dgm_eit.metrics.COVERAGE_LEVELS`, mean and std over seeds (NaN: one seed)."""
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for sr, mr, figures in _calibrated(result):
-        curves.setdefault(sr.setting.title, {})[mr.name] = (np.array([figures[n].mean for n in COVERAGE]),
-                                                            np.array([figures[n].std for n in COVERAGE]))
+        lines = curves.setdefault(sr.setting.title, {})
+        lines[mr.name] = (np.array([figures[n].mean for n in COVERAGE]), np.array([figures[n].std for n in COVERAGE]))
+        if "std_scale" in figures:
+            lines[f"{mr.name}, std x s"] = (np.array([figures[n].mean for n in SCALED_COVERAGE]),
+                                            np.array([figures[n].std for n in SCALED_COVERAGE]))
     return curves
+
+
+def _scaled(figures: dict[str, Summary]) -> str:
+    """The headline coverage of the std maps times their validation scale, and the scale."""
+    if "std_scale" not in figures:
+        return "-"
+    scale = figures["std_scale"]
+    spread = "" if math.isnan(scale.std) else f" ± {scale.std:.2f}"
+    return f"{_coverage_percent(figures[coverage_name(HEADLINE_LEVEL) + '_scaled'])} (s = {scale.mean:.2f}{spread})"
 
 
 def calibration_section(result: RunResult) -> str:
@@ -396,7 +408,7 @@ def calibration_section(result: RunResult) -> str:
         reference = (math.nan if mr.posterior_samples is None
                      else calibrated_sampler_coverage(HEADLINE_LEVEL, mr.posterior_samples))
         rows.append([f"{sr.setting.test} {sr.setting.data.label}", method_label(mr, sr.setting),
-                     _coverage_percent(covered),
+                     _coverage_percent(covered), _scaled(figures),
                      f"{100 * reference:.0f}% ({mr.posterior_samples})" if math.isfinite(reference) else "-",
                      _correlation("std_err_corr_pixels", figures["std_err_corr_pixels"]),
                      _correlation("std_err_corr_images", figures["std_err_corr_images"]),
@@ -411,7 +423,12 @@ def calibration_section(result: RunResult) -> str:
         f"(1.645 for 90%). **{level} coverage**: the share of the pixels inside the disk, over all test images, "
         "whose true value lies in that interval (a pixel of std 0 only where its mean is exact). A calibrated "
         f"std map covers {level}; less is over-confident (the std too small), more under-confident (\"slightly\": "
-        f"within {100 * SLIGHTLY:.0f} points). **calibrated sampler (n)**: what this interval covers for a "
+        f"within {100 * SLIGHTLY:.0f} points). **std x s**: the coverage of the std maps times a scale s "
+        "chosen for each seed's model on validation images (run.calibration_images of the data set that also "
+        "chooses CSD*'s t0: the training anomaly count at the test noise level), the smallest s whose interval "
+        f"covers {level} of their disk pixels; a temperature of the std map that leaves the correlations below "
+        "unchanged (s < 1: the maps were too wide, s > 1: too narrow). Seed ensembles are shown unscaled. "
+        "**calibrated sampler (n)**: what this interval covers for a "
         "sampler that draws from the true posterior when the mean and std come from the method's n samples per "
         "image, as here (Student-t with n - 1 degrees of freedom: the std of few samples is itself uncertain; "
         "for an ensemble, whose n samples come from several models, approximately). **corr pixels**: Pearson "
@@ -419,8 +436,10 @@ def calibration_section(result: RunResult) -> str:
         "of each image's mean std and its RMSE over the disk, across the images; positive where the std points "
         "at the errors, - where the std is constant. Each figure: the mean over the training seeds (± the std "
         "over the seeds when there are several); an ensemble's, of its one pooled reconstruction. metrics.csv "
-        "holds them per seed (`coverage10` ... `coverage95`, `std_err_corr_pixels`, `std_err_corr_images`).")
-    table = markdown_table(["test set", "Method", f"{level} coverage", "calibrated sampler (n)", "corr pixels",
+        "holds them per seed (`coverage10` ... `coverage95`, `std_err_corr_pixels`, `std_err_corr_images`, and "
+        "with a validation scale `std_scale` and `coverage10_scaled` ... `coverage95_scaled`).")
+    table = markdown_table(["test set", "Method", f"{level} coverage", f"{level} coverage, std x s",
+                            "calibrated sampler (n)", "corr pixels",
                             "corr images", "reading"], rows)
     levels = ", ".join(f"{100 * p:.0f}" for p in COVERAGE_LEVELS)
     curve = (f"Observed against nominal coverage of the central intervals of level {levels}% (mean over seeds; "

@@ -63,11 +63,14 @@ def train_stage(model: str, data: Path, run_dir: Path, cfg: dict, seed: int, dev
 
 def reconstruct_stage(run_dir: Path, data: Path, out: Path, *, n_samples: int | None, sampler: str | None,
                       seed: int, device: str, cfg: dict, progress: bool | None = None,
-                      tune_data: Path | None = None) -> None:
+                      tune_data: Path | None = None, calibrate_data: Path | None = None) -> None:
     """Reconstruct the test split of ``data``; with ``tune_data``, first choose the sampler's t0
-    and step count on its validation split (``[run] csd_tune_*``)."""
+    and step count on its validation split (``[run] csd_tune_*``); with ``calibrate_data``,
+    the scale of the std maps on its validation split (``[run] calibration_images``),
+    recorded in the file as ``std_scale``."""
+    from dgm_eit.metrics import CALIBRATION_LEVEL
     from dgm_eit.reconstruct import reconstruct_split
-    from dgm_eit.tuning import tune_on_validation
+    from dgm_eit.tuning import std_scale_on_validation, tune_on_validation
 
     # the score model's samplers read [csd] and, for the samplers that read voltages, [mesh]
     opts = {"config": cfg} if sampler is not None else {}
@@ -77,9 +80,14 @@ def reconstruct_stage(run_dir: Path, data: Path, out: Path, *, n_samples: int | 
                                      n_images=int(run["csd_tune_images"]), seed=seed, device=device,
                                      sampler=sampler)
         opts.update(best)
+    scale = {}
+    if calibrate_data is not None:
+        scale = std_scale_on_validation(run_dir, calibrate_data, n_images=int(cfg["run"]["calibration_images"]),
+                                        level=CALIBRATION_LEVEL, n_samples=n_samples, sampler=sampler, seed=seed,
+                                        device=device, **opts)
     progress = bool(cfg["train"]["progress"]) if progress is None else progress
     reconstruct_split(run_dir, data, "test", out, n_samples=n_samples, sampler=sampler, seed=seed, device=device,
-                      progress=progress, **opts)
+                      progress=progress, attrs=scale, **opts)
 
 
 def ensemble_stage(members: list[Path], out: Path) -> None:

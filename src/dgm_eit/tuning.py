@@ -1,5 +1,6 @@
-"""Choosing CSD*'s insertion time and step count on a validation split (sampler ``csd``, or
-``dds``: CSD* with data consistency).
+"""Choices made on a validation split: CSD*'s insertion time and step count (sampler ``csd``,
+or ``dds``: CSD* with data consistency), and the scale of a method's std maps that makes
+them cover what they claim (:func:`std_scale_on_validation`).
 
 Used by ``dgm-eit tune-t0`` (one prior, one data set, the result stored in the run dir)
 and by ``dgm-eit run`` (once per results table, on validation data with the anomaly count
@@ -13,9 +14,9 @@ import numpy as np
 from dgm_eit import runtime
 from dgm_eit.data.storage import read_split
 from dgm_eit.errors import InputError
-from dgm_eit.metrics import per_sample
+from dgm_eit.metrics import per_sample, std_scale_for_coverage
 from dgm_eit.models.posterior import SETTING_KEYS
-from dgm_eit.reconstruct import reconstruct_arrays
+from dgm_eit.reconstruct import reconstruct_arrays, reconstruct_split
 from dgm_eit.runs import load_run
 
 
@@ -71,3 +72,18 @@ def tune_on_validation(run_dir, data_path, cfg: dict, *, t0s, steps, n_images: i
                  corrector_steps=int(csd["corrector_steps"]), seed=seed, sampler=sampler)
     best = pick_best(rows)
     return {k: best[k] for k in SETTING_KEYS}, rows
+
+
+def std_scale_on_validation(run_dir, data_path, *, n_images: int, level: float, n_samples: int | None,
+                            sampler: str | None, seed: int, device: str, **opts) -> dict:
+    """Reconstruct the first ``n_images`` of the validation split of ``data_path`` as the test
+    split will be (same samples, sampler and settings), and return the factor that makes their
+    std maps cover ``level`` of the disk pixels (:func:`dgm_eit.metrics.std_scale_for_coverage`),
+    as the attributes a reconstruction file records it with."""
+    out = reconstruct_split(run_dir, data_path, "val", n_samples=n_samples, sampler=sampler, seed=seed,
+                            device=device, limit=n_images, **opts)
+    if out.get("recon_std") is None:
+        raise InputError(f"{run_dir} draws one sample per image: it has no std map to scale")
+    truth = read_split(data_path, "val", keys=("sigma",), indices=slice(0, len(out["recon"])))["sigma"]
+    return {"std_scale": std_scale_for_coverage(out["recon"], out["recon_std"], truth, level),
+            "std_scale_level": float(level), "std_scale_images": len(truth)}
