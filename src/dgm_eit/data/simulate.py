@@ -37,10 +37,10 @@ from dgm_eit.data.storage import SPLIT_INDEX, sample_rng  # noqa: F401  (SPLIT_I
 from dgm_eit.config import config_changes, set_key, with_added_keys
 from dgm_eit.data.noise import add_noise, check_snr_db
 from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
-from dgm_eit.simulators import apply_settings, import_modules, registered_modules, simulator_class
 from dgm_eit.errors import InputError
 from dgm_eit.recon.tuning import apply_gn_settings
 from dgm_eit.runtime import check_seed, exit_with_parent, stop_pool
+from dgm_eit.simulators import apply_settings, import_modules, registered_modules, simulator_class
 
 DEFAULT_CHUNK_SIZE = 16
 # Below this many samples, default --workers runs in this process: worker start-up (about
@@ -309,10 +309,11 @@ def _run_dask(cfg_json, seed, tasks, address, timed=False):
         import uuid
 
         run_id = uuid.uuid4().hex[:12]
+        studies = registered_modules()
         futures, task_of = [], {}
         for task in tasks:
             future = client.submit(simulate_chunk, cfg_json, seed, task.split, task.start, task.stop, timed,
-                                   registered_modules(), key=f"dgm-eit-simulate-{run_id}-{task.split}-{task.chunk}", pure=False)
+                                   studies, key=f"dgm-eit-simulate-{run_id}-{task.split}-{task.chunk}", pure=False)
             futures.append(future)
             task_of[future.key] = task
         for future in as_completed(futures):
