@@ -97,3 +97,30 @@ def test_results_and_report_never_reach_back_to_the_runner():
 
     assert "dgm_eit.experiments" not in reachable("dgm_eit.report")
     assert not reachable("dgm_eit.results") & {"dgm_eit.experiments", "dgm_eit.report", "dgm_eit.train"}
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+LOWER_LAYERS = ("dgm_eit.data", "dgm_eit.recon", "dgm_eit.physics", "dgm_eit.models", "dgm_eit.stages",
+                "dgm_eit.simulators")
+
+
+def test_the_lower_layers_know_no_study():
+    # a study hands its simulator to the pipeline through dgm_eit.simulators; following any
+    # import of the data, reconstruction, physics or model layers, or of the stages, never
+    # leads into a study's package
+    graph = _graph(top_level_only=False)
+    lower = [m for m in graph if m.startswith(LOWER_LAYERS)]
+    assert {"dgm_eit.data.simulate", "dgm_eit.recon.tuning", "dgm_eit.stages", "dgm_eit.models.posterior"} <= set(lower)
+    assert any(m.startswith("dgm_eit.ktc.") for m in graph)
+    climbs = {m: sorted(d for d in _reachable(graph, m) if d == "dgm_eit.ktc" or d.startswith("dgm_eit.ktc."))
+              for m in lower}
+    assert {m: d for m, d in climbs.items() if d} == {}

@@ -388,3 +388,27 @@ def test_partial_of_another_version_is_not_resumed(tmp_path, monkeypatch):
         sim_mod.simulate_dataset(cfg, out, seed=0, workers=1, progress=False)
     result = sim_mod.simulate_dataset(cfg, out, seed=0, workers=1, overwrite=True, progress=False)
     assert result.resumed_samples == 0 and out.exists()
+
+
+def test_a_config_finds_the_simulator_of_the_study_that_owns_it(monkeypatch):
+    import dgm_eit.studies  # noqa: F401  (the shipped studies, as the CLI registers them)
+    from dgm_eit import simulators
+
+    assert simulators.simulator_class(_small_cfg()) is sim_mod.Simulator
+    tank = load_config("ktc")
+    assert simulators.study_name(tank) == "ktc" and simulators.simulator_class(tank).__name__ == "KTCSimulator"
+    # its settings record reaches the tank's rule, not GN's (the config has no [gn])
+    record = {"kind": "ktc-linear", "prior_std": 0.7, "corr_length": 0.05}
+    assert simulators.apply_settings(tank, record)["linear"]["prior_std"] == 0.7
+    assert "gn" not in simulators.apply_settings(tank, record)
+    with pytest.raises(InputError, match=r"no registered study owns this config.*\[tank\] \(ktc\)"):
+        simulators.simulator_class({"data": {}, "phantom": {}})
+    # a third study on a disk mesh keeps the disk's sections and adds its own: its simulator wins
+    monkeypatch.setitem(simulators._ENTRIES, "third", None)   # removed again after the test
+    simulators.register_simulator("third", "third_tank", "dgm_eit.ktc.simulate:KTCSimulator")
+    third = dict(_small_cfg(), third_tank={})
+    assert simulators.study_name(third) == "third" and simulators.study_name(_small_cfg()) == "disk"
+    with pytest.raises(InputError, match="sections of several studies"):
+        simulators.study_name(dict(third, tank={}))
+    with pytest.raises(ValueError, match="already registered"):
+        simulators.register_simulator("ktc", "tank", "dgm_eit.data.simulate:Simulator")

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # a warning is one line, like an error: "dgm-eit CMD: warning: ..."
     warnings.formatwarning = lambda message, category, *rest, **kw: f"dgm-eit {args.command}: warning: {message}\n"
+    import dgm_eit.studies  # noqa: F401  (every command finds the simulator of a shipped study's config)
     from dgm_eit.runtime import Terminated, stop_signals
 
     try:

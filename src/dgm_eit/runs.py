@@ -29,7 +29,7 @@ from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_bytes, write_text
 from dgm_eit.models import MODELS
 from dgm_eit.models.base import DataInfo, GenerativeModel
-from dgm_eit.recon.tuning import apply_gn_settings
+from dgm_eit.simulators import apply_settings
 
 CONFIG_FILE = "config.json"
 DATA_INFO_FILE = "data_info.json"
@@ -193,7 +193,7 @@ def load_run(run_dir, device="cpu", weights: str = "model") -> tuple[GenerativeM
         name, cfg = meta["model"], meta["config"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise InputError(f"{cfg_path} is damaged ({err})") from None
-    cfg = apply_gn_settings(cfg, meta.get("gn_settings") or {})
+    cfg = apply_settings(cfg, meta.get("gn_settings") or {})
     if not info_path.is_file():
         raise InputError(f"{run} has no {DATA_INFO_FILE}; the run never started training")
     try:

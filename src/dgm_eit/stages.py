@@ -21,6 +21,7 @@ from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_text
 from dgm_eit.runtime import (cpu_count, exit_with_parent, limit_threads, release_sigint, sigint_held_back,
                              stop_pool)
+from dgm_eit.simulators import import_modules, registered_modules
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def ensemble_stage(members: list[Path], out: Path) -> None:
                                    "members": json.dumps([str(p) for p in members])})
 
 
-def worker_init(threads: int, parent_alive=None) -> None:
+def worker_init(threads: int, parent_alive=None, studies: tuple[str, ...] = ()) -> None:
     import signal
 
     # Ctrl-C from a terminal reaches the whole process group: a worker between tasks (or
@@ -119,6 +120,9 @@ def worker_init(threads: int, parent_alive=None) -> None:
     if parent_alive is not None:
         exit_with_parent(parent_alive)
     limit_threads(threads)
+    # a spawned worker starts with an empty registry: a stage must find the simulator of a
+    # study the main process registered
+    import_modules(studies)
 
 
 def timed_call(fn: Callable, kwargs: dict) -> float:
@@ -263,7 +267,8 @@ class StageRunner:
         # the pipe closes after the pool has shut down
         alive_r, alive_w = context.Pipe(duplex=False)
         with alive_r, alive_w, ProcessPoolExecutor(max_workers=min(self.jobs, len(pending)), mp_context=context,
-                                                   initializer=worker_init, initargs=(threads, alive_r)) as pool:
+                                                   initializer=worker_init,
+                                                   initargs=(threads, alive_r, registered_modules())) as pool:
             futures = {}
             try:
                 # the workers start during submit(); a Ctrl-C meanwhile is raised after it

@@ -40,10 +40,8 @@ from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
 from dgm_eit.errors import InputError
 from dgm_eit.recon.tuning import apply_gn_settings
 from dgm_eit.runtime import check_seed, exit_with_parent, stop_pool
+from dgm_eit.simulators import apply_settings, import_modules, registered_modules, simulator_class
 
-# Config sections whose values change the simulated arrays; a file made with equal
-# sections (and seed) is the same data set, whatever the other sections say.
-DATA_SECTIONS = ("mesh", "simulation", "data", "phantom", "gn", "tank", "linear")
 DEFAULT_CHUNK_SIZE = 16
 # Below this many samples, default --workers runs in this process: worker start-up (about
 # 1-2 s each) would exceed the time they save (about 40 ms a sample at the smoke profile).
@@ -62,14 +60,24 @@ def split_sizes(cfg: dict) -> dict[str, int]:
 
 
 def identity_json(cfg: dict, seed: int) -> str:
-    """What makes two data sets equal: the data-changing config sections and the seed (keys
-    added since a file was written count with the value that made it)."""
+    """What makes two data sets equal: the seed and the config sections that change the
+    simulated arrays (the study's simulator names them), whatever the other sections say;
+    keys added since a file was written count with the value that made it."""
     cfg = with_added_keys(cfg)
-    return json.dumps({"seed": int(seed), **{s: cfg.get(s) for s in DATA_SECTIONS}}, sort_keys=True)
+    sections = simulator_class(cfg).data_sections
+    return json.dumps({"seed": int(seed), **{s: cfg.get(s) for s in sections}}, sort_keys=True)
 
 
 class Simulator:
-    """Everything mesh-dependent for one config, built once per process."""
+    """Everything mesh-dependent for one config of the disk, built once per process (the
+    paper's study; see :mod:`dgm_eit.simulators` for what a simulator provides)."""
+
+    data_sections = ("mesh", "simulation", "data", "phantom", "gn")
+    apply_settings = staticmethod(apply_gn_settings)
+
+    @staticmethod
+    def check_config(cfg: dict, seed: int) -> None:
+        _check_disk(cfg, seed)
 
     def __init__(self, cfg: dict):
         from dgm_eit.physics import PixelGrid, forward_model_from_config
@@ -153,10 +161,8 @@ def simulator_for(cfg_json: str):
     with _SIMULATOR_LOCK:
         sim = _SIMULATORS.get(cfg_json)
         if sim is None:
-            from dgm_eit.ktc.simulate import KTCSimulator, is_ktc
-
             cfg = json.loads(cfg_json)
-            sim = KTCSimulator(cfg) if is_ktc(cfg) else Simulator(cfg)
+            sim = simulator_class(cfg)(cfg)
             _SIMULATORS.clear()  # one config per process at a time; meshes are large
             _SIMULATORS[cfg_json] = sim
         return sim
@@ -181,7 +187,7 @@ def _single_threaded() -> None:
         _THREADS_LIMITED = True
 
 
-def _worker_init(cfg_json: str, parent_alive=None) -> None:
+def _worker_init(cfg_json: str, parent_alive=None, studies: tuple[str, ...] = ()) -> None:
     import signal
 
     # Ctrl-C in a terminal reaches every process of the group: the main process alone
@@ -190,6 +196,7 @@ def _worker_init(cfg_json: str, parent_alive=None) -> None:
     if parent_alive is not None:
         exit_with_parent(parent_alive)
     _single_threaded()
+    import_modules(studies)   # a worker sees the studies its parent registered
     simulator_for(cfg_json)
 
 
@@ -199,12 +206,15 @@ def _compute_chunk(cfg_json: str, seed: int, split: str, start: int, stop: int, 
     return (arrays, time.process_time() - cpu) if timed else arrays
 
 
-def simulate_chunk(cfg_json: str, seed: int, split: str, start: int, stop: int, timed: bool = False):
+def simulate_chunk(cfg_json: str, seed: int, split: str, start: int, stop: int, timed: bool = False,
+                   studies: tuple[str, ...] = ()):
     """One chunk of samples (worker entry point for processes and Dask).
 
-    ``timed``: return ``(arrays, cpu_seconds)`` instead, for the benchmark.
+    ``timed``: return ``(arrays, cpu_seconds)`` instead, for the benchmark; ``studies``: the
+    modules of the simulators registered in the main process (``simulators.registered_modules``).
     """
     _single_threaded()
+    import_modules(studies)
     return _compute_chunk(cfg_json, seed, split, start, stop, timed)
 
 
@@ -226,7 +236,8 @@ def _pool_context():
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
         # workers fork from a server that has imported numpy/scipy/the physics once
-        ctx.set_forkserver_preload(["dgm_eit.data.simulate", "dgm_eit.physics", "dgm_eit.recon"])
+        ctx.set_forkserver_preload(["dgm_eit.data.simulate", "dgm_eit.physics", "dgm_eit.recon",
+                                    *registered_modules()])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -253,7 +264,7 @@ def _run_pool(cfg_json, seed, tasks, workers, timed=False, interrupted=None):
     ctx = _pool_context()
     alive_r, alive_w = ctx.Pipe(duplex=False)
     pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
-                               initializer=_worker_init, initargs=(cfg_json, alive_r))
+                               initializer=_worker_init, initargs=(cfg_json, alive_r, registered_modules()))
     drained = False
     try:
         # Keep a bounded number of chunks in flight so results are written as they come
@@ -298,10 +309,11 @@ def _run_dask(cfg_json, seed, tasks, address, timed=False):
         import uuid
 
         run_id = uuid.uuid4().hex[:12]
+        studies = registered_modules()
         futures, task_of = [], {}
         for task in tasks:
             future = client.submit(simulate_chunk, cfg_json, seed, task.split, task.start, task.stop, timed,
-                                   key=f"dgm-eit-simulate-{run_id}-{task.split}-{task.chunk}", pure=False)
+                                   studies, key=f"dgm-eit-simulate-{run_id}-{task.split}-{task.chunk}", pure=False)
             futures.append(future)
             task_of[future.key] = task
         for future in as_completed(futures):
@@ -327,20 +339,15 @@ def _log(message: str) -> None:
 
 
 def check_config(cfg: dict, seed: int) -> dict[str, int]:
-    """Cheap checks before any process starts: sizes, seed, phantom parameters."""
-    from dgm_eit.ktc.simulate import check_levels, is_ktc
-    from dgm_eit.ktc.phantoms import phantom_sampler as tank_phantom_sampler
-
+    """Cheap checks before any process starts: seed, sizes, then the study's own (phantom
+    parameters, meshes, the classical image's settings)."""
     check_seed(seed)
     sizes = split_sizes(cfg)
-    if is_ktc(cfg):
-        sampler = tank_phantom_sampler(cfg)
-        for index in range(3):
-            sampler.sample(sample_rng(seed, "train", index))
-        check_levels(cfg["tank"]["train_levels"])
-        if cfg["linear"]["tune_prior_std"] and int(cfg["data"]["n_val"]) < 1:
-            raise InputError("tuning the linearised step (linear.tune_prior_std) needs data.n_val >= 1")
-        return sizes
+    simulator_class(cfg).check_config(cfg, seed)
+    return sizes
+
+
+def _check_disk(cfg: dict, seed: int) -> None:
     sampler = phantom_sampler(cfg)
     # rejection sampling failing is the practical test of "the anomalies cannot fit"
     for index in range(3):
@@ -356,9 +363,9 @@ def check_config(cfg: dict, seed: int) -> dict[str, int]:
         raise InputError(f"simulation.h0 = {fine_h0} is coarser than the inversion mesh's "
                          f"mesh.h0 = {coarse_h0}; simulate on a finer mesh (no inverse crime)")
     if fine_h0 == coarse_h0 and cfg["simulation"]["electrode_model"] == cfg["mesh"]["electrode_model"]:
+        # stacklevel: the warning points at whoever called check_config
         warnings.warn("simulation and inversion use the same mesh: Gauss-Newton images will show the "
-                      "inverse crime (optimistic); set simulation.h0 below mesh.h0", stacklevel=2)
-    return sizes
+                      "inverse crime (optimistic); set simulation.h0 below mesh.h0", stacklevel=4)
 
 
 def _check_gn(cfg: dict) -> None:
@@ -465,7 +472,7 @@ def _simulate_locked(cfg, out: Path, sizes, *, seed, workers, overwrite, schedul
             gn_settings=json.dumps(settings, sort_keys=True))
     try:
         # workers make the GN images with the settings fixed when the file was started
-        cfg_json = json.dumps(apply_gn_settings(cfg, partial.gn_settings), sort_keys=True)
+        cfg_json = json.dumps(apply_settings(cfg, partial.gn_settings), sort_keys=True)
         pending = [Task(*item) for item in partial.pending()]
         total = sum(sizes.values())
         remaining = sum(t.size for t in pending)
@@ -530,7 +537,10 @@ def _existing_identity(path: Path) -> str | None:
         return None
     if seed is None:
         return None
-    return identity_json(config, seed)
+    try:
+        return identity_json(config, seed)
+    except InputError:   # a data set no registered study owns: not one this command can reuse
+        return None
 
 
 def _describe_difference(old_identity: str, new_identity: str) -> str:

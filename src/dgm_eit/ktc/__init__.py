@@ -8,3 +8,9 @@ ENSEMBLE_SUFFIX = "-ens"
 METHOD_NAMES = {"linear": "linearised", "gn": "GN", "cvae": "CVAE", "cnf": "CNF", "csd": "CSD*"}
 METHOD_NAMES.update({m + ENSEMBLE_SUFFIX: METHOD_NAMES[m] + " ens" for m in TRAINED})
 ALL_METHODS = tuple(x for m in METHODS for x in ((m, m + ENSEMBLE_SUFFIX) if m in TRAINED else (m,)))
+
+from dgm_eit.simulators import register_simulator  # noqa: E402
+
+# the pipeline makes a config's data set with the simulator of the study whose section it
+# holds; a location, not the class, so that importing the package stays light
+register_simulator("ktc", "tank", "dgm_eit.ktc.simulate:KTCSimulator")

@@ -62,7 +62,23 @@ def apply_linear_settings(cfg: dict, settings: dict) -> dict:
 
 
 class KTCSimulator:
-    """Everything mesh-dependent for one tank config, built once per process."""
+    """Everything mesh-dependent for one tank config, built once per process (registered with
+    :mod:`dgm_eit.simulators` for configs with ``[tank]`` by :mod:`dgm_eit.ktc`)."""
+
+    data_sections = ("data", "phantom", "tank", "linear")
+    apply_settings = staticmethod(apply_linear_settings)
+
+    @staticmethod
+    def check_config(cfg: dict, seed: int) -> None:
+        from dgm_eit.data.storage import sample_rng
+        from dgm_eit.ktc.phantoms import phantom_sampler
+
+        sampler = phantom_sampler(cfg)
+        for index in range(3):
+            sampler.sample(sample_rng(seed, "train", index))
+        check_levels(cfg["tank"]["train_levels"])
+        if cfg["linear"]["tune_prior_std"] and int(cfg["data"]["n_val"]) < 1:
+            raise InputError("tuning the linearised step (linear.tune_prior_std) needs data.n_val >= 1")
 
     def __init__(self, cfg: dict):
         from dgm_eit.data.phantoms import element_quadrature_points

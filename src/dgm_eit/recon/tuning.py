@@ -92,10 +92,6 @@ def apply_gn_settings(cfg: dict, settings: dict) -> dict:
     file from before tuning existed): ``cfg`` as it is."""
     import copy
 
-    if settings.get("kind") == "ktc-linear":
-        from dgm_eit.ktc.simulate import apply_linear_settings
-
-        return apply_linear_settings(cfg, settings)
     out = copy.deepcopy(cfg)
     if not settings:
         return out
