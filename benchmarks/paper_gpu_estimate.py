@@ -46,21 +46,23 @@ def main(out: Path, profile: str = "paper") -> None:
         print(f"  {model}/{stage}: {line}; kept (faster, val loss within 1%): {', '.join(kept) or 'none'}")
 
     exp = Experiment(cfg, out / "unused", seed=0)
-    runs = exp.training_runs()   # (model, data set, seed index) of the full study
+    runs = exp.training_runs()   # (run label, data set, seed index) of the full study
     n_train = int(cfg["data"]["n_train"])
     total = {"profile": 0.0, "fp32": 0.0}
     print("\nfull study, training (optimiser steps / measured rate):")
-    for model in dict.fromkeys(m for m, _, _ in runs):
-        count = sum(1 for m, _, _ in runs if m == model)
+    for label in dict.fromkeys(m for m, _, _ in runs):
+        count = sum(1 for m, _, _ in runs if m == label)
+        method = exp.trains(label)   # a run label is a model's name or a method's own (cvae-v)
+        model, own = method.model, method.configure(cfg)
         for stage in MODELS[model].stages:
-            sc = cfg[model][stage]
+            sc = own[model][stage]
             steps = n_train // int(sc["batch_size"]) * int(sc["epochs"])
             measured = rates.get((model, stage), {})
             for variant in total:
                 if variant in measured:
                     total[variant] += count * steps / measured[variant]["steps_per_s"]
             if "profile" in measured:
-                print(f"  {model}/{stage}: {count} runs x {steps:,} steps at {measured['profile']['steps_per_s']:.1f}/s "
+                print(f"  {label}/{stage}: {count} runs x {steps:,} steps at {measured['profile']['steps_per_s']:.1f}/s "
                       f"= {hours(count * steps / measured['profile']['steps_per_s'])}")
     print(f"  training in all: {hours(total['profile'])} with the profile's settings, "
           f"{hours(total['fp32'])} in plain fp32")
@@ -86,7 +88,7 @@ def main(out: Path, profile: str = "paper") -> None:
                 continue
             per_nfe = sum(a["seconds_per_image"] / max(1, a["nfe"]) for a in attrs) / len(attrs)
             nfe = attrs[0]["nfe"]
-            if method.sampler_key:   # the score prior: the profile's reverse steps, not the shortened run's
+            if method.sampler(cfg["run"]) is not None:   # the score prior: the profile's reverse steps, not the shortened run's
                 steps = int(cfg["csd"]["n_steps"]) * (1 + int(cfg["csd"]["corrector_steps"]))
                 nfe = nfe / (int(short["csd"]["n_steps"]) * (1 + int(short["csd"]["corrector_steps"]))) * steps
             seconds = per_nfe * nfe * n_test * tables * seeds

@@ -37,6 +37,8 @@ def test_every_method_names_a_model_and_config_keys_of_every_study_profile():
                 assert set(STAGE_KEYS) <= set(cfg[method.model][stage]), f"{profile}: [{method.model}.{stage}]"
             for key in (method.samples_key, method.sampler_key):
                 assert key is None or key in cfg["run"], f"{profile} has no run.{key}"
+            method.configure(cfg)   # its own config values name keys of every profile
+            assert method.sampler_key is None or method.fixed_sampler is None
     assert set(MODEL_NAMES) == {m.model for m in METHODS if m.model is not None}
 
 
@@ -73,13 +75,16 @@ def trained(tmp_path_factory):
             cfg[model][stage].update(epochs=1, batch_size=8)
     runs = {}
 
-    def run_of(model: str, seed_index: int = 0):
-        if (model, seed_index) not in runs:
-            out = root / model / f"seed{seed_index}"
-            result = train(model, data, out, cfg, seed=seed_index, device="cpu", progress=False)
+    def run_of(model: str, seed_index: int = 0, method=None):
+        """The run of ``model``, or of ``method``'s own model (its run label and config values)."""
+        label = model if method is None else method.label
+        if (label, seed_index) not in runs:
+            out = root / label / f"seed{seed_index}"
+            own = cfg if method is None else method.configure(cfg)
+            result = train(model, data, out, own, seed=seed_index, device="cpu", progress=False)
             assert result.completed and result.step > 0
-            runs[model, seed_index] = out
-        return runs[model, seed_index]
+            runs[label, seed_index] = out
+        return runs[label, seed_index]
 
     return data, cfg, run_of
 
@@ -111,7 +116,7 @@ def _reconstruct_as_the_runner(method, trained, out, seed_index=0):
                                               out.with_name(f"{out.stem}_seed{k}.h5"), k) for k in range(2)]
         ensemble_stage([m[0] for m in members], out)
         return out, [m[1] for m in members]
-    result = reconstruct_split(run_of(method.model, seed_index), data, "test", out, n_samples=n_samples,
+    result = reconstruct_split(run_of(method.model, seed_index, method), data, "test", out, n_samples=n_samples,
                                sampler=sampler, seed=3 + seed_index, limit=3, **opts)
     return out, result
 
@@ -150,3 +155,22 @@ def test_a_method_added_through_the_registry_runs_in_the_pipeline(tmp_path):
     assert "| U-Net | 2a_40dB |" in report                           # its efficiency row
     assert re.search(r"U-Net (yes|\*\*no\*\* \(worse\)|\*\*tied\*\*) [+-]\d+% \[", report)   # its verdict against GN
     assert (out / "runs" / "unet_2a_40dB" / "seed0" / "model.safetensors").is_file()
+
+
+def test_the_papers_variants_train_their_own_model_or_fix_their_sampler():
+    """cvae-v trains a CVAE that reads the voltages in runs of its own whatever [cvae] says;
+    csd-plain shares the score prior and always samples with plain csd; both are the paper's rows."""
+    quick = load_config("quick")
+    cvae, cvae_v = get_method("cvae"), get_method("cvae-v")
+    assert quick["cvae"]["condition"] == "gn"
+    assert cvae_v.configure(quick)["cvae"]["condition"] == "v" and quick["cvae"]["condition"] == "gn"
+    assert (cvae.label, cvae_v.label, get_method("cvae-v-ens").label) == ("cvae", "cvae-v", "cvae-v")
+    assert (cvae.paper_row_for(quick), cvae_v.paper_row_for(quick)) == (None, "CVAE")
+    assert cvae.paper_row_for(load_config("quick", ["cvae.condition=v"])) == "CVAE"
+    csd, plain = get_method("csd"), get_method("csd-plain")
+    assert plain.label == csd.label == "score" and plain.tunes_t0
+    assert (csd.sampler(quick["run"]), plain.sampler(quick["run"])) == ("dds", "csd")
+    assert (csd.paper_row_for(quick), plain.paper_row_for(quick)) == (None, "CSD*")
+    assert plain.paper_row_for(load_config("quick", ["csd.mode=ccdf"])) is None   # not the paper's start
+    assert get_method("csd-plain-ens").paper_row_for(quick) is None               # the paper ran one model
+    assert get_method("guided").paper_row_for(quick) is None

@@ -9,9 +9,11 @@ order, each reused when its output exists:
    (paper: 40 dB and 25 dB). Both noise levels of one anomaly count use the same data
    seed, so they hold the same phantoms with different noise: Test 2 then differs from
    Test 1 in the noise only. Done when the file exists and is marked complete.
-2. training runs ``DIR/runs/<model>_<label>/seed<k>/`` (done when the trainer marked it
+2. training runs ``DIR/runs/<run label>_<label>/seed<k>/`` (done when the trainer marked it
    finished): ``run.seeds`` per model and training set the selected methods need, seed k
-   trained with :func:`dgm_eit.runtime.training_seed`. Conditional models learn from every
+   trained with :func:`dgm_eit.runtime.training_seed`. A run label is the model's name, or a
+   method's own (:attr:`~dgm_eit.methods.Method.run_label`, e.g. ``cvae-v``) where the method
+   sets config values of its own for its model. Conditional models learn from every
    table's own training set, as the paper did; the score prior only from the high-SNR
    sets, because it sees images only, so one prior serves both noise levels.
 3. reconstructions ``DIR/recon/<method>_<train label>_on_<test label>_seed<k>.h5`` of every
@@ -164,6 +166,8 @@ class Experiment:
         self.settings = settings_for(cfg)
         self.n_seeds = check_seed_settings(cfg["run"])
         self.methods = select_methods(cfg["run"]["methods"], ensembles=self.n_seeds > 1)
+        for method in self.methods:
+            method.configure(cfg)   # a method's own config key that the profile lacks is refused here
         check_tuning(cfg["run"])
         jobs = cfg["run"]["jobs"]
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
@@ -188,8 +192,9 @@ class Experiment:
     def train_set(self, method: Method, setting: Setting) -> DataSpec | None:
         return method.train_set(setting.train, float(self.cfg["run"]["high_snr_db"]))
 
-    def training_seed(self, model: str, spec: DataSpec, seed_index: int) -> int:
-        return training_seed(self.seed, model, spec.label, seed_index)
+    def training_seed(self, label: str, spec: DataSpec, seed_index: int) -> int:
+        """Seed k of the runs ``label`` (a model's name or a method's run label) on ``spec``."""
+        return training_seed(self.seed, label, spec.label, seed_index)
 
     def _tunes(self, method: Method) -> bool:
         """Whether the method's sampler settings are chosen on validation data in this run."""
@@ -217,17 +222,22 @@ class Experiment:
         return sorted(set(specs), key=_spec_order)
 
     def training_runs(self) -> list[tuple[str, DataSpec, int]]:
-        """``(model, training set, seed index)`` of every run the methods need, seed 0 of every
-        model first (an interrupted study then has whole tables of its first seeds soonest),
-        within a seed the costliest model first."""
+        """``(run label, training set, seed index)`` of every run the methods need (the label is
+        the model's name, or a method's own where it configures its model: methods of one label
+        share the run), seed 0 of every model first (an interrupted study then has whole tables
+        of its first seeds soonest), within a seed the costliest model first."""
         cost: dict[str, int] = {}
         for method in self.methods:
             if method.model is not None:
-                cost[method.model] = max(cost.get(method.model, 0), method.cost)
-        runs_needed = {(m.model, self.train_set(m, s)) for s in self.settings for m in self.methods
+                cost[method.label] = max(cost.get(method.label, 0), method.cost)
+        runs_needed = {(m.label, self.train_set(m, s)) for s in self.settings for m in self.methods
                        if m.model is not None}
-        return [(model, spec, k) for k in range(self.n_seeds)
-                for model, spec in sorted(runs_needed, key=lambda r: (-cost[r[0]], _spec_order(r[1])))]
+        return [(label, spec, k) for k in range(self.n_seeds)
+                for label, spec in sorted(runs_needed, key=lambda r: (-cost[r[0]], _spec_order(r[1])))]
+
+    def trains(self, label: str) -> Method:
+        """A selected method whose model the runs ``label`` are (they all train it alike)."""
+        return next(m for m in self.methods if m.model is not None and m.label == label)
 
     def reconstructions(self) -> list[tuple[Method, DataSpec, DataSpec]]:
         """``(method, training set, test set)`` of every table's trained methods, in plan order."""
@@ -259,7 +269,7 @@ class Experiment:
         directory, to be run there."""
         layout = self.layout
         path = layout.recon(method.key, train, data, k)
-        return reconstruct_command(attrs, run=layout.relative(layout.run(method.model, train, k)),
+        return reconstruct_command(attrs, run=layout.relative(layout.run(method.label, train, k)),
                                    data=layout.relative(layout.data(data)), out=layout.relative(layout.remade(path)))
 
     # -- stage jobs ------------------------------------------------------------------------
@@ -284,13 +294,13 @@ class Experiment:
         return StageJob(f"data {spec.label}", lambda: self._dataset_done(spec), simulate_stage,
                         dict(cfg=config_for(self.cfg, spec), out=path, seed=data_seed(self.seed, spec.anomalies)))
 
-    def _train_job(self, model: str, spec: DataSpec, k: int) -> StageJob:
-        run_dir = self.layout.run(model, spec, k)
+    def _train_job(self, method: Method, spec: DataSpec, k: int) -> StageJob:
+        run_dir = self.layout.run(method.label, spec, k)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        return StageJob(f"train {model} on {spec.label}, seed {k}", lambda: runs.is_finished(run_dir), train_stage,
-                        dict(model=model, data=self.layout.data(spec), run_dir=run_dir,
-                             cfg=config_for(self.cfg, spec), seed=self.training_seed(model, spec, k),
-                             device=self.device))
+        return StageJob(f"train {method.label} on {spec.label}, seed {k}", lambda: runs.is_finished(run_dir),
+                        train_stage, dict(model=method.model, data=self.layout.data(spec), run_dir=run_dir,
+                                          cfg=method.configure(config_for(self.cfg, spec)),
+                                          seed=self.training_seed(method.label, spec, k), device=self.device))
 
     def _reconstruct_job(self, method: Method, train: DataSpec, data: DataSpec, k: int) -> StageJob:
         run = self.cfg["run"]
@@ -299,10 +309,11 @@ class Experiment:
         validation = self.layout.data(self.tuning_set(method, train, data))
         return StageJob(f"reconstruct {method.key} ({train.label}) on {data.label}, seed {k}",
                         lambda: self._recon_done(out), reconstruct_stage,
-                        dict(run_dir=self.layout.run(method.model, train, k), data=self.layout.data(data),
+                        dict(run_dir=self.layout.run(method.label, train, k), data=self.layout.data(data),
                              out=out, n_samples=method.n_samples(run), sampler=method.sampler(run),
-                             seed=self.training_seed(method.model, train, k), device=self.device,
-                             cfg=config_for(self.cfg, data), tune_data=validation if self._tunes(method) else None,
+                             seed=self.training_seed(method.label, train, k), device=self.device,
+                             cfg=method.configure(config_for(self.cfg, data)),
+                             tune_data=validation if self._tunes(method) else None,
                              calibrate_data=validation if self._calibrates(method) else None))
 
     def _ensemble_job(self, method: Method, train: DataSpec, data: DataSpec) -> StageJob:
@@ -321,11 +332,11 @@ class Experiment:
             # the simulator already spreads one data set over every core
             data_ok[spec] = self.stages.run_one(self._dataset_job(spec))
         train_jobs = {}
-        for model, spec, k in self.training_runs():
+        for label, spec, k in self.training_runs():
             if data_ok[spec]:
-                train_jobs[(model, spec, k)] = self._train_job(model, spec, k)
+                train_jobs[(label, spec, k)] = self._train_job(self.trains(label), spec, k)
             else:
-                self.stages.skip(f"train {model} on {spec.label}, seed {k}", f"data set {spec.label} is not available")
+                self.stages.skip(f"train {label} on {spec.label}, seed {k}", f"data set {spec.label} is not available")
         trained = self.stages.run_phase(list(train_jobs.values()))
         run_ok = {key: trained.get(job.name, False) for key, job in train_jobs.items()}
         recon_jobs, pooled = [], []
@@ -335,11 +346,11 @@ class Experiment:
                 pooled.append((method, train, data))
                 continue
             for k in range(self.n_seeds):
-                if run_ok.get((method.model, train, k)) and data_ok[data]:
+                if run_ok.get((method.label, train, k)) and data_ok[data]:
                     recon_jobs.append(self._reconstruct_job(method, train, data, k))
                 else:
                     self.stages.skip(f"reconstruct {method.key} ({train.label}) on {data.label}, seed {k}",
-                                     f"needs seed {k} of the {method.model} run on {train.label} and the data set "
+                                     f"needs seed {k} of the {method.label} run on {train.label} and the data set "
                                      f"{data.label}")
         self.stages.run_phase(recon_jobs)
         for method, train, data in pooled:
@@ -350,8 +361,8 @@ class Experiment:
                 self.stages.skip(job.name, f"needs all {self.n_seeds} seeds' reconstructions")
         self._time_gn(data_ok)
         settings = [self._evaluate(s, data_ok) for s in self.settings]
-        seeds = {f"{model} on {spec.label}": [self.training_seed(model, spec, k) for k in range(self.n_seeds)]
-                 for model, spec in dict.fromkeys((m, s) for m, s, _ in self.training_runs())}
+        seeds = {f"{label} on {spec.label}": [self.training_seed(label, spec, k) for k in range(self.n_seeds)]
+                 for label, spec in dict.fromkeys((m, s) for m, s, _ in self.training_runs())}
         result = RunResult(self.cfg, self.seed, self.layout.root, settings, self._efficiency(),
                            dict(self.stages.records), time.perf_counter() - start, seeds)
         self.stages.save()
@@ -425,7 +436,8 @@ class Experiment:
             samples = attrs[0].get("n_samples") if calibrated else None
             result.methods.append(MethodResult(method.key, method.name, train, values, seeded, sampling,
                                                commands=commands, pooled_from=pooled_from, calibration=calibration,
-                                               posterior_samples=None if samples is None else int(samples)))
+                                               posterior_samples=None if samples is None else int(samples),
+                                               paper_row=method.paper_row_for(self.cfg)))
             # figures show the first seed's model, and each ensemble
             recon, std = images[0]
             recons[method.name] = recon
@@ -455,7 +467,7 @@ class Experiment:
         jobs = self.reconstructions()
         trained_models = sorted({(m, t) for m, t, _ in jobs}, key=lambda j: (position[j[0]], _spec_order(j[1])))
         for method, train in trained_models:
-            run_dirs = [self.layout.run(method.model, train, k) for k in range(self.n_seeds)]
+            run_dirs = [self.layout.run(method.label, train, k) for k in range(self.n_seeds)]
             if not all(runs.is_finished(d) for d in run_dirs):
                 continue
             files = [f for m, t, d in jobs if m == method and t == train for f in self.method_files(m, t, d)]
@@ -465,7 +477,7 @@ class Experiment:
             times = [runs.training_time(d) for d in run_dirs]
             seconds = [t for t, _ in times if t is not None]
             steps = [s for _, s in times if s is not None]
-            device = records.get(f"train {method.model} on {train.label}, seed 0", {}).get("device", self.device)
+            device = records.get(f"train {method.label} on {train.label}, seed 0", {}).get("device", self.device)
             models = self.n_seeds if method.ensemble else 1
             params = _parameters(run_dirs[0])
 

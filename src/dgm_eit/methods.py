@@ -11,13 +11,22 @@ Every method with a trained model also gets a seed ensemble, registered with it
 ensemble pools the K models' reconstructions (the posterior samples of all K for a sampling
 method, the average of the K images for a deterministic one), its std map the spread over
 all of them.
+
+The paper's own variants are methods too (``cvae-v``: the CVAE that reads the voltages;
+``csd-plain``: CSD* without data consistency), registered beside the profiles' choices: a
+method may train its model with config values of its own (:attr:`Method.model_config`, in
+run directories of its own, :attr:`Method.run_label`) or fix its sampler, and it says which
+row of the paper's tables it reproduces and under which config (:meth:`Method.paper_row_for`),
+so the report puts the paper's numbers beside that row only.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Iterable
 
+from dgm_eit.config import flatten, set_key
 from dgm_eit.errors import InputError
 from dgm_eit.models import MODEL_NAMES, MODELS
 from dgm_eit.results import DataSpec
@@ -39,6 +48,16 @@ class Method:
     # when its sampler starts from the GN image
     tunes_t0: bool = False
     ensemble_of: str | None = None    # the key of the method whose seeds this one pools
+    # ("section.key", value) pairs set over the profile for its model's training and
+    # reconstruction: another model than the profile's, so its runs live under their own
+    # run_label (the directory name and the seed rule's model name; default: the model's name)
+    model_config: tuple[tuple[str, object], ...] = ()
+    run_label: str | None = None
+    fixed_sampler: str | None = None  # the score model's sampler it always uses (instead of sampler_key's)
+    # the paper's row (paper.PAPER_RESULTS) that runs the same algorithm as this method when
+    # the configured values paper_config hold; None: no row of the paper is this method
+    paper_row: str | None = None
+    paper_config: tuple[tuple[str, object], ...] = ()
 
     @property
     def ensemble(self) -> bool:
@@ -46,8 +65,38 @@ class Method:
 
     def as_ensemble(self) -> "Method":
         """The seed ensemble of this method: same model and settings, K trained copies pooled."""
+        # the paper reports one training run per method: an ensemble is no row of its tables
         return replace(self, key=f"{self.key}{ENSEMBLE_SUFFIX}", name=f"{self.name} ens", std_map=True,
-                       ensemble_of=self.key)
+                       ensemble_of=self.key, paper_row=None, paper_config=())
+
+    @property
+    def label(self) -> str | None:
+        """The name of its model's training runs (directories, seeds, stages); None: no model."""
+        return self.run_label or self.model
+
+    def configure(self, cfg: dict) -> dict:
+        """``cfg`` with :attr:`model_config` set (a copy when there is any); a key the config
+        does not have is refused."""
+        if not self.model_config:
+            return cfg
+        cfg = copy.deepcopy(cfg)
+        for key, value in self.model_config:
+            try:
+                set_key(cfg, key, value)
+            except InputError as err:
+                raise InputError(f"method {self.key!r}: {err}") from None
+        return cfg
+
+    def paper_row_for(self, cfg: dict) -> str | None:
+        """The paper's row this method reproduces under ``cfg`` (its own config values set),
+        or None where it runs another algorithm (the quick profile's GN-image CVAE, CSD* with
+        the ``dds`` sampler)."""
+        if self.paper_row is None:
+            return None
+        values = flatten(self.configure(cfg))
+        if all(values.get(key, _MISSING) == value for key, value in self.paper_config):
+            return self.paper_row
+        return None
 
     def train_set(self, table_train: DataSpec, high_snr_db: float) -> DataSpec | None:
         """The data set whose training split the method's model learns from, for a table whose
@@ -62,11 +111,14 @@ class Method:
         return None if self.samples_key is None else int(run[self.samples_key])
 
     def sampler(self, run: dict) -> str | None:
+        if self.fixed_sampler is not None:
+            return self.fixed_sampler
         return None if self.sampler_key is None else str(run[self.sampler_key])
 
 
 ENSEMBLE_SUFFIX = "-ens"
 _REGISTRY: dict[str, Method] = {}
+_MISSING = object()
 
 
 def register_method(method: Method) -> Method:
@@ -76,6 +128,12 @@ def register_method(method: Method) -> Method:
         known = _REGISTRY.get(m.key)
         if known is not None and known != m:
             raise ValueError(f"method {m.key!r} is registered twice, differently")
+        # methods that share training runs must train the same model the same way
+        for other in _REGISTRY.values():
+            if other.label is not None and other.label == m.label and other.key != m.key and (
+                    other.model, other.model_config) != (m.model, m.model_config):
+                raise ValueError(f"methods {other.key!r} and {m.key!r} share the run label {m.label!r} but "
+                                 "configure their models differently")
         _REGISTRY[m.key] = m
     return method
 

@@ -195,6 +195,39 @@ def _count(value: float | None) -> str:
     return f"{value:.0f}"
 
 
+# every method, sampler and abbreviation of a report, spelled out once with its reference
+NAMES = "\n".join([
+    "- **GN**: Gauss-Newton, absolute reconstruction from σ = 1 with a regularised update, its weight and "
+    "iterations chosen on each data set's validation split (pyEIT: Liu et al., SoftwareX 7:304-308, 2018). "
+    "**Kotre**: the regulariser diag(JᵀJ)^p (p = 1 Levenberg-Marquardt, p = 0 Tikhonov), after C. J. Kotre.",
+    "- **CVAE**: conditional variational autoencoder, two stages after Seo et al., SIAM J. Imaging Sci. "
+    "12(3):1275-1295, 2019: a VAE on images, then a regressor to its latent from the input `[cvae] condition` "
+    "names (`v`: the voltages through an MLP, the paper's; `gn`: the GN image through a conv encoder). "
+    "**CVAE-v (paper)** (`cvae-v`): the paper's CVAE, voltages in, whatever `[cvae] condition` says, trained "
+    "as a model of its own.",
+    "- **CNF**: conditional normalizing flow (conditional invertible network) after Denker et al., J. Imaging "
+    "7(11):243, 2021, conditioned on the GN image; mean and std of its posterior samples.",
+    "- **U-Net**: an encoder-decoder network with skip connections (Ronneberger et al., MICCAI 2015) trained to "
+    "correct the GN image.",
+    "- **VE SDE**: the variance-exploding stochastic differential equation of score-based diffusion (Song et "
+    "al., ICLR 2021); the score prior learns its reverse on images alone. **NFE**: number of function "
+    "evaluations, network calls per image.",
+    "- **CSD\\***: conditional score-based diffusion as the paper (Wang, Xu and Zhou 2024) names it: the prior's "
+    "reverse process started from the GN image at time t0 (chosen on validation) instead of from noise, after "
+    "Song et al., ICLR 2022; the sampler is `[run] csd_sampler`. **CSD\\* plain (paper)** (`csd-plain`): the "
+    "paper's CSD\\*, sampler `csd` whatever `csd_sampler` says, with the same prior. **CSD-guided**: the paper's "
+    "general CSD, sampler `dps`.",
+    "- Samplers of the score prior: **csd** (the GN image replaces the reverse state at t0, then the plain "
+    "reverse process); **ccdf** (`[csd] mode = \"ccdf\"`: the GN image is first diffused to t0, "
+    "Come-Closer-Diffuse-Faster, Chung, Sim and Ye, CVPR 2022); **dds** (csd plus, at every reverse step, a "
+    "proximal Gauss-Newton step of the denoised image on the measured voltages: data consistency after the "
+    "decomposed diffusion sampler, Chung, Lee and Ye, ICLR 2024); **dps** (diffusion posterior sampling: the "
+    "gradient of the data misfit through the differentiable FEM at every step, Chung et al., ICLR 2023); "
+    "**pc** (predictor-corrector: reverse-diffusion predictor, Langevin corrector) and **ode** (the "
+    "probability-flow ODE), the unconditional samplers of Song et al. 2021.",
+    "- **ens**: a seed ensemble, the pooled reconstructions of a method's models trained with different seeds.",
+])
+
 SAMPLER_TEXT = {
     "csd": "sampler `csd` (the paper's CSD*: the GN image replaces the state at t0, then the plain reverse process)",
     "dds": "sampler `dds` (CSD* with data consistency: the GN image at t0, then at every reverse step the "
@@ -264,22 +297,53 @@ def remake_script(result: RunResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paper_comparison(sr: SettingResult, faithful: list[MethodResult]) -> str:
+    """What the paper's numbers of a table can be compared with: only the rows that run the
+    paper's own algorithm (same input, same sampler); said in words when there is none."""
+    s = sr.setting
+    table = PAPER_RESULTS[s.paper_table]
+    faithful_keys = {mr.method for mr in faithful}
+    others = [method_label(mr, s) for mr in sr.methods
+              if mr.method not in faithful_keys and mr.method != GAUSS_NEWTON.key]
+    if not faithful:
+        return (f"The paper's numbers (Table {s.paper_table}) are not comparable with these rows and are not shown: "
+                "none of them runs the paper's algorithm (this profile's CVAE may read the GN image instead of "
+                "the voltages, its CSD* may use the `dds` sampler, ensembles pool several models). Add "
+                "`cvae-v` and `csd-plain` to `run.methods` for the paper's own variants.")
+    published = [f"{mr.paper_row} MSE {table[mr.paper_row]['MSE'][0]:.4f} / SSIM {table[mr.paper_row]['SSIM'][0]:.3f}"
+                 for mr in faithful]
+    if "GN" in table:
+        published.insert(0, f"GN MSE {table['GN']['MSE'][0]:.4f} / SSIM {table['GN']['SSIM'][0]:.3f}")
+    text = (f"Paper MSE vs GN: the change the paper published for the same algorithm (Table {s.paper_table}, one "
+            "training run, against its own GN), shown only beside the rows that run the paper's algorithm: "
+            + ", ".join(method_label(mr, s) for mr in faithful) + ". ")
+    if others:
+        text += ("The other rows (" + ", ".join(others) + ") run another input, sampler or several models, so "
+                 "the paper's numbers are not comparable with them. ")
+    return text + f"Paper (Table {s.paper_table}, mean, one training run): " + "; ".join(dict.fromkeys(published)) + "."
+
+
 def setting_section(sr: SettingResult, cfg: dict) -> str:
     """One results table of a run."""
     s = sr.setting
     run = cfg["run"]
     lines = [f"### {s.title} (paper Table {s.paper_table})", ""]
     rows, extra = {}, {}
+    # the paper's numbers sit only beside rows that run the paper's algorithm (MethodResult.paper_row)
+    faithful = [mr for mr in sr.methods if mr.paper_row is not None
+                and paper_mse_change(s.paper_table, mr.paper_row) is not None]
+    faithful_keys = {mr.method for mr in faithful}
     for mr in sr.methods:
         label = method_label(mr, sr.setting)
         rows[label] = mr.pooled()
         c = sr.comparisons.get(mr.method)
         own = c is not None and mr.method != GAUSS_NEWTON.key
-        paper = paper_mse_change(s.paper_table, mr.name) if mr.method != GAUSS_NEWTON.key else None
         extra[label] = {"MSE vs GN [95% CI]": c.interval.format() if own else "-",
                         "wins vs GN": f"{100 * c.win_rate:.0f}%" if own else "-",
-                        "rank": _rank(c) if c is not None else "-",
-                        "paper MSE vs GN": format_percent(paper)}
+                        "rank": _rank(c) if c is not None else "-"}
+        if faithful:
+            paper = paper_mse_change(s.paper_table, mr.paper_row) if mr.method in faithful_keys else None
+            extra[label]["paper MSE vs GN"] = format_percent(paper)
     if rows:
         n_images = len(sr.methods[0].per_seed[0]["MSE"])
         seeds = max(mr.n_seeds for mr in sr.methods)
@@ -297,9 +361,7 @@ def setting_section(sr: SettingResult, cfg: dict) -> str:
                      "GN. Rank: 1 + the number of methods whose interval lies wholly below; = marks a method "
                      "whose interval overlaps another's (tied).")
         lines.append("")
-        lines.append(f"Paper (Table {s.paper_table}, mean, one training run): "
-                     + ", ".join(f"{m} MSE {v['MSE'][0]:.4f} / SSIM {v['SSIM'][0]:.3f}"
-                                 for m, v in PAPER_RESULTS[s.paper_table].items()) + ".")
+        lines.append(paper_comparison(sr, faithful))
     if sr.gn_settings:
         lines += ["", f"GN: {describe(sr.gn_settings)}; the models that read a GN image read these."]
     for mr in sr.methods:
@@ -333,7 +395,8 @@ def efficiency_section(result: RunResult) -> str:
     return text + ("\n\nA trained method's figures are those of one model (the mean over its seeds); an "
                    "ensemble's (\"ens\") are what all its models cost together: K times the parameters, "
                    "training and reconstruction. "
-                   "CSD* and CSD-guided share the score prior (its parameters and training time). "
+                   "CSD*, CSD* plain (paper) and CSD-guided share the score prior (its parameters and training "
+                   "time); CVAE-v (paper) is a CVAE of its own (runs `cvae-v_<set>`). "
                    "GN has no training; its time is one Gauss-Newton solve, timed in the main process. "
                    "Reconstruction times include every sample drawn (see `[run]` *_samples), not the "
                    "validation sweep that chose CSD*'s t0 (`[run]` csd_tune_*).")
@@ -545,10 +608,11 @@ def render_report(result: RunResult) -> str:
         "PSNR and SSIM with the ground truth's range R = max - min, RE = ‖x̂ - x‖₁/‖x‖₁, AE = mean |x̂ - x|, "
         "DR = (max x̂ - min x̂)/R (best at 1). SSIM: 7 x 7 uniform window, K1 0.01, K2 0.03. "
         "Bold: the best mean of each column. \"MSE vs GN\" is the relative change of the mean MSE against "
-        "Gauss-Newton on the same test set with its 95% interval, ours beside the paper's (which reports one "
-        "training run). Figures share one colour scale per figure (the ground truth's range) and show the "
+        "Gauss-Newton on the same test set with its 95% interval; \"paper MSE vs GN\" is the paper's (one "
+        "training run), only beside the rows that run the paper's own algorithm. Figures share one colour scale per figure (the ground truth's range) and show the "
         "first seed's model of each method and each seed ensemble.",
     ]
+    lines += ["", "## Names", "", NAMES]
     for test, (heading, _) in TESTS.items():
         sections = [sr for sr in result.settings if sr.setting.test == test]
         if not sections:

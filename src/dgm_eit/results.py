@@ -96,6 +96,9 @@ class MethodResult:
     pooled_from: list[str] = field(default_factory=list)  # an ensemble: the seed files it pools, as commands name them
     calibration: list[dict[str, Summary]] = field(default_factory=list)
     posterior_samples: int | None = None   # samples behind each image's mean and std map
+    # the paper's row (dgm_eit.paper.PAPER_RESULTS) that ran the same algorithm; None: no row of
+    # the paper is comparable with this one (another input, sampler or an ensemble)
+    paper_row: str | None = None
 
     @property
     def n_seeds(self) -> int:

@@ -32,8 +32,9 @@ from dgm_eit.methods import Method, register_method
 from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
 from dgm_eit.models.flow_layers import FlowStep, InvertibleDownsampling
 
-# the mean of posterior samples, with their std map
-register_method(Method("cnf", "CNF", model="cnf", cost=2, std_map=True, samples_key="cnf_samples"))
+# the mean of posterior samples, with their std map; conditioned on the GN image alone, as the paper's
+register_method(Method("cnf", "CNF", model="cnf", cost=2, std_map=True, samples_key="cnf_samples",
+                       paper_row="CNF", paper_config=(("cnf.condition_on_v", False),)))
 
 
 class _ResBlock(nn.Module):

@@ -22,8 +22,15 @@ from dgm_eit.errors import InputError
 from dgm_eit.methods import Method, register_method
 from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
 
-# deterministic: one sample per image, no std map
-register_method(Method("cvae", "CVAE", model="cvae", cost=1, samples_key="cvae_samples"))
+# deterministic: one sample per image, no std map. Its regressor reads what [cvae] condition
+# says: the paper's algorithm only where that is the voltages (the paper profile)
+register_method(Method("cvae", "CVAE", model="cvae", cost=1, samples_key="cvae_samples", paper_row="CVAE",
+                       paper_config=(("cvae.condition", "v"),)))
+# the paper's CVAE whatever the profile chose for "cvae" (the quick profile: the GN image):
+# the regressor is an MLP on the voltages, a model of its own with runs of its own
+register_method(Method("cvae-v", "CVAE-v (paper)", model="cvae", cost=1, samples_key="cvae_samples",
+                       model_config=(("cvae.condition", "v"),), run_label="cvae-v", paper_row="CVAE",
+                       paper_config=(("cvae.condition", "v"),)))
 
 TARGETS = ("mean", "sample")
 CONDITIONS = ("v", "gn")

@@ -24,9 +24,17 @@ from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
 from dgm_eit.models.posterior import posterior_sampler
 from dgm_eit.models.sde import make_sde
 
-# the paper's CSD*: the GN image enters the reverse process at t0, chosen on validation data
+# CSD*: the GN image enters the reverse process at t0, chosen on validation data, with the
+# sampler run.csd_sampler names; the paper's algorithm only where that is plain "csd" and the
+# GN image replaces the state as it is (the paper profile; the quick profile uses "dds")
 register_method(Method("csd", "CSD*", model="score", high_snr_training=True, cost=3, std_map=True,
-                       samples_key="csd_samples", sampler_key="csd_sampler", tunes_t0=True))
+                       samples_key="csd_samples", sampler_key="csd_sampler", tunes_t0=True, paper_row="CSD*",
+                       paper_config=(("run.csd_sampler", "csd"), ("csd.mode", "replace"))))
+# the paper's CSD* whatever run.csd_sampler says: the same prior (no training of its own), the
+# plain reverse process from the GN image, its t0 chosen on validation like csd's
+register_method(Method("csd-plain", "CSD* plain (paper)", model="score", high_snr_training=True, cost=3,
+                       std_map=True, samples_key="csd_samples", fixed_sampler="csd", tunes_t0=True,
+                       paper_row="CSD*", paper_config=(("csd.mode", "replace"),)))
 # CSD with the data-misfit gradient at every reverse step (the paper's general CSD, eq. 25)
 register_method(Method("guided", "CSD-guided", model="score", high_snr_training=True, cost=4,
                        samples_key="guided_samples", sampler_key="guided_sampler"))
