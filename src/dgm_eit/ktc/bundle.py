@@ -124,21 +124,21 @@ def public_scores(scores_csv: Path, methods) -> dict:
     over the public targets, and its level-1 score per target, from the study's ``scores.csv``."""
     try:
         with open(scores_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
-        out = {}
-        for m in methods:
-            mine = [r for r in rows if r["method"] == m and r["seed"] in ("0", "-")]
-            if not mine:
-                raise InputError(f"{scores_csv} has no scores of method {m!r}; re-run the same dgm-eit run command")
-            level1 = {r["target"]: float(r["score"]) for r in mine if r["level"] == "1"}
-            out[m] = {"level_1": round(sum(level1.values()), 6), "all_levels": round(sum(float(r["score"]) for r in mine), 6),
-                      "levels": sorted({int(r["level"]) for r in mine}), "level_1_targets": level1}
-        return out
-    except (OSError, KeyError, ValueError) as err:
-        if isinstance(err, InputError):
-            raise
+            table = [(r["method"], r["seed"], int(r["level"]), r["target"], float(r["score"]))
+                     for r in csv.DictReader(f)]
+    except (OSError, KeyError, TypeError, ValueError) as err:
         raise InputError(f"{scores_csv} is missing or damaged ({err}); re-run the same dgm-eit run command "
                          "to write it again") from None
+    out = {}
+    for m in methods:
+        mine = [(level, target, score) for method, seed, level, target, score in table
+                if method == m and seed in ("0", "-")]
+        if not mine:
+            raise InputError(f"{scores_csv} has no scores of method {m!r}; re-run the same dgm-eit run command")
+        level1 = {target: score for level, target, score in mine if level == 1}
+        out[m] = {"level_1": round(sum(level1.values()), 6), "all_levels": round(sum(s for *_, s in mine), 6),
+                  "levels": sorted({level for level, _, _ in mine}), "level_1_targets": level1}
+    return out
 
 
 def _utc(seconds: float) -> str:
