@@ -145,14 +145,15 @@ class Methods:
 
     @property
     def fidelity(self):
-        """CSD*'s linearised data term, its gain and error level fitted on the training split."""
+        """CSD*'s linearised data term: its gain and error level as the study recorded them, or
+        fitted on the training split."""
         if self._fidelity is None:
             from dgm_eit.ktc.posterior import LinearisedFidelity, fit_linear_model
 
             if self.linear_model is None:
                 if not self.data.is_file():
                     raise InputError(f"{self.root} has no {DATA_FILE} to fit CSD*'s data model on, and its "
-                                     f"methods.json records none; re-run the dgm-eit run command that made it")
+                                     "methods.json records none; re-run the dgm-eit run command that made it")
                 from dgm_eit.data.storage import read_split
 
                 train = read_split(self.data, "train", keys=("sigma", "v_clean"))
