@@ -233,7 +233,11 @@ def pack_study(study_dir, out, *, overwrite: bool = False, commit: str = "unknow
         if out.is_dir():
             old = temp_sibling(out, "old")
             os.rename(out, old)
-            os.rename(tmp, out)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)   # the packed study that was there stays where it was
+                raise
             shutil.rmtree(old)
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
