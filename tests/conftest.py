@@ -62,3 +62,17 @@ def ctrl_c():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope="session")
+def ktc_tiny_study(tmp_path_factory):
+    """``(directory, argv)``: a finished ``dgm-eit run --profile ktc`` study on the small meshes
+    and tiny data of ``test_ktc_study`` (every method, levels 1 and 4, --seed 1), made once for
+    the tests of the study, the entry point and the pack command."""
+    from dgm_eit.cli import main
+    from test_ktc_study import TINY_RUN
+
+    out = tmp_path_factory.mktemp("ktc_tiny") / "study"
+    argv = ["run", "--profile", "ktc", "--out", str(out), "--seed", "1"] + [a for s in TINY_RUN for a in ("--set", s)]
+    assert main(argv) == 0
+    return out, argv

@@ -162,12 +162,10 @@ def test_simulated_tank_data_set(tmp_path):
         assert sim.truth_classes(3, "val", i).shape == (256, 256)
 
 
-def test_ktc_run_and_entry_point(tmp_path, capsys):
+def test_ktc_run_and_entry_point(ktc_tiny_study, tmp_path, capsys):
     from dgm_eit.ktc.study import load_study
 
-    out = tmp_path / "study"
-    args = ["run", "--profile", "ktc", "--out", str(out), "--seed", "1"] + [a for s in TINY_RUN for a in ("--set", s)]
-    assert main(args) == 0
+    out, args = ktc_tiny_study
     report = (out / "report.md").read_text()
     assert "Nothing here was tuned on the real targets" in report and "| CSD* |" in report
     scores = (out / "scores.csv").read_text().splitlines()

@@ -28,6 +28,7 @@ COMMANDS = {
     "bench": "bench",
     "ktc": "ktc",
     "ktc-score": "ktc_score",
+    "ktc-pack": "ktc_pack",
 }
 
 

@@ -8,15 +8,18 @@ from dgm_eit.commands.common import add_device_arg, add_seed_arg
 from dgm_eit.ktc import ALL_METHODS
 
 HELP = ("reconstruct KTC2023 measurements as the challenge's entry point does: INPUT_DIR/ref.mat and "
-        "data<n>.mat -> OUTPUT_DIR/<n>.mat (256 x 256 uint8 classes), with a study made by "
-        "dgm-eit run --profile ktc")
+        "data<n>.mat -> OUTPUT_DIR/<n>.mat (256 x 256 uint8 classes), with the study shipped with dgm-eit "
+        "or one made by dgm-eit run --profile ktc (--run)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder with ref.mat and data<n>.mat files")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder for <n>.mat (created if missing; not INPUT_DIR)")
     parser.add_argument("level", metavar="LEVEL", type=int, help="difficulty level 1..7 (electrodes 1..2(L-1) dropped)")
-    parser.add_argument("--run", required=True, metavar="DIR", help="directory made by dgm-eit run --profile ktc")
+    parser.add_argument("--run", default=None, metavar="DIR",
+                        help="directory made by dgm-eit run --profile ktc, or a folder packed by dgm-eit ktc-pack "
+                             "(default: the study shipped with dgm-eit, one training seed; its provenance is in "
+                             "dgm_eit/ktc/shipped/provenance.json)")
     parser.add_argument("--method", default=None, choices=ALL_METHODS,
                         help="method to use; a trained one uses its first seed's model, <method>-ens the seed "
                              "ensemble of a study run with --seeds K > 1 (default: the study's best on simulated "

@@ -1,6 +1,7 @@
 """The KTC2023 entry point from Python: a folder of ``ref.mat`` and ``data<n>.mat`` -> images,
-std maps and classes, with a study made by ``dgm-eit run --profile ktc``. ``dgm-eit ktc``
-is this function plus its printout."""
+std maps and classes, with a study made by ``dgm-eit run --profile ktc`` or, by default, the
+study shipped with the package (:mod:`dgm_eit.ktc.bundle`). ``dgm-eit ktc`` is this function
+plus its printout."""
 
 from __future__ import annotations
 
@@ -25,20 +26,24 @@ class FolderReconstruction:
     classes: np.ndarray              # (N, 256, 256) uint8: 0 water, 1 resistive, 2 conductive
 
 
-def reconstruct_folder(input_dir, level: int, run_dir, *, output_dir=None, method: str | None = None,
+def reconstruct_folder(input_dir, level: int, run_dir=None, *, output_dir=None, method: str | None = None,
                        seed: int = 0, device: str = "auto", overwrite: bool = False) -> FolderReconstruction:
     """Reconstruct every ``data<n>.mat`` of ``input_dir`` against its ``ref.mat`` at ``level``
     (1..7; level L drops electrodes 1..2(L-1)), as difference data ``Uel - Uelref``, with
     ``method`` (default: the study's, :func:`dgm_eit.ktc.study.default_method`) and the
     settings and segmentation thresholds the study chose for it; a trained method uses its
-    first seed's model. ``output_dir``: also write ``<n>.mat`` in the challenge's format (never
-    into ``input_dir``; a file there that is not a reconstruction only with ``overwrite``).
-    Every input and output is checked before a model is loaded."""
+    first seed's model. ``run_dir``: the study (a ``dgm-eit run --profile ktc`` directory or a
+    folder packed by ``dgm-eit ktc-pack``); None: the study shipped with the package. A packed
+    study is checked against its manifest first. ``output_dir``: also write ``<n>.mat`` in the
+    challenge's format (never into ``input_dir``; a file there that is not a reconstruction
+    only with ``overwrite``). Every input and output is checked before a model is loaded."""
     from dgm_eit.datasets.ktc2023 import is_reconstruction_file, removed_electrodes
     from dgm_eit.files import check_output
     from dgm_eit.ktc import ALL_METHODS
+    from dgm_eit.ktc.bundle import PACKED_ADVICE, SHIPPED_ADVICE, check_bundle, is_bundle, shipped_dir
     from dgm_eit.ktc.segment import segment_images
-    from dgm_eit.ktc.study import Methods, default_method, load_study, real_targets, seeded, write_submission
+    from dgm_eit.ktc.study import (Methods, default_method, load_study, real_targets, recorded_linear_model, seeded,
+                                   write_submission)
     from dgm_eit.runtime import check_seed, limit_threads, resolve_device
 
     removed_electrodes(level)   # refuses a bad level before any work
@@ -51,6 +56,11 @@ def reconstruct_folder(input_dir, level: int, run_dir, *, output_dir=None, metho
     if out is not None and out.resolve() == source.resolve():
         raise InputError(f"OUTPUT_DIR {out} is INPUT_DIR {source}: <n>.mat would land among the inputs; "
                          "choose another folder")
+    if run_dir is None:
+        run_dir = shipped_dir()
+        check_bundle(run_dir, SHIPPED_ADVICE)   # also when it is missing: a wheel built without it
+    elif is_bundle(run_dir):
+        check_bundle(run_dir, PACKED_ADVICE)
     cfg, chosen = load_study(run_dir)
     chosen = {m: record for m, record in chosen.items() if "score" in record}   # a seed's choice may be pending
     why = None
@@ -64,7 +74,8 @@ def reconstruct_folder(input_dir, level: int, run_dir, *, output_dir=None, metho
         check_output(out / f"{n}.mat", own_kind=is_reconstruction_file, overwrite=overwrite, option="OUTPUT_DIR file",
                      kind="reconstruction file (one variable 'reconstruction')")
     limit_threads()
-    methods = Methods(cfg, Path(run_dir), seed=seed, device=str(resolve_device(device)))
+    methods = Methods(cfg, Path(run_dir), seed=seed, device=str(resolve_device(device)),
+                      linear_model=recorded_linear_model(chosen))
     data = real["levels"][level]
     made = methods.reconstruct(method, data["dv"], data["masks"], record)
     classes = segment_images(made["recon"], record["low"], record["high"])

@@ -39,6 +39,9 @@ MANIFEST = "run.json"
 RESUME_FREE = ("run.methods", "run.levels", "run.figure_level", "run.jobs", "run.train_max_minutes",
                "run.expected_time", "run.seeds", "run.bootstrap_resamples", "train.progress", "train.threads")
 DATA_LABEL = "ktc"   # the data set's name in the training seeds' rule
+DATA_FILE = "data/ktc.h5"
+# a packed study's copy of its data set's linearised-step settings (the data set stays behind)
+LINEAR_SETTINGS = "linear_settings.json"
 
 
 def _log(message: str) -> None:
@@ -72,24 +75,51 @@ def run_dir(root: Path, model: str, seed_index: int) -> Path:
     return Path(root) / "runs" / model / f"seed{seed_index}"
 
 
+def data_path(root: Path) -> Path:
+    return Path(root) / DATA_FILE
+
+
+def linear_settings(root: Path) -> dict:
+    """The linearised step's settings the study's data set chose (its prior), from the data set
+    or, in a study packed without it (``dgm-eit ktc-pack``), from the record it keeps of them;
+    ``{}`` when neither is there (the config's ``[linear]`` is then used as it stands)."""
+    from dgm_eit.data.storage import dataset_gn_settings
+
+    data, record = data_path(root), Path(root) / LINEAR_SETTINGS
+    if data.is_file():
+        return dataset_gn_settings(data)
+    if record.is_file():
+        return read_json(record, "pack the study again (dgm-eit ktc-pack)")
+    return {}
+
+
+def recorded_linear_model(chosen: dict) -> dict | None:
+    """CSD*'s data model as ``methods.json`` recorded it when CSD*'s settings were chosen (the
+    same fit for every seed: it depends on the data set only); None when it records none."""
+    seeds = chosen.get("csd", {}).get("seeds") or [{}]
+    return seeds[0].get("linear_model")
+
+
 class Methods:
     """The five reconstructions of one study directory, for simulated or real difference data."""
 
-    def __init__(self, cfg: dict, root: Path, *, seed: int = 0, device: str = "cpu"):
-        from dgm_eit.data.storage import dataset_gn_settings
+    def __init__(self, cfg: dict, root: Path, *, seed: int = 0, device: str = "cpu",
+                 linear_model: dict | None = None):
+        """``linear_model``: CSD*'s data model as the study recorded it (:func:`recorded_linear_model`);
+        None fits it on the data set's training split when CSD* first needs it."""
         from dgm_eit.ktc.simulate import KTCSimulator, apply_linear_settings
         from dgm_eit.runtime import check_seed_settings
 
         self.root, self.seed, self.device = Path(root), int(seed), device
         self.n_seeds = check_seed_settings(cfg["run"])
-        self.data = self.root / "data" / "ktc.h5"
-        self.linear_settings = dataset_gn_settings(self.data) if self.data.is_file() else {}
+        self.data = data_path(self.root)
+        self.linear_settings = linear_settings(self.root)
         self.cfg = apply_linear_settings(cfg, self.linear_settings)
         self.sim = KTCSimulator(self.cfg)
         self._models: dict[str, object] = {}
         self._recons: dict[float, object] = {}
         self._fidelity = None
-        self.linear_model: dict | None = None   # CSD*'s fitted data model, once it is needed
+        self.linear_model = linear_model
 
     def model(self, name: str, seed_index: int = 0):
         if (name, seed_index) not in self._models:
@@ -115,14 +145,20 @@ class Methods:
 
     @property
     def fidelity(self):
-        """CSD*'s linearised data term, its gain and error level fitted on the training split."""
+        """CSD*'s linearised data term: its gain and error level as the study recorded them, or
+        fitted on the training split."""
         if self._fidelity is None:
-            from dgm_eit.data.storage import read_split
             from dgm_eit.ktc.posterior import LinearisedFidelity, fit_linear_model
 
-            train = read_split(self.data, "train", keys=("sigma", "v_clean"))
-            n = min(len(train["sigma"]), int(self.cfg["csd_dds"]["fit_samples"]))
-            self.linear_model = fit_linear_model(self.sim.recon, train["sigma"][:n], train["v_clean"][:n])
+            if self.linear_model is None:
+                if not self.data.is_file():
+                    raise InputError(f"{self.root} has no {DATA_FILE} to fit CSD*'s data model on, and its "
+                                     "methods.json records none; re-run the dgm-eit run command that made it")
+                from dgm_eit.data.storage import read_split
+
+                train = read_split(self.data, "train", keys=("sigma", "v_clean"))
+                n = min(len(train["sigma"]), int(self.cfg["csd_dds"]["fit_samples"]))
+                self.linear_model = fit_linear_model(self.sim.recon, train["sigma"][:n], train["v_clean"][:n])
             self._fidelity = LinearisedFidelity(self.sim.recon, self.linear_model["gain"],
                                                 self.linear_model["error_scale"])
         return self._fidelity
@@ -376,7 +412,7 @@ class Study:
         from dgm_eit.stages import StageJob, StageRunner, dataset_done, simulate_stage
 
         check_manifest(self.out, self.out / MANIFEST, self.seed, self.cfg, ignore=RESUME_FREE)
-        data = self.out / "data" / "ktc.h5"
+        data = data_path(self.out)
         data.parent.mkdir(parents=True, exist_ok=True)
         runner = StageRunner(self.out / "stages.json", jobs=int(self.cfg["run"]["jobs"]) or cpu_count(),
                              device=self.device, log=self.log)

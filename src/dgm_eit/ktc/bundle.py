@@ -1,0 +1,247 @@
+"""A KTC study packed for shipping: what ``dgm-eit ktc`` needs of a finished ``dgm-eit run
+--profile ktc`` directory, without its 140 MB data set, and the one the package ships.
+
+``dgm-eit ktc-pack RUN_DIR --out DIR`` (:func:`pack_study`) writes a folder with the study
+directory's own layout, so :func:`dgm_eit.ktc.study.load_study` and ``Methods`` read it as
+they read the study itself::
+
+    manifest.json         {"format_version", "files": {name: {"sha256", "bytes"}}}: every other file
+    provenance.json       commit, --seed, config hash, dgm-eit version, dates, public-target scores
+    run.json              the study's {"seed", "config"}
+    methods.json          every method's settings chosen on validation (seed 0; CSD*'s linear data model)
+    linear_settings.json  the data set's linearised-step settings (read instead of data/ktc.h5)
+    runs/<model>/seed0/   model.safetensors, config.json, data_info.json, done
+
+Only seed 0 of a study trained with ``--seeds K`` is packed: its seed ensembles are dropped and
+``run.seeds`` is 1, so the default method is the one of seed 0's evidence, said as such.
+:func:`check_bundle` refuses a damaged folder (a missing file, a size or checksum that is not
+the manifest's, an unknown format version) before anything is read from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dgm_eit import __version__
+from dgm_eit.errors import InputError
+from dgm_eit.files import read_json, temp_sibling, write_text
+from dgm_eit.ktc import ENSEMBLE_SUFFIX
+from dgm_eit.ktc.study import (LINEAR_SETTINGS, MANIFEST as STUDY_MANIFEST, MODEL_OF, check_methods, default_method,
+                               linear_settings, load_study, recorded_linear_model, run_dir, seed_record, seeded)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROVENANCE = "provenance.json"
+METHODS_FILE = "methods.json"
+RUN_FILES = ("model.safetensors", "config.json", "data_info.json", "done")
+REQUIRED = (PROVENANCE, STUDY_MANIFEST, METHODS_FILE, LINEAR_SETTINGS)
+SHIPPED_ADVICE = ("reinstall dgm-eit (pip install --force-reinstall dgm-eit), or pass --run DIR with a study "
+                  "of your own (dgm-eit run --profile ktc)")
+PACKED_ADVICE = "pack the study again (dgm-eit ktc-pack RUN_DIR --out DIR --overwrite)"
+
+
+def shipped_dir() -> Path:
+    """The study shipped inside the package (read only by ``dgm-eit ktc`` without ``--run``)."""
+    return Path(__file__).resolve().parent / "shipped"
+
+
+def is_bundle(root) -> bool:
+    return (Path(root) / MANIFEST).is_file()
+
+
+def config_hash(cfg: dict) -> str:
+    """SHA-256 of the config as canonical JSON (sorted keys, no spaces): the same for the same settings."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _file_record(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
+def check_bundle(root, advice: str = PACKED_ADVICE) -> dict:
+    """The manifest of the packed study ``root``, after checking its format version and the size
+    and SHA-256 of every file it lists; anything else is one InputError naming the file."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{path} is missing: {root} is not a complete packed KTC study; {advice}")
+    manifest = read_json(path, advice)
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise InputError(f"{path} has format version {version!r}; dgm-eit {__version__} reads version "
+                         f"{FORMAT_VERSION} only; {advice}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or any(name not in files for name in REQUIRED):
+        raise InputError(f"{path} does not list the packed study's files ({', '.join(REQUIRED)}); {advice}")
+    for name, expected in sorted(files.items()):
+        target = root / name
+        # the manifest is data: a name leading out of the folder is damage, never followed
+        if not target.resolve().is_relative_to(root.resolve()) or not isinstance(expected, dict):
+            raise InputError(f"{path} lists {name!r}, which is not a file of the packed study; {advice}")
+        if not target.is_file():
+            raise InputError(f"{target} is missing from the packed study; {advice}")
+        found = _file_record(target)
+        if found["bytes"] != expected.get("bytes"):
+            raise InputError(f"{target} has {found['bytes']} bytes, the manifest says {expected.get('bytes')} "
+                             f"(truncated or replaced); {advice}")
+        if found["sha256"] != expected.get("sha256"):
+            raise InputError(f"{target} does not match its SHA-256 checksum in {MANIFEST} (damaged or "
+                             f"replaced); {advice}")
+    return manifest
+
+
+def read_provenance(root) -> dict:
+    return read_json(Path(root) / PROVENANCE, PACKED_ADVICE)
+
+
+# ---------------------------------------------------------------------------------
+# packing
+
+
+def first_seed_only(cfg: dict, chosen: dict) -> tuple[dict, dict]:
+    """The study as seed 0 alone made it: seed 0's choice per trained method, no seed ensembles."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg["run"]["seeds"] = 1
+    kept = {m: seed_record(r["seeds"][:1]) if seeded(m) else r
+            for m, r in chosen.items() if not m.endswith(ENSEMBLE_SUFFIX)}
+    return cfg, kept
+
+
+def public_scores(scores_csv: Path, methods) -> dict:
+    """Per method (seed 0 of a trained one): its level-1 and all-levels challenge-score totals
+    over the public targets, and its level-1 score per target, from the study's ``scores.csv``."""
+    try:
+        with open(scores_csv, newline="") as f:
+            table = [(r["method"], r["seed"], int(r["level"]), r["target"], float(r["score"]))
+                     for r in csv.DictReader(f)]
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{scores_csv} is missing or damaged ({err}); re-run the same dgm-eit run command "
+                         "to write it again") from None
+    out = {}
+    for m in methods:
+        mine = [(level, target, score) for method, seed, level, target, score in table
+                if method == m and seed in ("0", "-")]
+        if not mine:
+            raise InputError(f"{scores_csv} has no scores of method {m!r}; re-run the same dgm-eit run command")
+        level1 = {target: score for level, target, score in mine if level == 1}
+        out[m] = {"level_1": round(sum(level1.values()), 6), "all_levels": round(sum(s for *_, s in mine), 6),
+                  "levels": sorted({level for level, _, _ in mine}), "level_1_targets": level1}
+    return out
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _check_out(source: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory; choose another folder")
+    if out.resolve() == source.resolve() or source.resolve().is_relative_to(out.resolve()):
+        raise InputError(f"--out {out} would replace the study {source} itself; choose another folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"--out {out} is not empty; pass --overwrite to replace a packed study there, "
+                             "or choose a new folder")
+        if not is_bundle(out):
+            raise InputError(f"--out {out} holds files that are not a packed study (no {MANIFEST}); "
+                             "choose another folder")
+
+
+def pack_study(study_dir, out, *, overwrite: bool = False, commit: str = "unknown", note: str = "") -> dict:
+    """Pack the finished KTC study ``study_dir`` into the folder ``out`` (see the module
+    docstring); the folder appears complete or not at all. Returns the provenance record.
+    ``commit``: the git commit of the code that ran the study (the study does not record it)."""
+    from dgm_eit.runs import is_finished, load_run
+
+    source, out = Path(study_dir), Path(out)
+    cfg, chosen = load_study(source)
+    _check_out(source, out, overwrite)
+    settings = linear_settings(source)
+    if not settings:
+        raise InputError(f"{source} has neither data/ktc.h5 nor {LINEAR_SETTINGS}: the linearised step's "
+                         "settings cannot be packed; re-run the dgm-eit run command that made it")
+    shipped_cfg, shipped = first_seed_only(cfg, chosen)
+    methods = check_methods(shipped_cfg)
+    if "csd" in methods and shipped_cfg["run"]["csd_sampler"] == "dds" and recorded_linear_model(shipped) is None:
+        raise InputError(f"{source}/methods.json records no linear data model for CSD* (made by an earlier "
+                         "dgm-eit); make the study again with this version")
+    models = sorted({MODEL_OF[m] for m in methods if seeded(m)})
+    for model in models:
+        where = run_dir(source, model, 0)
+        missing = [name for name in RUN_FILES if not (where / name).is_file()]
+        if missing or not is_finished(where):
+            raise InputError(f"{where} lacks {', '.join(missing) or 'its done marker'}; re-run the same "
+                             "dgm-eit run command to finish the study")
+    resamples = int(shipped_cfg["run"]["bootstrap_resamples"])
+    default, why = default_method({m: shipped[m] for m in methods}, resamples=resamples)
+    timings, seed = source / "timings.json", int(read_json(source / STUDY_MANIFEST)["seed"])
+    provenance = {
+        "format_version": FORMAT_VERSION,
+        "commit": commit,
+        "note": note,
+        "seed": seed,
+        "profile": cfg.get("profile"),
+        "command": f"dgm-eit run --profile {cfg.get('profile')} --seed {seed}",
+        "config_sha256": config_hash(cfg),
+        "seeds_in_study": int(cfg["run"].get("seeds", 1)),
+        "shipped_seed_index": 0,
+        "dgm_eit_version": __version__,
+        "packed_at": _utc(datetime.now(timezone.utc).timestamp()),
+        "study_finished_at": _utc((source / METHODS_FILE).stat().st_mtime),
+        "study_seconds": read_json(timings).get("timings") if timings.is_file() else None,
+        "default_method": default,
+        "default_why": why,
+        "public_scores": public_scores(source / "scores.csv", methods),
+    }
+    tmp = temp_sibling(out, "partial")
+    try:
+        write_text(tmp / STUDY_MANIFEST, json.dumps({"seed": seed, "config": shipped_cfg},
+                                                    indent=2, sort_keys=True))
+        write_text(tmp / METHODS_FILE, json.dumps(shipped, indent=2))
+        write_text(tmp / LINEAR_SETTINGS, json.dumps(settings, indent=2, sort_keys=True))
+        for model in models:
+            src, dst = run_dir(source, model, 0), run_dir(tmp, model, 0)
+            dst.mkdir(parents=True)
+            for name in RUN_FILES:
+                shutil.copyfile(src / name, dst / name)
+            meta = read_json(dst / "config.json")
+            # the training data's place on the packing machine means nothing where the study is installed
+            meta["data"] = "data/ktc.h5"
+            write_text(dst / "config.json", json.dumps(meta, indent=2, sort_keys=True))
+        write_text(tmp / PROVENANCE, json.dumps(provenance, indent=2))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"format_version": FORMAT_VERSION,
+                    "files": {p.relative_to(tmp).as_posix(): _file_record(p) for p in files}}
+        write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        # read back as dgm-eit ktc will, weights included, before it lands
+        check_bundle(tmp)
+        load_study(tmp)
+        for model in models:
+            load_run(run_dir(tmp, model, 0), "cpu")
+        if out.is_dir():
+            old = temp_sibling(out, "old")
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                os.rename(old, out)   # the packed study that was there stays where it was
+                raise
+            shutil.rmtree(old)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return provenance
