@@ -13,7 +13,7 @@ from dgm_eit.config import load_config
 from dgm_eit.data.storage import read_split
 from dgm_eit.experiments import Experiment
 from dgm_eit.methods import get_method, select_methods
-from dgm_eit.metrics import (CALIBRATION, COVERAGE, METRICS, calibrated_sampler_coverage, evaluate,
+from dgm_eit.metrics import (CALIBRATION, COVERAGE, METRICS, SCALED_COVERAGE, calibrated_sampler_coverage, evaluate,
                              evaluate_calibration)
 from dgm_eit.paper import PAPER_RESULTS, paper_mse_change, settings_for
 from dgm_eit.report import CSV_COLUMNS
@@ -53,13 +53,22 @@ def test_smoke_run_makes_every_row_table_and_figure(smoke_run):
     assert len(trained) == 4 and {m.key for m in methods} == {m.key for m in trained} | {
         "gn", *(m.key + "-ens" for m in trained)}
     # per seed, plus the pooled row, for every trained method; one row for GN and each ensemble;
-    # a method with std maps adds its calibration figures to each
+    # a method with std maps adds its calibration figures to each, and where a seed's model
+    # draws several samples, the scale chosen on validation and the coverages it gives
     blocks = {m.key: 1 + (SEEDS if m.model is not None and not m.ensemble else 0) for m in methods}
-    figures_per_block = {m.key: len(METRICS) + (len(CALIBRATION) if m.std_map else 0) for m in methods}
+    scaled = {m.key for m in methods if m.std_map and not m.ensemble and m.n_samples(cfg["run"]) > 1}
+    assert scaled == {"cnf", "csd"} and cfg["run"]["calibration_images"] > 0
+    figures_per_block = {m.key: len(METRICS) + (len(CALIBRATION) if m.std_map else 0)
+                         + (len(SCALED_COVERAGE) + 1 if m.key in scaled else 0) for m in methods}
     assert len(rows) == len(settings) * sum(blocks[k] * figures_per_block[k] for k in blocks)
+    scales = [float(r["mean"]) for r in rows if r["metric"] == "std_scale"]
+    assert scales and all(np.isfinite(scales)) and min(scales) > 0
     seen = {(r["test"], r["train_set"], r["test_set"], r["method"], r["seed"], r["metric"]) for r in rows}
     assert len(seen) == len(rows)
     for r in rows:
+        if r["metric"] == "std_scale" and r["seed"] != "all":   # a figure of the validation images
+            assert int(r["n"]) == cfg["run"]["calibration_images"] and r["std"] == "nan"
+            continue
         assert int(r["n"]) == (SEEDS if r["seed"] == "all" else cfg["data"]["n_test"])
         assert np.isfinite(float(r["mean"]))
         # a correlation over the whole test set has no spread over its images
