@@ -33,6 +33,7 @@ INTERVAL_COLUMNS = ("test", "train_set", "test_set", "method", "mse_vs_gn_percen
                     "win_rate", "rank", "tied_with", "images", "seeds", "resamples", "bootstrap_seed", "level")
 
 CALIBRATION_FIGURE = Path("figures") / "calibration.png"   # under the run directory
+SCALED_SUFFIX = ", std x s"   # a calibration curve of std maps times their validation scale
 HEADLINE_LEVEL = CALIBRATION_LEVEL   # the interval whose coverage the calibration table gives
 SLIGHTLY = 0.05            # a coverage this close to HEADLINE_LEVEL is "slightly" over- or under-confident
 
@@ -449,7 +450,7 @@ def calibration_curves(result: RunResult) -> dict[str, dict[str, tuple[np.ndarra
         lines = curves.setdefault(sr.setting.title, {})
         lines[mr.name] = (np.array([figures[n].mean for n in COVERAGE]), np.array([figures[n].std for n in COVERAGE]))
         if "std_scale" in figures:
-            lines[f"{mr.name}, std x s"] = (np.array([figures[n].mean for n in SCALED_COVERAGE]),
+            lines[f"{mr.name}{SCALED_SUFFIX}"] = (np.array([figures[n].mean for n in SCALED_COVERAGE]),
                                             np.array([figures[n].std for n in SCALED_COVERAGE]))
     return curves
 
@@ -529,7 +530,8 @@ def calibration_figure(path: str | Path, curves: Mapping[str, Mapping[str, tuple
     if not curves:
         raise InputError("calibration figure: no method with std maps to draw")
     levels = np.asarray(list(levels), dtype=np.float64)
-    methods = list(dict.fromkeys(name for lines in curves.values() for name in lines))
+    # a method's scaled maps share its colour, dash-dotted
+    methods = list(dict.fromkeys(name.removesuffix(SCALED_SUFFIX) for lines in curves.values() for name in lines))
     palette = matplotlib.colormaps["tab10"].colors
     colours = {name: palette[i % len(palette)] for i, name in enumerate(methods)}
     n_cols = min(3, len(curves))
@@ -545,7 +547,8 @@ def calibration_figure(path: str | Path, curves: Mapping[str, Mapping[str, tuple
                 raise InputError(f"calibration figure: {name} has {len(observed)} coverages for {len(levels)} levels")
             spread = np.asarray(spread, dtype=np.float64)
             ax.errorbar(levels, observed, yerr=spread if np.isfinite(spread).all() else None, marker="o",
-                        markersize=3, linewidth=1.2, capsize=2, color=colours[name], label=name)
+                        markersize=3, linewidth=1.2, capsize=2, color=colours[name.removesuffix(SCALED_SUFFIX)],
+                        linestyle="-." if name.endswith(SCALED_SUFFIX) else "-", label=name)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_box_aspect(1)   # square, so the calibrated diagonal runs at 45 degrees
@@ -558,8 +561,10 @@ def calibration_figure(path: str | Path, curves: Mapping[str, Mapping[str, tuple
     for ax in axes.ravel()[:len(curves)]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
-    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(len(legend), 5), fontsize=8)
-    fig.suptitle("Calibration of the std maps: Gaussian central intervals mean ± z std", fontsize=9)
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(len(legend), 5, 2 * n_cols), fontsize=8)
+    # one panel is narrower than the title: wrap it to the panels' width
+    fig.suptitle(textwrap.fill("Calibration of the std maps: Gaussian central intervals mean ± z std", 45 * n_cols),
+                 fontsize=9)
     save_figure(fig, path)
 
 
