@@ -672,6 +672,31 @@ def test_21_11_sigterm_stops_simulate_like_ctrl_c_and_removes_its_lock(tmp_path)
     assert _files(tmp_path) == ["big.h5.partial", "stderr.txt"]   # no lock left, the partial file kept
 
 
+def test_21_10_sigint_held_back_holds_a_ctrl_c_that_another_thread_receives():
+    """A process-directed SIGINT goes to any thread that does not block it (a pool's manager
+    thread), and Python runs the handler in the main thread regardless of its mask: the
+    KeyboardInterrupt came inside the block, between starting a pool worker and writing its
+    start-up data, and the worker died reading nothing ("EOFError: Ran out of input" after
+    the run had stopped, 1 run in 22 under load)."""
+    script = (
+        "import os, signal, threading, time\n"
+        "from dgm_eit.runtime import sigint_held_back\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "threading.Thread(target=threading.Event().wait, daemon=True).start()   # a thread that takes it\n"
+        "finished = False\n"
+        "try:\n"
+        "    with sigint_held_back():\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        for _ in range(50):\n"
+        "            time.sleep(0.01)   # Python runs pending handlers between these\n"
+        "        finished = True\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted after the block' if finished else 'interrupted in the block')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "interrupted after the block\n"
+
+
 def test_21_10_stop_pool_ends_a_worker_caught_sending_its_result(tmp_path):
     """A worker ended while it sends its result leaves half a message in the result pipe; the
     pool's manager thread then waits for the rest forever, and interpreter exit joins that

@@ -217,8 +217,10 @@ def test_report_and_csv_measure_the_calibration_of_every_std_map(smoke_run):
     figures = {}
     for method, seed, metric in csv_rows:
         figures.setdefault((method, seed), set()).add(metric)
+    scaled = {"CNF", "CSD*"}   # a seed's model that draws several samples; the ensembles pool them unscaled
     for (method, _), names in figures.items():
-        assert names == set(METRICS) | (set(CALIBRATION) if method in with_std else set())
+        assert names == set(METRICS) | (set(CALIBRATION) if method in with_std else set()) | (
+            {*SCALED_COVERAGE, "std_scale"} if method in scaled else set())
     # the CSV's figures are those of the written reconstructions
     truth = read_split(out / "data" / "2a_40dB.h5", "test", keys=("sigma",))["sigma"]
     per_seed = [evaluate_calibration(*read_recon(out / "recon" / f"cnf_2a_40dB_on_2a_40dB_seed{k}.h5"), truth)
@@ -237,12 +239,16 @@ def test_report_and_csv_measure_the_calibration_of_every_std_map(smoke_run):
     for cells in table:
         assert cells[1].split(" (")[0] in with_std
         assert re.fullmatch(r"\d+\.\d% ± \d+\.\d", cells[2]) or cells[1].split(" (")[0].endswith(" ens")
-        assert "confident" in cells[6] or cells[6].startswith("calibrated")
+        assert "confident" in cells[7] or cells[7].startswith("calibrated")
     t1 = {cells[1]: cells for cells in table if cells[0] == "| T1 2a_40dB"}
     coverage = float(csv_rows[("CNF", "all", "coverage90")]["mean"])
     assert t1["CNF"][2].startswith(f"{100 * coverage:.1f}% ± ")
+    scaled_coverage = float(csv_rows[("CNF", "all", "coverage90_scaled")]["mean"])
+    scale = float(csv_rows[("CNF", "all", "std_scale")]["mean"])
+    assert re.fullmatch(rf"{100 * scaled_coverage:.1f}% ± \d+\.\d \(s = {scale:.2f} ± \d+\.\d\d\)", t1["CNF"][3])
+    assert t1["CNF ens"][3] == "-"   # ensembles are not scaled
     samples = cfg["run"]["cnf_samples"]
-    assert t1["CNF"][3] == f"{100 * calibrated_sampler_coverage(0.9, samples):.0f}% ({samples})"
+    assert t1["CNF"][4] == f"{100 * calibrated_sampler_coverage(0.9, samples):.0f}% ({samples})"
     assert f"![Uncertainty calibration]({CALIBRATION_FIGURE.as_posix()})" in section
     assert (out / CALIBRATION_FIGURE).stat().st_size > 5000
 
@@ -426,7 +432,11 @@ def test_test3_alone_still_simulates_the_set_that_tunes_csd(tmp_path):
     cfg["run"]["tests"] = ["T3"]
     assert DataSpec(4, 25.0) in Experiment(cfg, tmp_path / "run").datasets()
     cfg["run"]["csd_tune_t0"] = []
-    assert DataSpec(4, 25.0) not in Experiment(cfg, tmp_path / "run2").datasets()
+    # the std maps' scale is chosen on the same validation set
+    assert cfg["run"]["calibration_images"] > 0
+    assert DataSpec(4, 25.0) in Experiment(cfg, tmp_path / "run2").datasets()
+    cfg["run"]["calibration_images"] = 0
+    assert DataSpec(4, 25.0) not in Experiment(cfg, tmp_path / "run3").datasets()
 
 
 def test_bad_tuning_grid_is_refused(tmp_path):

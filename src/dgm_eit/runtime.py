@@ -150,21 +150,41 @@ def parent_gone() -> bool:
 
 @contextlib.contextmanager
 def sigint_held_back():
-    """Hold SIGINT back from this thread for the block; one that came meanwhile is raised when
-    the block ends. Processes started in the block begin with it blocked (the mask is
-    inherited), so a terminal's Ctrl-C, which reaches the whole process group, cannot
-    interrupt a pool worker while it is still starting (a traceback per worker); the
-    worker's initializer decides what SIGINT means there (:func:`release_sigint`)."""
+    """Hold SIGINT (and SIGTERM) back from this thread for the block; one that came meanwhile
+    is raised when the block ends. Processes started in the block begin with SIGINT blocked
+    (the mask is inherited), so a terminal's Ctrl-C, which reaches the whole process group,
+    cannot interrupt a pool worker while it is still starting (a traceback per worker); the
+    worker's initializer decides what SIGINT means there (:func:`release_sigint`).
+
+    The mask alone does not hold a signal back from Python code: the kernel hands it to
+    another thread of the process (a pool's manager thread), and Python then runs its
+    handler in the main thread anyway, in the block. A KeyboardInterrupt between starting a
+    worker and writing its start-up data left that worker reading nothing ("EOFError: Ran
+    out of input" after the run had stopped). So the main thread's handlers only note the
+    signal until the block ends."""
     import signal
+    import threading
 
     if not hasattr(signal, "pthread_sigmask"):   # pragma: no cover - Windows
         yield
         return
+    came: list[tuple[int, object]] = []
+    deferred = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                deferred[signum] = handler
+                signal.signal(signum, lambda number, frame: came.append((number, frame)))
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in deferred.items():
+            signal.signal(signum, handler)
+        for signum, frame in came[:1]:   # the first one decides (Ctrl-C twice is one stop)
+            deferred[signum](signum, frame)
 
 
 def release_sigint(handler) -> None:
