@@ -5,6 +5,7 @@ and its threshold choice, the simulated tank data set, ``dgm-eit run --profile k
 from __future__ import annotations
 
 import json
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -104,6 +105,110 @@ def test_gauss_newton_starts_at_the_linear_step_and_fits_the_data_better(tank, r
     assert misfit(path[4][0]) < 0.7 * misfit(path[1][0])
     with pytest.raises(InputError, match="iteration counts"):
         rec.gauss_newton_path(dv[None], None, [0])
+
+
+class RecordedPool(ProcessPoolExecutor):
+    """The pool Gauss-Newton starts, with its worker processes kept for a look after it ends."""
+
+    made: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.workers = []
+        RecordedPool.made.append(self)
+
+    def submit(self, *args, **kwargs):
+        future = super().submit(*args, **kwargs)
+        self.workers = list(self._processes.values())
+        return future
+
+
+@pytest.fixture
+def recorded_pools(monkeypatch):
+    from dgm_eit.ktc import tank as tank_module
+
+    RecordedPool.made = []
+    monkeypatch.setattr(tank_module, "ProcessPoolExecutor", RecordedPool)
+    return RecordedPool.made
+
+
+def gn_inputs(tank):
+    """Five difference-voltage rows: inclusions of both kinds, a level's mask and NaN rows."""
+    dv = np.stack([inclusion_dv(tank, v, centre=c) for v, c in
+                   ((20.0, (0.05, 0.0)), (0.05, (-0.04, 0.03)), (5.0, (0.0, -0.06)), (0.2, (0.03, 0.05)),
+                    (50.0, (-0.05, -0.02)))])
+    masks = np.ones(dv.shape, dtype=bool)
+    masks[1] = ktc.level_mask(4, tank.ref.injections, tank.ref.pattern)
+    dv[3, :200] = np.nan
+    return dv, masks
+
+
+def test_gauss_newton_in_processes_gives_the_serial_bits_and_leaves_no_worker(tank, rec, recorded_pools,
+                                                                              monkeypatch):
+    from dgm_eit.ktc import tank as tank_module
+
+    dv, masks = gn_inputs(tank)
+    serial = rec.gauss_newton_path(dv, masks, [1, 3, 4], workers=1)
+    assert recorded_pools == []
+    parallel = rec.gauss_newton_path(dv, masks, [4, 1, 3], workers=2)
+    assert sorted(parallel) == sorted(serial) == [1, 3, 4]
+    for k in serial:
+        np.testing.assert_array_equal(parallel[k], serial[k])
+    # by default: every core once there are enough images, one process otherwise
+    monkeypatch.setattr(tank_module, "cpu_count", lambda: 3)
+    monkeypatch.setattr(tank_module, "MIN_IMAGES_PER_WORKER", 2)
+    np.testing.assert_array_equal(rec.gauss_newton_path(dv, masks, [3])[3], serial[3])
+    np.testing.assert_array_equal(rec.gauss_newton_path(dv[:3], masks[:3], [3])[3], serial[3][:3])
+    assert [pool._max_workers for pool in recorded_pools] == [2, 2]
+    # the workers ended with the call, normally
+    workers = [w for pool in recorded_pools for w in pool.workers]
+    assert len(workers) >= 2 and all(not w.is_alive() and w.exitcode == 0 for w in workers)
+    # bad input is refused before any worker starts
+    dv[2] = np.nan
+    with pytest.raises(InputError, match="usable measurements"):
+        rec.gauss_newton_path(dv, masks, [2], workers=2)
+    assert len(recorded_pools) == 2
+
+
+CTRL_C_SCRIPT = """
+import os, signal, sys, threading, time
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_ktc_study import RecordedPool, gn_inputs, small_cfg
+from dgm_eit.ktc import tank as tank_module
+
+class InterruptedPool(RecordedPool):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+tank_module.ProcessPoolExecutor = InterruptedPool
+tank = tank_module.Tank(small_cfg())
+dv, masks = gn_inputs(tank)
+start = time.perf_counter()
+try:   # minutes of work in one process
+    tank_module.DifferenceReconstructor(tank, 1.0, 0.06).gauss_newton_path(
+        np.repeat(dv, 200, axis=0), np.repeat(masks, 200, axis=0), [8], workers=2)
+except KeyboardInterrupt:
+    workers = RecordedPool.made[0].workers
+    print("stopped after", time.perf_counter() - start, "s;", len(workers), "workers,",
+          sum(w.is_alive() for w in workers), "alive")
+"""
+
+
+def test_ctrl_c_stops_the_gauss_newton_pool_at_once_and_the_process_exits():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    # in a process of its own: a pool stopped with its task pipe full once kept the interpreter
+    # from exiting (the queue's feeder thread blocked on a pipe no worker read any more)
+    done = subprocess.run([sys.executable, "-c", CTRL_C_SCRIPT.format(tests=str(Path(__file__).parent))],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seconds, workers, alive = re.search(r"stopped after (\S+) s; (\d+) workers, (\d+) alive", done.stdout).groups()
+    assert float(seconds) < 30 and int(workers) == 2 and int(alive) == 0
 
 
 def test_upsample_and_segment():
@@ -244,6 +349,20 @@ def test_ktc_run_and_entry_point(ktc_tiny_study, tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--set", "phantom.gap=0.1"]) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_the_study_chose_gn_on_the_bits_of_one_process(ktc_tiny_study, monkeypatch):
+    """Its 8 validation images went through the pool wherever there are two cores."""
+    from dgm_eit.ktc import tank as tank_module
+    from dgm_eit.ktc.study import Methods, choose_settings, load_study, validation_set
+
+    out, _ = ktc_tiny_study
+    cfg, chosen = load_study(out)
+    monkeypatch.setattr(tank_module, "MIN_IMAGES_PER_WORKER", 10**9)
+    methods = Methods(cfg, out, seed=1)
+    again = choose_settings(methods, "gn", validation_set(methods, chosen["gn"]["n_images"]), log=lambda m: None)
+    keys = ("iterations", "prior_std", "low", "high", "score", "image_scores")
+    assert {k: again[k] for k in keys} == {k: chosen["gn"][k] for k in keys}
 
 
 def test_ktc_entry_point_errors(tmp_path, capsys):

@@ -302,7 +302,7 @@ def choose_settings(methods: Methods, method: str, val: dict, log: Callable = _l
         best["linear_model"] = methods.linear_model
     which = f"{method} seed {seed_index}" if seeded(method) else method
     log(f"  {which}: thresholds {best['low']:g} / {best['high']:g}, val score {best['score']:.3f} "
-        f"({best['seconds']:.0f} s)")
+        f"({best['seconds']:.0f} s, {best['seconds'] / best['n_images']:.2f} s per image)")
     return best
 
 

@@ -26,6 +26,9 @@ level drops (or NaN in a file) are left out by a mask.
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import signal
+from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -35,6 +38,8 @@ import scipy.sparse as sp
 
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
+from dgm_eit.physics.fem import blas_threads
+from dgm_eit.runtime import cpu_count, exit_with_parent, release_sigint, sigint_held_back, stop_pool
 
 # Gaussian-kernel covariances are numerically singular; a nugget of this share of the
 # variance keeps G invertible without changing the images visibly
@@ -42,6 +47,9 @@ NUGGET = 1e-3
 # Gauss-Newton keeps the relative conductivity in this range: plastic and metal saturate the
 # data long before (the FEM needs > 0, and its Jacobian blows up as sigma -> 0)
 X_MIN, X_MAX = 1e-2, 1e2
+# Gauss-Newton spreads its images over worker processes only from this many images per worker:
+# starting one and shipping it the reconstructor costs about a second, an image 0.1-1.5 s
+MIN_IMAGES_PER_WORKER = 4
 
 
 def public_dir() -> Path:
@@ -102,6 +110,11 @@ class Tank:
         inside, A = self.pixel_basis
         v_water = self.coarse.forward(np.full(self.coarse.n_elements, self.sigma_bg))
         return v_water, self.coarse.jacobian(self.sigma_bg * (A @ np.ones(len(inside))))[1]
+
+    def __getstate__(self) -> dict:
+        # the water-filled tank's element Jacobian (52 MB on the ktc mesh) is a cache every
+        # reconstructor has already reduced to its pixel basis; a pool worker never needs it
+        return {k: v for k, v in self.__dict__.items() if k != "water_linearisation"}
 
     @property
     def n_meas(self) -> int:
@@ -201,26 +214,92 @@ class DifferenceReconstructor:
                                         [int(iterations)])[int(iterations)]
         return images[0] if dv.ndim == 1 else images
 
-    def gauss_newton_path(self, dv, masks, counts) -> dict[int, np.ndarray]:
+    def gauss_newton_path(self, dv, masks, counts, workers: int | None = None) -> dict[int, np.ndarray]:
         """Images (N, H, W) after each iteration count in ``counts``, from one run to the largest;
-        ``masks`` (N, M) bool or None (NaN in ``dv`` is always left out)."""
+        ``masks`` (N, M) bool or None (NaN in ``dv`` is always left out). The images are spread
+        over ``workers`` processes (default: every core once there are enough images, see
+        :data:`MIN_IMAGES_PER_WORKER`); one BLAS thread each, so any count gives the same bits."""
         dv = np.atleast_2d(self._check(dv))
         counts = sorted({int(k) for k in counts})
         if not counts or counts[0] < 1:
             raise InputError(f"Gauss-Newton iteration counts must be >= 1, got {counts}")
+        # checked here, so that bad input fails before any worker starts
+        keeps = [self._mask(row, None if masks is None else masks[i]) for i, row in enumerate(dv)]
+        n = min(cpu_count(), len(dv) // MIN_IMAGES_PER_WORKER) if workers is None else min(workers, len(dv))
+        if n <= 1:
+            with blas_threads(1):
+                paths = [self._path(row, keep, counts) for row, keep in zip(dv, keeps)]
+        else:
+            paths = _pool_paths(self, dv, keeps, counts, n)
+        return {k: self.image(np.stack([p[j] for p in paths])) for j, k in enumerate(counts)}
+
+    def _path(self, row: np.ndarray, keep: np.ndarray, counts: list[int]) -> np.ndarray:
+        """(len(counts), P): one image's relative conductivity after each count in ``counts``."""
         bounds = np.log(X_MIN), np.log(X_MAX)
-        out = {k: [] for k in counts}
-        for i, row in enumerate(dv):
-            keep = self._mask(row, None if masks is None else masks[i])
-            u = np.zeros(len(self.inside))
-            v, J = self.v_water, self.J0
-            for k in range(1, counts[-1] + 1):
-                if k > 1:
-                    v, J = self._jacobian(np.exp(u))
-                Ju = J * np.exp(u)[None, :]          # d v / d u = d v / d x * x
-                # linearised residual around u; the step is taken from the prior mean (water, u = 0)
-                r = row[keep] - (v - self.v_water)[keep] + Ju[keep] @ u
-                u = np.clip(self._step_matrix(Ju, keep) @ r, *bounds)
-                if k in out:
-                    out[k].append(np.exp(u))
-        return {k: self.image(np.stack(xs)) for k, xs in out.items()}
+        out = []
+        u = np.zeros(len(self.inside))
+        v, J = self.v_water, self.J0
+        for k in range(1, counts[-1] + 1):
+            if k > 1:
+                v, J = self._jacobian(np.exp(u))
+            Ju = J * np.exp(u)[None, :]          # d v / d u = d v / d x * x
+            # linearised residual around u; the step is taken from the prior mean (water, u = 0)
+            r = row[keep] - (v - self.v_water)[keep] + Ju[keep] @ u
+            u = np.clip(self._step_matrix(Ju, keep) @ r, *bounds)
+            if k in counts:
+                out.append(np.exp(u))
+        return np.stack(out)
+
+
+_WORKER_CALL: tuple = ()   # in a Gauss-Newton pool worker: (reconstructor, dv, keeps, counts)
+
+
+def _gn_worker_init(parent_alive, *call) -> None:
+    global _WORKER_CALL
+    # Ctrl-C reaches the whole process group: the main process alone stops the pool (stop_pool)
+    release_sigint(signal.SIG_IGN)
+    exit_with_parent(parent_alive)
+    # BLAS threads change the summation order: one per process keeps the images bit-identical
+    # to the serial path's (and two processes on two cores would oversubscribe them)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    _WORKER_CALL = call
+
+
+def _gn_worker_path(i: int) -> np.ndarray:
+    recon, dv, keeps, counts = _WORKER_CALL
+    return recon._path(dv[i], keeps[i], counts)
+
+
+def _pool_paths(recon: DifferenceReconstructor, dv: np.ndarray, keeps: list, counts: list[int],
+                workers: int) -> list[np.ndarray]:
+    """:meth:`DifferenceReconstructor._path` of every image in ``workers`` processes, in order."""
+    # forkserver: each worker forks from a server that has imported numpy, scipy and this module
+    # once; fork would copy the caller's BLAS thread pools (and torch's)
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload([__name__])
+    alive_r, alive_w = context.Pipe(duplex=False)
+    # the images travel once per worker, the tasks are their indices: a task queue of voltage rows
+    # fills its pipe, and once stop_pool has ended the workers, the thread feeding it blocks
+    # interpreter exit for good
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_gn_worker_init,
+                               initargs=(alive_r, recon, dv, keeps, counts))
+    try:
+        # the workers start during map's submissions; a Ctrl-C meanwhile is raised after them
+        with sigint_held_back():
+            results = pool.map(_gn_worker_path, range(len(dv)))
+        paths = list(results)
+    except BaseException:
+        # Ctrl-C or a failure: GN images are cheap to redo, so end the workers now
+        stop_pool(pool)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        # after the shutdown: closing the write end ends the workers (exit_with_parent)
+        alive_r.close()
+        alive_w.close()
+    return paths
