@@ -49,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--ref", default="int", help="git ref of the 'before' code (default: int)")
+    parser.add_argument("--ref", default="e1d6162", help="git ref of the 'before' code (default: e1d6162, the last commit before the pool)")
     parser.add_argument("--profile", default="ktc")
     parser.add_argument("--set", action="append", default=[], help="config override, as dgm-eit run --set")
     args = parser.parse_args()
