@@ -400,7 +400,8 @@ def efficiency_section(result: RunResult) -> str:
                    "time); CVAE-v (paper) is a CVAE of its own (runs `cvae-v_<set>`). "
                    "GN has no training; its time is one Gauss-Newton solve, timed in the main process. "
                    "Reconstruction times include every sample drawn (see `[run]` *_samples), not the "
-                   "validation sweep that chose CSD*'s t0 (`[run]` csd_tune_*).")
+                   "validation sweep that chose CSD*'s t0 (`[run]` csd_tune_*) nor the validation images that chose "
+                   "the std scale (`[run]` calibration_images).")
 
 
 def beats_gn_section(result: RunResult) -> str:
