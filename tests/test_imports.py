@@ -83,22 +83,6 @@ def test_no_import_inside_a_function_closes_a_cycle():
     assert _cycles(_graph(top_level_only=False)) == []
 
 
-def test_results_and_report_never_reach_back_to_the_runner():
-    graph = _graph(top_level_only=False)
-
-    def reachable(start):
-        seen, todo = set(), [start]
-        while todo:
-            for dep in graph[todo.pop()]:
-                if dep not in seen:
-                    seen.add(dep)
-                    todo.append(dep)
-        return seen
-
-    assert "dgm_eit.experiments" not in reachable("dgm_eit.report")
-    assert not reachable("dgm_eit.results") & {"dgm_eit.experiments", "dgm_eit.report", "dgm_eit.train"}
-
-
 def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     seen, todo = set(), [start]
     while todo:
@@ -107,6 +91,12 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
                 seen.add(dep)
                 todo.append(dep)
     return seen
+
+
+def test_results_and_report_never_reach_back_to_the_runner():
+    graph = _graph(top_level_only=False)
+    assert "dgm_eit.experiments" not in _reachable(graph, "dgm_eit.report")
+    assert not _reachable(graph, "dgm_eit.results") & {"dgm_eit.experiments", "dgm_eit.report", "dgm_eit.train"}
 
 
 LOWER_LAYERS = ("dgm_eit.data", "dgm_eit.recon", "dgm_eit.physics", "dgm_eit.models", "dgm_eit.stages",
