@@ -70,6 +70,19 @@ def resolve_device(name: str = "auto"):
     return device
 
 
+def forkserver_context(preload: list[str]):
+    """The multiprocessing context of a pool of numerical workers: forkserver where the platform
+    has it, each worker forked from a server that has imported ``preload`` once (fork would
+    copy the caller's BLAS thread pools, torch's and open HDF5 handles); spawn elsewhere."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(preload))
+    return context
+
+
 def stop_pool(pool, grace: float = 0.0, interrupt: bool = False) -> None:
     """Stop a ``ProcessPoolExecutor`` now, without draining it: cancel the queued tasks,
     send the workers SIGINT when ``interrupt`` (so a training job saves its checkpoint), give

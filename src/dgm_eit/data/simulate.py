@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import multiprocessing
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ from dgm_eit.data.noise import add_noise, check_snr_db
 from dgm_eit.data.phantoms import element_quadrature_points, phantom_sampler
 from dgm_eit.errors import InputError
 from dgm_eit.recon.tuning import apply_gn_settings
-from dgm_eit.runtime import check_seed, exit_with_parent, stop_pool
+from dgm_eit.runtime import check_seed, exit_with_parent, forkserver_context, stop_pool
 from dgm_eit.simulators import apply_settings, import_modules, registered_modules, simulator_class
 
 DEFAULT_CHUNK_SIZE = 16
@@ -230,18 +229,6 @@ class Task:
         return self.stop - self.start
 
 
-def _pool_context():
-    methods = multiprocessing.get_all_start_methods()
-    # fork would copy the parent's BLAS thread pools and open HDF5 handles
-    if "forkserver" in methods:
-        ctx = multiprocessing.get_context("forkserver")
-        # workers fork from a server that has imported numpy/scipy/the physics once
-        ctx.set_forkserver_preload(["dgm_eit.data.simulate", "dgm_eit.physics", "dgm_eit.recon",
-                                    *registered_modules()])
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
 def run_tasks(cfg_json: str, seed: int, tasks: list[Task], *, workers: int = 1, scheduler: str | None = None,
               timed: bool = False, interrupted=None) -> Iterator[tuple[Task, dict[str, np.ndarray]]]:
     """Yield ``(task, arrays)`` as chunks finish (any order); ``(task, (arrays, cpu_s))`` if ``timed``."""
@@ -261,7 +248,7 @@ def run_tasks(cfg_json: str, seed: int, tasks: list[Task], *, workers: int = 1, 
 
 
 def _run_pool(cfg_json, seed, tasks, workers, timed=False, interrupted=None):
-    ctx = _pool_context()
+    ctx = forkserver_context(["dgm_eit.data.simulate", "dgm_eit.physics", "dgm_eit.recon", *registered_modules()])
     alive_r, alive_w = ctx.Pipe(duplex=False)
     pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
                                initializer=_worker_init, initargs=(cfg_json, alive_r, registered_modules()))

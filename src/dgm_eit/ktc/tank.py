@@ -26,7 +26,6 @@ level drops (or NaN in a file) are left out by a mask.
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
@@ -39,7 +38,8 @@ import scipy.sparse as sp
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
 from dgm_eit.physics.fem import blas_threads
-from dgm_eit.runtime import cpu_count, exit_with_parent, release_sigint, sigint_held_back, stop_pool
+from dgm_eit.runtime import (cpu_count, exit_with_parent, forkserver_context, release_sigint, sigint_held_back,
+                             stop_pool)
 
 # Gaussian-kernel covariances are numerically singular; a nugget of this share of the
 # variance keeps G invertible without changing the images visibly
@@ -275,12 +275,7 @@ def _gn_worker_path(i: int) -> np.ndarray:
 def _pool_paths(recon: DifferenceReconstructor, dv: np.ndarray, keeps: list, counts: list[int],
                 workers: int) -> list[np.ndarray]:
     """:meth:`DifferenceReconstructor._path` of every image in ``workers`` processes, in order."""
-    # forkserver: each worker forks from a server that has imported numpy, scipy and this module
-    # once; fork would copy the caller's BLAS thread pools (and torch's)
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if "forkserver" in methods:
-        context.set_forkserver_preload([__name__])
+    context = forkserver_context([__name__])
     alive_r, alive_w = context.Pipe(duplex=False)
     # the images travel once per worker, the tasks are their indices: a task queue of voltage rows
     # fills its pipe, and once stop_pool has ended the workers, the thread feeding it blocks
