@@ -248,10 +248,11 @@ def run_tasks(cfg_json: str, seed: int, tasks: list[Task], *, workers: int = 1, 
 
 
 def _run_pool(cfg_json, seed, tasks, workers, timed=False, interrupted=None):
-    ctx = forkserver_context(["dgm_eit.data.simulate", "dgm_eit.physics", "dgm_eit.recon", *registered_modules()])
+    studies = registered_modules()
+    ctx = forkserver_context(["dgm_eit.data.simulate", "dgm_eit.physics", "dgm_eit.recon", *studies])
     alive_r, alive_w = ctx.Pipe(duplex=False)
     pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx,
-                               initializer=_worker_init, initargs=(cfg_json, alive_r, registered_modules()))
+                               initializer=_worker_init, initargs=(cfg_json, alive_r, studies))
     drained = False
     try:
         # Keep a bounded number of chunks in flight so results are written as they come
