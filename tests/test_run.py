@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -274,6 +275,39 @@ def test_rerun_reuses_stages_and_a_lost_stage_is_redone_identically(smoke_run, c
     assert "[reuse] train score on 4a_40dB, seed 1" in log and "[reuse] pool csd-ens (4a_40dB) on 2a_25dB" in log
     assert lost.exists()
     assert (out / "metrics.csv").read_text() == before
+
+
+def test_each_model_chooses_its_settings_once_per_validation_set(smoke_run, capsys):
+    """Test 3 tests the 4-anomaly models on 2-anomaly data at the noise levels of Test 1 and 2:
+    their t0 and std scale come from the validation data Tests 1-2 already chose them on, so
+    the tables share one choice file, and a damaged one is redone the same."""
+    out, _ = smoke_run
+    t1 = out / "recon" / "csd_4a_40dB_on_4a_40dB_seed0.h5"
+    t3 = out / "recon" / "csd_4a_40dB_on_2a_40dB_seed0.h5"
+    with h5py.File(t1) as a, h5py.File(t3) as b:
+        assert (a.attrs["t0"], a.attrs["std_scale"]) == (b.attrs["t0"], b.attrs["std_scale"])
+    exp = _experiment(out)
+    tables = [(m, train, data, k) for m, train, data in exp.reconstructions() if exp.chooses(m) for k in range(SEEDS)]
+    choices = {exp.layout.choice(m.key, train, exp.tuning_set(m, train, data), k) for m, train, data, k in tables}
+    assert set((out / "choices").glob("*.json")) == choices and len(choices) < len(tables)
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["choose csd (4a_40dB) on 4a_40dB validation, seed 0"]["status"] == "done"
+    assert not any("on 2a_40dB validation" in name and "4a_40dB)" in name for name in stages)
+    choice = out / "choices" / "csd_4a_40dB_on_4a_40dB_seed0.json"
+    chosen = choice.read_bytes()
+    before = read_recon(t3)[0]
+    choice.write_text('{"settings": {"t0"')
+    t3.unlink()
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), *ARGS]) == 0
+    log = capsys.readouterr().err
+    ran = [line[8:] for line in log.splitlines() if line.startswith(("[run]", "[queue]"))]
+    assert ran == ["choose csd (4a_40dB) on 4a_40dB validation, seed 0", "reconstruct csd (4a_40dB) on 2a_40dB, seed 0"]
+    assert f"[redo]  {choice} is damaged" in log
+    assert choice.read_bytes() == chosen
+    with h5py.File(t3) as f:
+        assert f.attrs["t0"] == json.loads(chosen)["settings"]["t0"]
+    np.testing.assert_array_equal(read_recon(t3)[0], before)
 
 
 def test_a_different_config_is_refused_for_the_same_directory(smoke_run, capsys):

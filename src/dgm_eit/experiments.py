@@ -53,8 +53,8 @@ from dgm_eit.report import comparison_figure
 from dgm_eit.results import (DataSpec, EfficiencyRow, MethodResult, RunResult, Setting, SettingResult,
                              read_recon, recon_attrs, recon_file_problem)
 from dgm_eit.runtime import check_seed, check_seed_settings, cpu_count, training_seed
-from dgm_eit.stages import (StageJob, StageRunner, dataset_done, ensemble_stage, reconstruct_stage, simulate_stage,
-                            train_stage)
+from dgm_eit.stages import (StageJob, StageRunner, choose_stage, dataset_done, ensemble_stage, read_choice,
+                            reconstruct_stage, simulate_stage, train_stage)
 
 # which tests and methods to run, and how, may change between calls; what they compute may not
 RESUME_FREE = ("run.tests", "run.methods", "run.seeds", "run.figure_samples", "run.jobs", "run.train_max_minutes",
@@ -112,6 +112,10 @@ class Layout:
         """A reconstruction by the model of seed ``seed_index``; None: a method without seeds (an ensemble)."""
         seed = "" if seed_index is None else f"_seed{seed_index}"
         return self.root / "recon" / f"{method}_{train.label}_on_{data.label}{seed}.h5"
+
+    def choice(self, method: str, train: DataSpec, validation: DataSpec, seed_index: int) -> Path:
+        """The settings the model of seed ``seed_index`` gets on ``validation``'s validation split."""
+        return self.root / "choices" / f"{method}_{train.label}_on_{validation.label}_seed{seed_index}.json"
 
     def remade(self, recon: Path) -> Path:
         """Where the printed command that remakes the reconstruction file ``recon`` writes it, so
@@ -302,19 +306,56 @@ class Experiment:
                                           cfg=method.configure(config_for(self.cfg, spec)),
                                           seed=self.training_seed(method.label, spec, k), device=self.device))
 
+    def chooses(self, method: Method) -> bool:
+        """Whether settings of the method are chosen on validation data in this run (a seed
+        ensemble pools its seeds' reconstructions: it chooses nothing itself)."""
+        return not method.ensemble and (self._tunes(method) or self._calibrates(method))
+
+    def _choice_done(self, path: Path) -> bool:
+        """The choice file exists and reads; a damaged one is named and removed, so it is redone."""
+        if not path.exists():
+            return False
+        try:
+            read_choice(path)
+        except InputError as err:
+            self.log(f"[redo]  {err}")
+            path.unlink(missing_ok=True)
+            return False
+        return True
+
+    def _choose_job(self, method: Method, train: DataSpec, validation: DataSpec, k: int) -> StageJob:
+        run = self.cfg["run"]
+        out = self.layout.choice(method.key, train, validation, k)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return StageJob(f"choose {method.key} ({train.label}) on {validation.label} validation, seed {k}",
+                        lambda: self._choice_done(out), choose_stage,
+                        dict(run_dir=self.layout.run(method.label, train, k), validation=self.layout.data(validation),
+                             out=out, n_samples=method.n_samples(run), sampler=method.sampler(run),
+                             seed=self.training_seed(method.label, train, k), device=self.device,
+                             cfg=method.configure(config_for(self.cfg, validation)),
+                             tune=self._tunes(method), calibrate=self._calibrates(method)))
+
+    def _chosen(self, job: StageJob) -> bool:
+        """A reconstruction job has the settings it reads (or is done already, or reads none)."""
+        choice = job.kwargs["choice"]
+        if choice is None or choice.exists() or job.done():
+            return True
+        self.stages.skip(job.name, f"its settings were not chosen ({choice.name})")
+        return False
+
     def _reconstruct_job(self, method: Method, train: DataSpec, data: DataSpec, k: int) -> StageJob:
         run = self.cfg["run"]
         out = self.layout.recon(method.key, train, data, k)
         out.parent.mkdir(parents=True, exist_ok=True)
-        validation = self.layout.data(self.tuning_set(method, train, data))
+        choice = None
+        if self.chooses(method):
+            choice = self.layout.choice(method.key, train, self.tuning_set(method, train, data), k)
         return StageJob(f"reconstruct {method.key} ({train.label}) on {data.label}, seed {k}",
                         lambda: self._recon_done(out), reconstruct_stage,
                         dict(run_dir=self.layout.run(method.label, train, k), data=self.layout.data(data),
                              out=out, n_samples=method.n_samples(run), sampler=method.sampler(run),
                              seed=self.training_seed(method.label, train, k), device=self.device,
-                             cfg=method.configure(config_for(self.cfg, data)),
-                             tune_data=validation if self._tunes(method) else None,
-                             calibrate_data=validation if self._calibrates(method) else None))
+                             cfg=method.configure(config_for(self.cfg, data)), choice=choice))
 
     def _ensemble_job(self, method: Method, train: DataSpec, data: DataSpec) -> StageJob:
         out = self.layout.recon(method.key, train, data)
@@ -339,19 +380,30 @@ class Experiment:
                 self.stages.skip(f"train {label} on {spec.label}, seed {k}", f"data set {spec.label} is not available")
         trained = self.stages.run_phase(list(train_jobs.values()))
         run_ok = {key: trained.get(job.name, False) for key, job in train_jobs.items()}
-        recon_jobs, pooled = [], []
+        recon_jobs, pooled, choose_jobs = [], [], {}
         # the slowest jobs first, so parallel workers finish together
         for method, train, data in sorted(self.reconstructions(), key=lambda r: -r[0].cost):
             if method.ensemble:
                 pooled.append((method, train, data))
                 continue
             for k in range(self.n_seeds):
-                if run_ok.get((method.label, train, k)) and data_ok[data]:
-                    recon_jobs.append(self._reconstruct_job(method, train, data, k))
-                else:
-                    self.stages.skip(f"reconstruct {method.key} ({train.label}) on {data.label}, seed {k}",
-                                     f"needs seed {k} of the {method.label} run on {train.label} and the data set "
-                                     f"{data.label}")
+                job = self._reconstruct_job(method, train, data, k)
+                choice = job.kwargs["choice"]
+                validation = None if choice is None else self.tuning_set(method, train, data)
+                if not (run_ok.get((method.label, train, k)) and data_ok[data]
+                        and (validation is None or data_ok[validation])):
+                    sets = data.label if validation in (None, data) else f"{data.label} and {validation.label}"
+                    self.stages.skip(job.name, f"needs seed {k} of the {method.label} run on {train.label} and the "
+                                               f"data ({sets})")
+                    continue
+                recon_jobs.append(job)
+                # settings chosen on validation data: one stage per model and validation set,
+                # read by every table that tests that model at that noise level
+                if choice is not None and not job.done():
+                    choose = self._choose_job(method, train, validation, k)
+                    choose_jobs[choose.name] = choose
+        self.stages.run_phase(list(choose_jobs.values()))
+        recon_jobs = [job for job in recon_jobs if self._chosen(job)]
         self.stages.run_phase(recon_jobs)
         for method, train, data in pooled:
             job = self._ensemble_job(method, train, data)

@@ -62,33 +62,57 @@ def train_stage(model: str, data: Path, run_dir: Path, cfg: dict, seed: int, dev
                          f"{max_minutes}); re-run the same command to continue it")
 
 
+def choose_stage(run_dir: Path, validation: Path, out: Path, *, n_samples: int | None, sampler: str | None,
+                 seed: int, device: str, cfg: dict, tune: bool, calibrate: bool, progress: bool | None = None) -> None:
+    """Choose a trained method's settings on the validation split of ``validation`` and write
+    them to ``out`` (JSON): with ``tune``, the sampler's t0 and step count (``[run] csd_tune_*``);
+    with ``calibrate``, the scale of its std maps (``[run] calibration_images``) for those
+    settings. Every table that tests the same model on the same validation data reads one file.
+    (No progress bar: a choice is a short part of a reconstruction's time.)"""
+    from dgm_eit.metrics import CALIBRATION_LEVEL
+    from dgm_eit.tuning import std_scale_on_validation, tune_on_validation
+
+    run = cfg["run"]
+    settings, attrs = {}, {}
+    if tune:
+        settings, _ = tune_on_validation(run_dir, validation, cfg, t0s=run["csd_tune_t0"],
+                                         steps=run["csd_tune_steps"], n_images=int(run["csd_tune_images"]),
+                                         seed=seed, device=device, sampler=sampler)
+    if calibrate:
+        # the score model's samplers read [csd] and, for the samplers that read voltages, [mesh]
+        opts = {"config": cfg} if sampler is not None else {}
+        attrs = std_scale_on_validation(run_dir, validation, n_images=int(run["calibration_images"]),
+                                        level=CALIBRATION_LEVEL, n_samples=n_samples, sampler=sampler, seed=seed,
+                                        device=device, **opts, **settings)
+    write_text(out, json.dumps({"settings": settings, "attrs": attrs}, indent=2, sort_keys=True))
+
+
+def read_choice(path: Path) -> dict:
+    """A choice file of :func:`choose_stage`: ``{"settings": {...}, "attrs": {...}}``."""
+    choice = read_json(path, "the stage that chose it is redone when the run is resumed")
+    if not (isinstance(choice, dict) and isinstance(choice.get("settings"), dict)
+            and isinstance(choice.get("attrs"), dict)):
+        raise InputError(f"{path} is not a choice file (it needs the objects 'settings' and 'attrs')")
+    return choice
+
+
 def reconstruct_stage(run_dir: Path, data: Path, out: Path, *, n_samples: int | None, sampler: str | None,
                       seed: int, device: str, cfg: dict, progress: bool | None = None,
-                      tune_data: Path | None = None, calibrate_data: Path | None = None) -> None:
-    """Reconstruct the test split of ``data``; with ``tune_data``, first choose the sampler's t0
-    and step count on its validation split (``[run] csd_tune_*``); with ``calibrate_data``,
-    the scale of the std maps on its validation split (``[run] calibration_images``),
-    recorded in the file as ``std_scale``."""
-    from dgm_eit.metrics import CALIBRATION_LEVEL
+                      choice: Path | None = None) -> None:
+    """Reconstruct the test split of ``data`` with the settings and std scale chosen on
+    validation data (``choice``, a file of :func:`choose_stage`), recorded in the file."""
     from dgm_eit.reconstruct import reconstruct_split
-    from dgm_eit.tuning import std_scale_on_validation, tune_on_validation
 
     # the score model's samplers read [csd] and, for the samplers that read voltages, [mesh]
     opts = {"config": cfg} if sampler is not None else {}
-    if tune_data is not None:
-        run = cfg["run"]
-        best, _ = tune_on_validation(run_dir, tune_data, cfg, t0s=run["csd_tune_t0"], steps=run["csd_tune_steps"],
-                                     n_images=int(run["csd_tune_images"]), seed=seed, device=device,
-                                     sampler=sampler)
-        opts.update(best)
-    scale = {}
-    if calibrate_data is not None:
-        scale = std_scale_on_validation(run_dir, calibrate_data, n_images=int(cfg["run"]["calibration_images"]),
-                                        level=CALIBRATION_LEVEL, n_samples=n_samples, sampler=sampler, seed=seed,
-                                        device=device, **opts)
+    attrs = {}
+    if choice is not None:
+        chosen = read_choice(choice)
+        opts.update(chosen["settings"])
+        attrs = chosen["attrs"]
     progress = bool(cfg["train"]["progress"]) if progress is None else progress
     reconstruct_split(run_dir, data, "test", out, n_samples=n_samples, sampler=sampler, seed=seed, device=device,
-                      progress=progress, attrs=scale, **opts)
+                      progress=progress, attrs=attrs, **opts)
 
 
 def ensemble_stage(members: list[Path], out: Path) -> None:
