@@ -5,7 +5,7 @@ import pytest
 
 from dgm_eit.errors import InputError
 from dgm_eit.reconstruct import pool_members
-from dgm_eit.stats import Interval, ranks, relative_change, win_rate
+from dgm_eit.stats import Interval, rank_agreement, ranks, relative_change, win_rate
 
 
 def _reference(n=200, seed=0):
@@ -85,3 +85,16 @@ def test_pooling_the_members_equals_the_statistics_of_all_their_samples():
         pool_members(members[:1])
     with pytest.raises(InputError, match="different sample counts"):
         pool_members([members[0], {**members[1], "n_samples": 8}])
+
+
+def test_rank_agreement_of_validation_and_real_scores():
+    val = {"linear": 0.637, "gn": 0.723, "cvae": 0.793, "cnf": 0.768, "csd": 0.727}
+    real = {"linear": 20.35, "gn": 17.74, "cvae": 21.64, "cnf": 23.23, "csd": 20.41}
+    # ranks 5 4 1 2 3 against 4 5 2 1 3: two swapped pairs, sum of squared rank differences 4
+    assert rank_agreement(val, real) == pytest.approx(1 - 6 * 4 / (5 * 24))
+    assert rank_agreement(val, val) == pytest.approx(1.0)
+    assert rank_agreement(val, {k: -v for k, v in val.items()}) == pytest.approx(-1.0)
+    with pytest.raises(InputError, match="same methods"):
+        rank_agreement(val, {"gn": 1.0, "cvae": 2.0, "cnf": 3.0})
+    with pytest.raises(InputError, match="same value"):
+        rank_agreement(val, dict.fromkeys(val, 1.0))

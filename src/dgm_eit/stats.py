@@ -134,3 +134,20 @@ def ranks(intervals: Mapping[str, Interval]) -> dict[str, tuple[int, tuple[str, 
         tied = tuple(other for other, o in intervals.items() if other != name and o.overlaps(iv))
         out[name] = (1 + better, tied)
     return out
+
+
+def rank_agreement(first: Mapping[str, float], second: Mapping[str, float]) -> float:
+    """Spearman's rank correlation of two scores of the same methods (1: both order the
+    methods alike, -1: in reverse); ties get their mean rank. How well one data source (a
+    simulated validation set, say) predicts the ranking on another (real targets)."""
+    from scipy.stats import spearmanr
+
+    names = sorted(first)
+    if sorted(second) != names:
+        raise InputError(f"rank agreement needs scores of the same methods, got {names} and {sorted(second)}")
+    if len(names) < 3:
+        raise InputError(f"rank agreement needs at least 3 methods, got {len(names)}")
+    a, b = (np.array([scores[n] for n in names], dtype=float) for scores in (first, second))
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        raise InputError("rank agreement is undefined when one score gives every method the same value")
+    return float(spearmanr(a, b).statistic)
