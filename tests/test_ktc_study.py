@@ -378,6 +378,11 @@ def test_ktc_entry_point_errors(tmp_path, capsys):
     (tmp_path / "run" / "run.json").write_text(json.dumps({"seed": 0, "config": cfg}))
     (tmp_path / "run" / "methods.json").write_text(json.dumps({"linear": {"low": 0.5, "high": 1.5, "score": 0.5}}))
     fails(capsys, ["ktc", tmp_path / "in", tmp_path / "o", "1", "--run", tmp_path / "run"], "ref.mat")
+    # a method is a registered key (refused before the study is read), and one the study ran
+    fails(capsys, ["ktc", public_dir(), tmp_path / "o", "1", "--run", tmp_path, "--method", "gan"],
+          "unknown method 'gan'", "choose from linear, gn,")
+    fails(capsys, ["ktc", public_dir(), tmp_path / "o", "1", "--run", tmp_path / "run", "--method", "unet"],
+          "no settings for method 'unet'", "it ran linear")
     assert not (tmp_path / "o").exists()
 
 
