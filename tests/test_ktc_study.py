@@ -172,6 +172,32 @@ def test_gauss_newton_in_processes_gives_the_serial_bits_and_leaves_no_worker(ta
     assert len(recorded_pools) == 2
 
 
+def test_the_tank_supplies_its_classical_reconstructions_by_kind(tmp_path):
+    """What the study asks of the tank for a classical method or a sampler's data term, by kind."""
+    from dgm_eit.ktc.physics import TankPhysics
+    from dgm_eit.methods import StudyPhysics
+
+    physics = TankPhysics(small_cfg("iterated.iterations=[1,2]", "iterated.prior_scale=[1.0,2.0]"),
+                          tmp_path / "absent.h5")
+    assert isinstance(physics, StudyPhysics) and physics.classical_kinds == ("linear", "gn")
+    dv, masks = gn_inputs(physics.sim.tank)
+    linear = physics.classical_image(dv, masks)
+    np.testing.assert_array_equal(physics.classical("linear", dv, masks, {}), linear)
+    np.testing.assert_array_equal(linear[1], physics.sim.recon.linear(dv[1], masks[1]))
+    base = physics.sim.recon.prior_std
+    candidates = physics.candidates("gn", dv, masks)
+    assert [(c["iterations"], c["prior_std"]) for c, _ in candidates] == [
+        (1, base), (2, base), (1, 2 * base), (2, 2 * base)]
+    np.testing.assert_array_equal(physics.classical("gn", dv, masks, candidates[3][0]), candidates[3][1])
+    assert not np.array_equal(candidates[3][1], candidates[1][1])   # GN's own prior changes its images
+    with pytest.raises(InputError, match="the tank makes no 'kotre' reconstruction; it makes linear, gn"):
+        physics.classical("kotre", dv, masks, {})
+    with pytest.raises(InputError, match="data term for dds only, not for the sampler 'dps'"):
+        physics.sample(None, linear, dv, masks, {"sampler": "dps"}, seed=0)
+    with pytest.raises(InputError, match="absent.h5 to fit the linearised data term on"):
+        physics.data_term_record()
+
+
 CTRL_C_SCRIPT = """
 import os, signal, sys, threading, time
 import numpy as np

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, runtime_checkable
 
 from dgm_eit.config import flatten, set_key
 from dgm_eit.errors import InputError
@@ -153,6 +153,7 @@ LINEARISED = register_method(Method("linear", "linearised", classical="linear"))
 GAUSS_NEWTON = register_method(Method("gn", "GN", classical="gn"))
 
 
+@runtime_checkable
 class StudyPhysics(Protocol):
     """What a study supplies to run the registered methods on its measurements: its classical
     reconstructions, the classical image the trained methods take, and the data term of the
