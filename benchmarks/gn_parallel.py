@@ -67,7 +67,7 @@ def main() -> None:
     methods = Methods(cfg, Path(tempfile.mkdtemp(prefix="gn_parallel_")), seed=0)
     val = validation_set(methods, args.images)
     print(f"{args.images} validation images; prior scales {cfg['iterated']['prior_scale']}, "
-          f"iterations {cfg['iterated']['iterations']}; {methods.sim.tank.describe()}")
+          f"iterations {cfg['iterated']['iterations']}; {methods.physics.sim.tank.describe()}")
 
     new, minimum = tank.DifferenceReconstructor.gauss_newton_path, tank.MIN_IMAGES_PER_WORKER
 

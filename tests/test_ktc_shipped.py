@@ -20,7 +20,8 @@ import scipy.io as sio
 from dgm_eit.cli import main
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
-from dgm_eit.ktc import METHOD_NAMES, bundle
+from dgm_eit.ktc import bundle
+from dgm_eit.methods import get_method
 from dgm_eit.ktc.tank import public_dir
 from test_cli import fails
 
@@ -43,7 +44,7 @@ def test_the_shipped_study_reproduces_its_recorded_level_1_scores(tmp_path, caps
     assert main(["ktc", str(public_dir()), str(tmp_path / "out"), "1"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     # the default and its reason come from the shipped methods.json, by the study's own rule
-    assert err == [f"dgm-eit ktc: method {METHOD_NAMES[record['default_method']]}: {record['default_why']}"]
+    assert err == [f"dgm-eit ktc: method {get_method(record['default_method']).name}: {record['default_why']}"]
     recorded = record["public_scores"][record["default_method"]]
     scores = {n: ktc.score(ktc.load_reconstruction(tmp_path / "out" / f"{n}.mat"),
                            ktc.load_truth(public_dir() / f"true{n}.mat")) for n in range(1, 5)}
@@ -126,14 +127,14 @@ def test_ktc_pack_round_trips_a_tiny_study(ktc_tiny_study, tmp_path, capsys):
     assert main(["ktc-pack", str(tiny_study), "--out", str(packed), "--commit", "abc123"]) == 0
     manifest = bundle.check_bundle(packed)
     assert not (packed / "data").exists() and "runs/cvae/seed0/model.safetensors" in manifest["files"]
-    assert "runs/score/seed0/model.safetensors" in manifest["files"]
+    assert {"runs/score/seed0/model.safetensors", "runs/unet/seed0/model.safetensors"} <= set(manifest["files"])
     assert load_study(packed) == load_study(tiny_study)
     record = json.loads((packed / bundle.PROVENANCE).read_text())
     assert record["commit"] == "abc123" and record["seed"] == 1
     assert record["command"] == "dgm-eit run --profile ktc --seed 1"
     assert record["config_sha256"] == bundle.config_hash(json.loads((tiny_study / "run.json").read_text())["config"])
     rows = [r.split(",") for r in (tiny_study / "scores.csv").read_text().splitlines()[1:]]
-    for method in ("linear", "gn", "cvae", "cnf", "csd"):
+    for method in ("linear", "gn", "cvae", "cnf", "csd", "unet"):
         scores = record["public_scores"][method]
         mine = [(r[2], float(r[4])) for r in rows if r[0] == method]
         assert scores["level_1"] == pytest.approx(sum(s for level, s in mine if level == "1"), abs=1e-5)
@@ -141,7 +142,7 @@ def test_ktc_pack_round_trips_a_tiny_study(ktc_tiny_study, tmp_path, capsys):
         assert scores["levels"] == [1, 4]
     # the packed folder, without the data set, makes the study's own submissions (CSD*: its data
     # model from methods.json; every method: the linearised settings from linear_settings.json)
-    for method in ("cvae", "csd"):
+    for method in ("cvae", "csd", "unet"):
         assert main(["ktc", str(public_dir()), str(tmp_path / method), "1", "--run", str(packed),
                      "--method", method, "--seed", "1"]) == 0
         for n in range(1, 5):
@@ -160,4 +161,4 @@ def test_ktc_pack_round_trips_a_tiny_study(ktc_tiny_study, tmp_path, capsys):
     fails(capsys, ["ktc-pack", tiny_study, "--out", notes, "--overwrite"], str(notes), "not a packed study")
     fails(capsys, ["ktc-pack", tiny_study, "--out", tiny_study, "--overwrite"], "replace the study")
     assert (notes / "mine.txt").read_text() == "keep" and (tiny_study / "methods.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["csd", "cvae", "notes", "packed"]   # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["csd", "cvae", "notes", "packed", "unet"]   # no temporary left

@@ -15,7 +15,8 @@ from dgm_eit.cli import main
 from dgm_eit.config import load_config
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
-from dgm_eit.ktc import METHOD_NAMES, segment
+from dgm_eit.ktc import segment
+from dgm_eit.methods import get_method
 from dgm_eit.ktc.tank import DifferenceReconstructor, Tank, public_dir
 
 # coarse meshes and a 16-pixel grid: every test here takes seconds
@@ -25,7 +26,8 @@ TINY_RUN = SMALL + ["data.n_train=32", "data.n_val=12", "run.tune_images=8", "ru
                     "cvae.vae.epochs=1", "cvae.regressor.epochs=1", "cnf.flow.epochs=1", "score.score.epochs=1",
                     "run.csd_tune_t0=[0.5]", "run.csd_tune_dc_weight=[3.0]", "iterated.prior_scale=[1.0]", "run.csd_tune_images=4", "run.cnf_samples=4", "run.csd_samples=2",
                     "csd.n_steps=5", "run.csd_tune_steps=[5]", "iterated.iterations=[2]", "train.progress=false",
-                    "run.jobs=2", "cnf.hidden_channels=[8,8,8]", "cnf.cond_channels=[4,4,4]", "score.nf=8"]
+                    "run.jobs=2", "cnf.hidden_channels=[8,8,8]", "cnf.cond_channels=[4,4,4]", "score.nf=8",
+                    "unet.regression.epochs=1", "unet.channels=[8,8]"]
 
 
 def small_cfg(*extra):
@@ -170,6 +172,32 @@ def test_gauss_newton_in_processes_gives_the_serial_bits_and_leaves_no_worker(ta
     assert len(recorded_pools) == 2
 
 
+def test_the_tank_supplies_its_classical_reconstructions_by_kind(tmp_path):
+    """What the study asks of the tank for a classical method or a sampler's data term, by kind."""
+    from dgm_eit.ktc.physics import TankPhysics
+    from dgm_eit.methods import StudyPhysics
+
+    physics = TankPhysics(small_cfg("iterated.iterations=[1,2]", "iterated.prior_scale=[1.0,2.0]"),
+                          tmp_path / "absent.h5")
+    assert isinstance(physics, StudyPhysics) and physics.classical_kinds == ("linear", "gn")
+    dv, masks = gn_inputs(physics.sim.tank)
+    linear = physics.classical_image(dv, masks)
+    np.testing.assert_array_equal(physics.classical("linear", dv, masks, {}), linear)
+    np.testing.assert_array_equal(linear[1], physics.sim.recon.linear(dv[1], masks[1]))
+    base = physics.sim.recon.prior_std
+    candidates = physics.candidates("gn", dv, masks)
+    assert [(c["iterations"], c["prior_std"]) for c, _ in candidates] == [
+        (1, base), (2, base), (1, 2 * base), (2, 2 * base)]
+    np.testing.assert_array_equal(physics.classical("gn", dv, masks, candidates[3][0]), candidates[3][1])
+    assert not np.array_equal(candidates[3][1], candidates[1][1])   # GN's own prior changes its images
+    with pytest.raises(InputError, match="the tank makes no 'kotre' reconstruction; it makes linear, gn"):
+        physics.classical("kotre", dv, masks, {})
+    with pytest.raises(InputError, match="data term for dds only, not for the sampler 'dps'"):
+        physics.sample(None, linear, dv, masks, {"sampler": "dps"}, seed=0)
+    with pytest.raises(InputError, match="absent.h5 to fit the linearised data term on"):
+        physics.data_term_record()
+
+
 CTRL_C_SCRIPT = """
 import os, signal, sys, threading, time
 import numpy as np
@@ -274,9 +302,9 @@ def test_ktc_run_and_entry_point(ktc_tiny_study, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "Nothing here was tuned on the real targets" in report and "| CSD* |" in report
     scores = (out / "scores.csv").read_text().splitlines()
-    assert len(scores) == 1 + 5 * 2 * 4    # methods x levels x targets
+    assert len(scores) == 1 + 6 * 2 * 4    # methods x levels x targets
     cfg, chosen = load_study(out)
-    assert set(chosen) == {"linear", "gn", "cvae", "cnf", "csd"} and chosen["gn"]["iterations"] == 2
+    assert set(chosen) == {"linear", "gn", "cvae", "cnf", "csd", "unet"} and chosen["gn"]["iterations"] == 2
     assert len(chosen["cnf"]["seeds"]) == 1 and chosen["cnf"]["score"] == chosen["cnf"]["seeds"][0]["score"]
     # the submissions are the challenge's format and score as scores.csv says
     rows = [r.split(",") for r in scores[1:]]
@@ -292,7 +320,7 @@ def test_ktc_run_and_entry_point(ktc_tiny_study, tmp_path, capsys):
         return {p.relative_to(out): p.read_bytes() for p in [out / "scores.csv", *(out / "submissions").rglob("*.mat")]}
 
     first = outputs()
-    assert len(first) == 1 + 5 * 2 * 4
+    assert len(first) == 1 + 6 * 2 * 4
     assert set(json.loads((out / "timings.json").read_text())["seconds_per_image"]) == set(chosen)
     assert main(args) == 0
     assert outputs() == first
@@ -376,6 +404,11 @@ def test_ktc_entry_point_errors(tmp_path, capsys):
     (tmp_path / "run" / "run.json").write_text(json.dumps({"seed": 0, "config": cfg}))
     (tmp_path / "run" / "methods.json").write_text(json.dumps({"linear": {"low": 0.5, "high": 1.5, "score": 0.5}}))
     fails(capsys, ["ktc", tmp_path / "in", tmp_path / "o", "1", "--run", tmp_path / "run"], "ref.mat")
+    # a method is a registered key (refused before the study is read), and one the study ran
+    fails(capsys, ["ktc", public_dir(), tmp_path / "o", "1", "--run", tmp_path, "--method", "gan"],
+          "unknown method 'gan'", "choose from linear, gn,")
+    fails(capsys, ["ktc", public_dir(), tmp_path / "o", "1", "--run", tmp_path / "run", "--method", "unet"],
+          "no settings for method 'unet'", "it ran linear")
     assert not (tmp_path / "o").exists()
 
 
@@ -399,7 +432,7 @@ def test_ktc_study_with_two_seeds_pools_an_ensemble_and_defaults_by_the_stated_r
     report = (out / "report.md").read_text()
     assert "| CNF ens |" in report and "the mean ± std over the seeds" in report
     default, why = default_method(chosen, resamples=cfg["run"]["bootstrap_resamples"])
-    assert f"**Default method of `dgm-eit ktc`: {METHOD_NAMES[default]}** — {why}." in report
+    assert f"**Default method of `dgm-eit ktc`: {get_method(default).name}** — {why}." in report
     # the entry point runs the ensemble
     capsys.readouterr()
     assert main(["ktc", str(public_dir()), str(tmp_path / "ens"), "1", "--run", str(out), "--method", "cnf-ens"]) == 0

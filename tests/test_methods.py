@@ -1,9 +1,12 @@
 """The contract every registered model and method keeps, so a new one is checked by these tests
-alone: it is configured in every profile, trains with the shared trainer, saves, loads, and
-reconstructs through the same path as ``dgm-eit run``."""
+alone: it is configured in every profile, trains with the shared trainer, saves, loads,
+reconstructs through the same path as ``dgm-eit run``, and runs in both studies (the paper's
+smoke pipeline and the tiny KTC study) or is refused by a study up front, saying why."""
 
 import csv
+import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import torch
 from dgm_eit.cli import main
 from dgm_eit.config import STUDY_PROFILES, load_config
 from dgm_eit.errors import InputError
-from dgm_eit.methods import GAUSS_NEWTON, all_methods, get_method, select_methods
+from dgm_eit.methods import GAUSS_NEWTON, LINEARISED, all_methods, get_method, select_methods
 from dgm_eit.models import MODEL_NAMES, MODELS
 from dgm_eit.reconstruct import reconstruct_split
 from dgm_eit.results import read_recon, recon_file_problem
@@ -23,7 +26,8 @@ METHODS = all_methods()
 
 
 def test_every_method_names_a_model_and_config_keys_of_every_study_profile():
-    assert METHODS[0] == GAUSS_NEWTON and GAUSS_NEWTON.model is None
+    assert [m for m in METHODS if m.model is None] == list(METHODS[:2]) == [LINEARISED, GAUSS_NEWTON]
+    assert (LINEARISED.classical, GAUSS_NEWTON.classical) == ("linear", "gn")
     assert len({m.key for m in METHODS}) == len({m.name for m in METHODS}) == len(METHODS)
     for profile in STUDY_PROFILES:
         cfg = load_config(profile)
@@ -43,8 +47,14 @@ def test_every_method_names_a_model_and_config_keys_of_every_study_profile():
 
 
 def test_an_unknown_method_is_refused_naming_the_choices():
-    with pytest.raises(InputError, match=r"run.methods: unknown method\(s\) \['gan'\]; choose from gn, cvae, .*unet$"):
+    with pytest.raises(InputError,
+                       match=r"run.methods: unknown method\(s\) \['gan'\]; choose from linear, gn, cvae, .*unet$"):
         select_methods(["gn", "gan"])
+    # the paper's study makes one classical image, GN: the linearised step is no choice there
+    with pytest.raises(InputError, match=r"unknown method\(s\) \['linear'\]; choose from gn, cvae, .*unet$"):
+        select_methods(["gn", "linear"], classical=("gn",))
+    with pytest.raises(InputError, match="run.methods names no method"):
+        select_methods([])
     with pytest.raises(InputError, match="choose from"):
         get_method("gan")
     assert [m.key for m in select_methods(["csd", "gn"])] == ["gn", "csd"]   # table order
@@ -174,3 +184,59 @@ def test_the_papers_variants_train_their_own_model_or_fix_their_sampler():
     assert plain.paper_row_for(load_config("quick", ["csd.mode=ccdf"])) is None   # not the paper's start
     assert get_method("csd-plain-ens").paper_row_for(quick) is None               # the paper ran one model
     assert get_method("guided").paper_row_for(quick) is None
+
+
+@pytest.fixture(scope="module")
+def ktc_every_method(ktc_tiny_study, tmp_path_factory):
+    """The tiny KTC study again, in a copy, with every registered method the tank can run (the
+    others refused before any work, their reasons kept): only the models and choices the
+    session's study lacks are made, and the targets of level 1 reconstructed."""
+    from dgm_eit.ktc.study import check_methods
+
+    study, argv = ktc_tiny_study
+    out = tmp_path_factory.mktemp("ktc_every") / "study"
+    shutil.copytree(study, out)
+    argv = [str(out) if a == str(study) else a for a in argv]
+    cfg = load_config("ktc", [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    runnable, refused = [], {}
+    for method in (m for m in METHODS if not m.ensemble):
+        cfg["run"]["methods"] = [method.key]
+        try:
+            check_methods(cfg)
+            runnable.append(method.key)
+        except InputError as err:
+            refused[method.key] = str(err)
+    assert main(argv + ["--set", f"run.methods={json.dumps(runnable)}", "--set", "run.levels=[1]"]) == 0
+    return out, runnable, refused
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if not m.ensemble], ids=lambda m: m.key)
+def test_every_method_runs_in_the_tiny_ktc_study_or_is_refused_saying_why(ktc_every_method, method):
+    from dgm_eit.datasets import ktc2023
+    from dgm_eit.ktc.segment import segment_images
+    from dgm_eit.ktc.study import Methods, load_study, real_targets
+    from dgm_eit.ktc.tank import public_dir
+
+    out, runnable, refused = ktc_every_method
+    # the study's own methods all run; a refusal names the method and a reason
+    assert set(load_config("ktc")["run"]["methods"]) <= set(runnable)
+    if method.key in refused:
+        assert re.match(rf"run.methods: the KTC study cannot run '{method.key}': \w", refused[method.key])
+        return
+    cfg, chosen = load_study(out)
+    record = chosen[method.key]["seeds"][0] if method.model else chosen[method.key]
+    assert 0 <= record["score"] <= 1 and record["low"] < 1 < record["high"]
+    if method.model:
+        assert (out / "runs" / method.label / "seed0" / "done").is_file()
+    with open(out / "scores.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["method"] == method.key]
+    assert [(r["seed"], r["level"], r["target"]) for r in rows] == [
+        ("0" if method.model else "-", "1", str(n)) for n in (1, 2, 3, 4)]
+    # the submission is what the study's reconstruction of the targets, segmented, gives
+    numbers, real = real_targets(public_dir(), [1], truths=False)
+    made = Methods(cfg, out, seed=1).reconstruct(method, real["levels"][1]["dv"], real["levels"][1]["masks"], record)
+    assert made["recon"].shape == (4, 16, 16) and np.isfinite(made["recon"]).all()
+    assert ("recon_std" in made) == ((method.n_samples(cfg["run"]) or 1) > 1)
+    where = out / "submissions" / method.key / ("seed0" if method.model else "") / "level_1"
+    for n, classes in zip(numbers, segment_images(made["recon"], record["low"], record["high"])):
+        np.testing.assert_array_equal(ktc2023.load_reconstruction(where / f"{n}.mat"), classes)

@@ -44,7 +44,7 @@ import numpy as np
 from dgm_eit import runs
 from dgm_eit.data.storage import dataset_gn_settings, read_split
 from dgm_eit.errors import InputError
-from dgm_eit.methods import GAUSS_NEWTON, Method, select_methods
+from dgm_eit.methods import GAUSS_NEWTON, Method, select_methods, trainers
 from dgm_eit.metrics import evaluate_calibration, per_sample, scaled_coverage
 from dgm_eit.models.posterior import TUNABLE_SAMPLERS
 from dgm_eit.paper import settings_for
@@ -56,6 +56,8 @@ from dgm_eit.runtime import check_seed, check_seed_settings, cpu_count, training
 from dgm_eit.stages import (StageJob, StageRunner, choose_stage, dataset_done, ensemble_stage, read_choice,
                             reconstruct_stage, simulate_stage, train_stage)
 
+# the classical reconstruction the study makes: the data set's GN image (made by the simulator)
+CLASSICAL = ("gn",)
 # which tests and methods to run, and how, may change between calls; what they compute may not
 RESUME_FREE = ("run.tests", "run.methods", "run.seeds", "run.figure_samples", "run.jobs", "run.train_max_minutes",
                "run.expected_time", "run.bootstrap_resamples", "train.progress", "train.threads")
@@ -169,7 +171,7 @@ class Experiment:
         self.log = log
         self.settings = settings_for(cfg)
         self.n_seeds = check_seed_settings(cfg["run"])
-        self.methods = select_methods(cfg["run"]["methods"], ensembles=self.n_seeds > 1)
+        self.methods = select_methods(cfg["run"]["methods"], ensembles=self.n_seeds > 1, classical=CLASSICAL)
         for method in self.methods:
             method.configure(cfg)   # a method's own config key that the profile lacks is refused here
         check_tuning(cfg["run"])
@@ -230,10 +232,7 @@ class Experiment:
         the model's name, or a method's own where it configures its model: methods of one label
         share the run), seed 0 of every model first (an interrupted study then has whole tables
         of its first seeds soonest), within a seed the costliest model first."""
-        cost: dict[str, int] = {}
-        for method in self.methods:
-            if method.model is not None:
-                cost[method.label] = max(cost.get(method.label, 0), method.cost)
+        cost = {m.label: m.cost for m in trainers(self.methods)}
         runs_needed = {(m.label, self.train_set(m, s)) for s in self.settings for m in self.methods
                        if m.model is not None}
         return [(label, spec, k) for k in range(self.n_seeds)
@@ -241,7 +240,7 @@ class Experiment:
 
     def trains(self, label: str) -> Method:
         """A selected method whose model the runs ``label`` are (they all train it alike)."""
-        return next(m for m in self.methods if m.model is not None and m.label == label)
+        return next(m for m in trainers(self.methods) if m.label == label)
 
     def reconstructions(self) -> list[tuple[Method, DataSpec, DataSpec]]:
         """``(method, training set, test set)`` of every table's trained methods, in plan order."""
@@ -478,7 +477,7 @@ class Experiment:
                 tuned_on = self.tuning_set(method, train, setting.data).label
                 sampling = [{**{k: a[k] for k in ("t0", "n_steps", "sampler") if k in a}, "tuned_on": tuned_on}
                             for a in attrs]
-            seeded = method.model is not None and not method.ensemble
+            seeded = method.seeded
             commands, pooled_from = [], []
             if seeded:
                 commands = [self.remake_command(method, train, setting.data, k, a) for k, a in enumerate(attrs)]

@@ -1,10 +1,12 @@
 """The reconstruction methods a study compares: one registered :class:`Method` record each.
 
-A method turns a test set's measurements into images: GN (the data set's own Gauss-Newton
-image, registered here) or a trained model used one way (the score prior serves two
-methods, CSD* and guided CSD). Each model file registers its methods next to its model,
-as score_sde_pytorch registers its models, so the runner (:mod:`dgm_eit.experiments`), the
-report and the CLI learn of a new method from the registry alone.
+A method turns a test set's measurements into images: one of a study's classical
+reconstructions (GN and the one-step linearised reconstruction, registered here; a study
+makes the ones it has, :class:`StudyPhysics`) or a trained model used one way (the score
+prior serves several methods, CSD* and guided CSD). Each model file registers its methods
+next to its model, as score_sde_pytorch registers its models, so both studies' runners
+(:mod:`dgm_eit.experiments`, :mod:`dgm_eit.ktc.study`), their reports and the CLI learn of a
+new method from the registry alone.
 
 Every method with a trained model also gets a seed ensemble, registered with it
 (:meth:`Method.as_ensemble`): with ``run.seeds`` K > 1 the model is trained K times and the
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Iterable, Protocol, runtime_checkable
 
 from dgm_eit.config import flatten, set_key
 from dgm_eit.errors import InputError
@@ -36,7 +38,10 @@ from dgm_eit.results import DataSpec
 class Method:
     key: str                          # in run.methods and file names
     name: str                         # in tables, CSV rows and figures
-    model: str | None = None          # the trained model it needs (dgm_eit.models); None: the data set's GN image
+    model: str | None = None          # the trained model it needs (dgm_eit.models); None: a classical method
+    # a method without a model: which of the study's classical reconstructions it is ("gn",
+    # "linear"); a trained method takes the study's classical image when its model needs_gn
+    classical: str | None = None
     # the model learns from images alone, so one model, trained on the high-SNR set of the
     # table's anomaly count, serves every noise level
     high_snr_training: bool = False
@@ -62,6 +67,11 @@ class Method:
     @property
     def ensemble(self) -> bool:
         return self.ensemble_of is not None
+
+    @property
+    def seeded(self) -> bool:
+        """One trained model per training seed (not a classical method, not an ensemble)."""
+        return self.model is not None and not self.ensemble
 
     def as_ensemble(self) -> "Method":
         """The seed ensemble of this method: same model and settings, K trained copies pooled."""
@@ -138,11 +148,64 @@ def register_method(method: Method) -> Method:
     return method
 
 
-GAUSS_NEWTON = register_method(Method("gn", "GN"))
+# the simplest first: a study's table lists its classical methods in this order
+LINEARISED = register_method(Method("linear", "linearised", classical="linear"))
+GAUSS_NEWTON = register_method(Method("gn", "GN", classical="gn"))
+
+
+@runtime_checkable
+class StudyPhysics(Protocol):
+    """What a study supplies to run the registered methods on its measurements: its classical
+    reconstructions, the classical image the trained methods take, and the data term of the
+    samplers that read the measurements. The KTC study's is :class:`dgm_eit.ktc.physics.TankPhysics`;
+    the paper's study makes its one classical image (GN) with the data set
+    (:data:`dgm_eit.experiments.CLASSICAL`) and its samplers' data term from ``[mesh]``."""
+
+    classical_kinds: tuple[str, ...]      # the classical reconstructions it makes (Method.classical)
+    data_term_samplers: tuple[str, ...]   # samplers on the measurements it has a data term for
+
+    def classical_image(self, dv, masks): ...
+    def classical(self, kind: str, dv, masks, settings: dict): ...
+    def candidates(self, kind: str, dv, masks) -> list[tuple[dict, object]]: ...
+    def sample(self, model, start, dv, masks, settings: dict, seed: int) -> dict: ...
+    def data_term_record(self) -> dict: ...
+
+
+def method_problem(method: Method, cfg: dict, classical: Iterable[str],
+                   data_term_samplers: Iterable[str]) -> str | None:
+    """Why ``method`` cannot run in a study whose config is ``cfg`` and which makes the classical
+    reconstructions ``classical`` and has a data term for ``data_term_samplers``; None when it can."""
+    from dgm_eit.models.posterior import SAMPLERS_ON_VOLTAGES
+
+    if method.model is None:
+        if method.classical not in classical:
+            return f"it is the {method.classical} reconstruction, which this study does not make"
+        return None
+    if method.model not in cfg:
+        return f"its model has no [{method.model}] section in this profile"
+    missing = [k for k in (method.samples_key, method.sampler_key) if k is not None and k not in cfg["run"]]
+    if missing:
+        return f"this profile has no run.{missing[0]}"
+    sampler = method.sampler(cfg["run"])
+    if sampler in SAMPLERS_ON_VOLTAGES and sampler not in data_term_samplers:
+        supplied = ", ".join(data_term_samplers) or "none"
+        return f"its sampler {sampler} needs a data term this study does not supply (it has one for: {supplied})"
+    return None
+
+
+def trainers(methods: Iterable[Method]) -> list[Method]:
+    """One method per training-run label that ``methods`` need (methods of a label train its model
+    alike, checked at registration), the costliest label first: the order in which both studies
+    start their training runs, so that parallel jobs end together."""
+    chosen: dict[str, Method] = {}
+    for m in methods:
+        if m.model is not None and m.cost > getattr(chosen.get(m.label), "cost", -1):
+            chosen[m.label] = m
+    return sorted(chosen.values(), key=lambda m: -m.cost)
 
 
 def all_methods() -> tuple[Method, ...]:
-    """Every method in table order: GN, then each model's methods in the order of
+    """Every method in table order: the classical ones, then each model's methods in the order of
     :data:`dgm_eit.models.MODEL_NAMES` and, within a model file, as registered."""
     for name in MODEL_NAMES:
         try:
@@ -161,12 +224,17 @@ def get_method(key: str) -> Method:
     raise InputError(f"unknown method {key!r}; choose from {', '.join(m.key for m in known)}")
 
 
-def select_methods(keys: Iterable[str], where: str = "run.methods", ensembles: bool = False) -> list[Method]:
+def select_methods(keys: Iterable[str], where: str = "run.methods", ensembles: bool = False,
+                   classical: Iterable[str] | None = None) -> list[Method]:
     """The methods named by ``keys`` in table order, each followed by its seed ensemble when
     ``ensembles`` (a study with several training seeds); an unknown key is refused naming the
-    choices. Ensembles are never named: they come with their method."""
+    choices. Ensembles are never named: they come with their method. ``classical``: the
+    classical reconstructions the study makes (None: any); the others are no choice."""
     keys = list(keys)
-    known = [m for m in all_methods() if not m.ensemble]
+    if not keys:
+        raise InputError(f"{where} names no method")
+    known = [m for m in all_methods() if not m.ensemble and (classical is None or m.model is not None
+                                                               or m.classical in classical)]
     unknown = [k for k in keys if k not in {m.key for m in known}]
     if unknown:
         hint = (" (seed ensembles are not listed: run.seeds > 1 adds one to every trained method)"

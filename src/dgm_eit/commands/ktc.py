@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from dgm_eit.commands.common import add_device_arg, add_seed_arg
-from dgm_eit.ktc import ALL_METHODS
 
 HELP = ("reconstruct KTC2023 measurements as the challenge's entry point does: INPUT_DIR/ref.mat and "
         "data<n>.mat -> OUTPUT_DIR/<n>.mat (256 x 256 uint8 classes), with the study shipped with dgm-eit "
@@ -20,8 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory made by dgm-eit run --profile ktc, or a folder packed by dgm-eit ktc-pack "
                              "(default: the study shipped with dgm-eit, one training seed; its provenance is in "
                              "dgm_eit/ktc/shipped/provenance.json)")
-    parser.add_argument("--method", default=None, choices=ALL_METHODS,
-                        help="method to use; a trained one uses its first seed's model, <method>-ens the seed "
+    parser.add_argument("--method", default=None, metavar="METHOD",
+                        help="a method the study ran (its key: linear, gn, cnf, ...); a trained one uses its first seed's model, <method>-ens the seed "
                              "ensemble of a study run with --seeds K > 1 (default: the study's best on simulated "
                              "validation data, ties going to a seed ensemble; stderr says which and why)")
     parser.add_argument("--overwrite", action="store_true",
@@ -34,13 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import sys
 
-    from dgm_eit.ktc import METHOD_NAMES
     from dgm_eit.ktc.entry import reconstruct_folder
 
     made = reconstruct_folder(args.input_dir, args.level, args.run, output_dir=args.output_dir,
                               method=args.method, seed=args.seed, device=args.device, overwrite=args.overwrite)
     if made.why is not None:
-        print(f"dgm-eit ktc: method {METHOD_NAMES[made.method]}: {made.why}", file=sys.stderr)
-    print(f"{METHOD_NAMES[made.method]} (val score {made.val_score:.3f}), level {args.level}: wrote "
+        print(f"dgm-eit ktc: method {made.name}: {made.why}", file=sys.stderr)
+    print(f"{made.name} (val score {made.val_score:.3f}), level {args.level}: wrote "
           f"{len(made.numbers)} reconstruction(s) to {args.output_dir}")
     return 0

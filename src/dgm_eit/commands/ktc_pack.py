@@ -22,12 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from dgm_eit.ktc import METHOD_NAMES
     from dgm_eit.ktc.bundle import pack_study
+    from dgm_eit.methods import get_method
 
     made = pack_study(args.run_dir, args.out, overwrite=args.overwrite, commit=args.commit, note=args.note)
-    scores = ", ".join(f"{METHOD_NAMES[m]} {s['level_1']:.2f} / {s['all_levels']:.2f}"
+    scores = ", ".join(f"{get_method(m).name} {s['level_1']:.2f} / {s['all_levels']:.2f}"
                        for m, s in made["public_scores"].items())
     print(f"packed {args.run_dir} (--seed {made['seed']}, config {made['config_sha256'][:12]}) into {args.out}; "
-          f"default method {METHOD_NAMES[made['default_method']]}; public targets, level 1 / all levels: {scores}")
+          f"default method {get_method(made['default_method']).name}; public targets, level 1 / all levels: {scores}")
     return 0

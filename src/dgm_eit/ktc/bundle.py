@@ -10,7 +10,7 @@ they read the study itself::
     run.json              the study's {"seed", "config"}
     methods.json          every method's settings chosen on validation (seed 0; CSD*'s linear data model)
     linear_settings.json  the data set's linearised-step settings (read instead of data/ktc.h5)
-    runs/<model>/seed0/   model.safetensors, config.json, data_info.json, done
+    runs/<label>/seed0/   model.safetensors, config.json, data_info.json, done
 
 Only seed 0 of a study trained with ``--seeds K`` is packed: its seed ensembles are dropped and
 ``run.seeds`` is 1, so the default method is the one of seed 0's evidence, said as such.
@@ -31,9 +31,9 @@ from pathlib import Path
 from dgm_eit import __version__
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, temp_sibling, write_text
-from dgm_eit.ktc import ENSEMBLE_SUFFIX
-from dgm_eit.ktc.study import (LINEAR_SETTINGS, MANIFEST as STUDY_MANIFEST, MODEL_OF, check_methods, default_method,
-                               linear_settings, load_study, recorded_linear_model, run_dir, seed_record, seeded)
+from dgm_eit.ktc.physics import TankPhysics, recorded_linear_model
+from dgm_eit.ktc.study import (LINEAR_SETTINGS, MANIFEST as STUDY_MANIFEST, as_method, check_methods, default_method,
+                               linear_settings, load_study, run_dir, seed_record, seeded)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -115,7 +115,7 @@ def first_seed_only(cfg: dict, chosen: dict) -> tuple[dict, dict]:
     cfg = copy.deepcopy(cfg)
     cfg["run"]["seeds"] = 1
     kept = {m: seed_record(r["seeds"][:1]) if seeded(m) else r
-            for m, r in chosen.items() if not m.endswith(ENSEMBLE_SUFFIX)}
+            for m, r in chosen.items() if not as_method(m).ensemble}
     return cfg, kept
 
 
@@ -174,10 +174,11 @@ def pack_study(study_dir, out, *, overwrite: bool = False, commit: str = "unknow
                          "settings cannot be packed; re-run the dgm-eit run command that made it")
     shipped_cfg, shipped = first_seed_only(cfg, chosen)
     methods = check_methods(shipped_cfg)
-    if "csd" in methods and shipped_cfg["run"]["csd_sampler"] == "dds" and recorded_linear_model(shipped) is None:
-        raise InputError(f"{source}/methods.json records no linear data model for CSD* (made by an earlier "
-                         "dgm-eit); make the study again with this version")
-    models = sorted({MODEL_OF[m] for m in methods if seeded(m)})
+    with_data_term = [m.name for m in methods if m.sampler(shipped_cfg["run"]) in TankPhysics.data_term_samplers]
+    if with_data_term and recorded_linear_model(shipped) is None:
+        raise InputError(f"{source}/methods.json records no linear data model for {', '.join(with_data_term)} "
+                         "(made by an earlier dgm-eit); make the study again with this version")
+    models = sorted({m.label for m in methods if m.seeded})
     for model in models:
         where = run_dir(source, model, 0)
         missing = [name for name in RUN_FILES if not (where / name).is_file()]
@@ -185,7 +186,7 @@ def pack_study(study_dir, out, *, overwrite: bool = False, commit: str = "unknow
             raise InputError(f"{where} lacks {', '.join(missing) or 'its done marker'}; re-run the same "
                              "dgm-eit run command to finish the study")
     resamples = int(shipped_cfg["run"]["bootstrap_resamples"])
-    default, why = default_method({m: shipped[m] for m in methods}, resamples=resamples)
+    default, why = default_method({m.key: shipped[m.key] for m in methods}, resamples=resamples)
     timings, seed = source / "timings.json", int(read_json(source / STUDY_MANIFEST)["seed"])
     provenance = {
         "format_version": FORMAT_VERSION,
@@ -203,7 +204,7 @@ def pack_study(study_dir, out, *, overwrite: bool = False, commit: str = "unknow
         "study_seconds": read_json(timings).get("timings") if timings.is_file() else None,
         "default_method": default,
         "default_why": why,
-        "public_scores": public_scores(source / "scores.csv", methods),
+        "public_scores": public_scores(source / "scores.csv", [m.key for m in methods]),
     }
     tmp = temp_sibling(out, "partial")
     try:

@@ -18,7 +18,8 @@ class FolderReconstruction:
     """What :func:`reconstruct_folder` made, one entry per ``data<n>.mat`` (sorted by n)."""
 
     numbers: list[int]               # the n of each data<n>.mat
-    method: str                      # "linear", "gn", "cvae", "cnf", "csd", or a seed ensemble "cnf-ens" ...
+    method: str                      # a registered method's key ("linear", "gn", "cnf", ...; "cnf-ens": an ensemble)
+    name: str                        # its name in tables ("linearised", "CNF", "CNF ens", ...)
     why: str | None                  # why the study's default method was chosen (None: given by the caller)
     val_score: float                 # the method's challenge score on simulated validation data
     recon: np.ndarray                # (N, H, W) sigma / sigma_water (water 1), 0 outside the disk
@@ -39,17 +40,17 @@ def reconstruct_folder(input_dir, level: int, run_dir=None, *, output_dir=None, 
     only with ``overwrite``). Every input and output is checked before a model is loaded."""
     from dgm_eit.datasets.ktc2023 import is_reconstruction_file, removed_electrodes
     from dgm_eit.files import check_output
-    from dgm_eit.ktc import ALL_METHODS
     from dgm_eit.ktc.bundle import PACKED_ADVICE, SHIPPED_ADVICE, check_bundle, is_bundle, shipped_dir
     from dgm_eit.ktc.segment import segment_images
-    from dgm_eit.ktc.study import (Methods, default_method, load_study, real_targets, recorded_linear_model, seeded,
-                                   write_submission)
+    from dgm_eit.ktc.physics import recorded_linear_model
+    from dgm_eit.ktc.study import Methods, default_method, load_study, real_targets, seeded, write_submission
+    from dgm_eit.methods import get_method
     from dgm_eit.runtime import check_seed, limit_threads, resolve_device
 
     removed_electrodes(level)   # refuses a bad level before any work
     check_seed(seed)
-    if method is not None and method not in ALL_METHODS:
-        raise InputError(f"unknown KTC method {method!r}; choose from {', '.join(ALL_METHODS)}")
+    if method is not None:
+        get_method(method)   # an unknown key is refused naming the registered methods
     source, out = Path(input_dir), None if output_dir is None else Path(output_dir)
     if out is not None and out.exists() and not out.is_dir():
         raise InputError(f"OUTPUT_DIR {out} exists and is not a directory")
@@ -82,5 +83,6 @@ def reconstruct_folder(input_dir, level: int, run_dir=None, *, output_dir=None, 
     if out is not None:
         write_submission(out, numbers, classes)
     std = made.get("recon_std")
-    return FolderReconstruction(numbers, method, why, float(record["score"]), np.asarray(made["recon"]),
+    return FolderReconstruction(numbers, method, get_method(method).name, why, float(record["score"]),
+                                np.asarray(made["recon"]),
                                 None if std is None else np.asarray(std), classes)

@@ -1,13 +1,14 @@
-"""``dgm-eit run --profile ktc``: the generative models on the real KTC2023 tank.
+"""``dgm-eit run --profile ktc``: the registered methods (:mod:`dgm_eit.methods`) on the real
+KTC2023 tank, with the tank's physics (:mod:`dgm_eit.ktc.physics`).
 
 Stages, in order, each reused when its output exists (re-run the command to resume):
 
 1. ``DIR/data/ktc.h5``: simulated tank data (:mod:`dgm_eit.ktc.simulate`), with the
    linearised step's prior chosen on its validation split;
-2. ``DIR/runs/{cvae,cnf,score}/seed<k>``: the three models, ``run.seeds`` times each (seed k
-   from :func:`dgm_eit.runtime.training_seed`), trained by the same trainer as in the
-   paper's study (two at a time on two cores);
-3. ``DIR/methods.json``: every method's own settings (GN's iteration count, CSD*'s t0) and
+2. ``DIR/runs/<label>/seed<k>``: the model of every trained method of ``run.methods``,
+   ``run.seeds`` times each (seed k from :func:`dgm_eit.runtime.training_seed`), trained by the
+   same trainer as in the paper's study (two at a time on two cores);
+3. ``DIR/methods.json``: every method's own settings (a classical method's, a sampler's t0) and
    segmentation thresholds, chosen on the first ``run.tune_images`` simulated validation
    images by the challenge's score -- never on the real targets; for a trained method once
    per seed, and with several seeds for its seed ensemble too;
@@ -29,11 +30,10 @@ import numpy as np
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_text
-from dgm_eit.ktc import ENSEMBLE_SUFFIX, METHOD_NAMES, METHODS, TRAINED
+from dgm_eit.ktc.physics import TankPhysics
 from dgm_eit.ktc.report import write_report
+from dgm_eit.methods import Method, get_method, method_problem, select_methods, trainers
 
-MODEL_OF = {"cvae": "cvae", "cnf": "cnf", "csd": "score"}
-TRAIN_ORDER = ("score", "cnf", "cvae")   # slowest first, so two parallel jobs end together
 MANIFEST = "run.json"
 # keys a re-run may change: which methods and levels are reported, and how the work is spread
 RESUME_FREE = ("run.methods", "run.levels", "run.figure_level", "run.jobs", "run.train_max_minutes",
@@ -42,37 +42,39 @@ DATA_LABEL = "ktc"   # the data set's name in the training seeds' rule
 DATA_FILE = "data/ktc.h5"
 # a packed study's copy of its data set's linearised-step settings (the data set stays behind)
 LINEAR_SETTINGS = "linear_settings.json"
+# a sampler's own settings, chosen on validation: what a seed ensemble's members keep of their seed's choice
+SAMPLER_SETTINGS = ("t0", "n_steps", "dc_weight")
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def check_methods(cfg: dict) -> list[str]:
-    """The methods of ``run.methods`` in report order, each trained one followed by its seed
-    ensemble when ``run.seeds`` > 1."""
+def check_methods(cfg: dict) -> list[Method]:
+    """The registered methods of ``run.methods`` in table order, each trained one followed by its
+    seed ensemble when ``run.seeds`` > 1; a method the tank cannot run is refused, saying why."""
     from dgm_eit.runtime import check_seed_settings
 
-    methods = cfg["run"]["methods"]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise InputError(f"run.methods: unknown or no method(s) {unknown or methods}; choose from {', '.join(METHODS)}")
     ensembles = check_seed_settings(cfg["run"]) > 1
-    return [x for m in METHODS if m in methods
-            for x in ((m, m + ENSEMBLE_SUFFIX) if ensembles and m in TRAINED else (m,))]
+    methods = select_methods(cfg["run"]["methods"], ensembles=ensembles, classical=TankPhysics.classical_kinds)
+    for m in methods:
+        problem = method_problem(m, cfg, TankPhysics.classical_kinds, TankPhysics.data_term_samplers)
+        if problem:
+            raise InputError(f"run.methods: the KTC study cannot run {m.key!r}: {problem}")
+        m.configure(cfg)   # a method's own config key that the profile lacks is refused here
+    return methods
 
 
-def base_method(method: str) -> str:
-    return method[:-len(ENSEMBLE_SUFFIX)] if method.endswith(ENSEMBLE_SUFFIX) else method
+def as_method(method: Method | str) -> Method:
+    return method if isinstance(method, Method) else get_method(method)
 
 
-def seeded(method: str) -> bool:
-    """A method with one trained model per seed (not a classical method, not an ensemble)."""
-    return method in TRAINED
+def seeded(method: Method | str) -> bool:
+    return as_method(method).seeded
 
 
-def run_dir(root: Path, model: str, seed_index: int) -> Path:
-    return Path(root) / "runs" / model / f"seed{seed_index}"
+def run_dir(root: Path, label: str, seed_index: int) -> Path:
+    return Path(root) / "runs" / label / f"seed{seed_index}"
 
 
 def data_path(root: Path) -> Path:
@@ -93,118 +95,75 @@ def linear_settings(root: Path) -> dict:
     return {}
 
 
-def recorded_linear_model(chosen: dict) -> dict | None:
-    """CSD*'s data model as ``methods.json`` recorded it when CSD*'s settings were chosen (the
-    same fit for every seed: it depends on the data set only); None when it records none."""
-    seeds = chosen.get("csd", {}).get("seeds") or [{}]
-    return seeds[0].get("linear_model")
-
-
 class Methods:
-    """The five reconstructions of one study directory, for simulated or real difference data."""
+    """The registered methods on one study directory, for simulated or real difference data: the
+    trained ones with the models of ``runs/<label>/seed<k>``, all with the tank's physics."""
 
     def __init__(self, cfg: dict, root: Path, *, seed: int = 0, device: str = "cpu",
                  linear_model: dict | None = None):
-        """``linear_model``: CSD*'s data model as the study recorded it (:func:`recorded_linear_model`);
-        None fits it on the data set's training split when CSD* first needs it."""
-        from dgm_eit.ktc.simulate import KTCSimulator, apply_linear_settings
+        """``linear_model``: CSD*'s data term as the study recorded it
+        (:func:`dgm_eit.ktc.physics.recorded_linear_model`); None fits it on the data set's
+        training split when a method first needs it."""
+        from dgm_eit.ktc.simulate import apply_linear_settings
         from dgm_eit.runtime import check_seed_settings
 
         self.root, self.seed, self.device = Path(root), int(seed), device
         self.n_seeds = check_seed_settings(cfg["run"])
-        self.data = data_path(self.root)
         self.linear_settings = linear_settings(self.root)
         self.cfg = apply_linear_settings(cfg, self.linear_settings)
-        self.sim = KTCSimulator(self.cfg)
-        self._models: dict[str, object] = {}
-        self._recons: dict[float, object] = {}
-        self._fidelity = None
-        self.linear_model = linear_model
-
-    def model(self, name: str, seed_index: int = 0):
-        if (name, seed_index) not in self._models:
-            from dgm_eit.runs import load_run
-
-            self._models[name, seed_index] = load_run(run_dir(self.root, name, seed_index), self.device)[0]
-        return self._models[name, seed_index]
-
-    def training_seed(self, method: str, seed_index: int) -> int:
-        from dgm_eit.runtime import training_seed
-
-        return training_seed(self.seed, MODEL_OF[method], DATA_LABEL, seed_index)
-
-    def recon(self, prior_std: float | None = None):
-        """The difference reconstructor of the data set's prior, or of another prior std (GN's own)."""
-        if prior_std is None or prior_std == self.sim.recon.prior_std:
-            return self.sim.recon
-        if prior_std not in self._recons:
-            from dgm_eit.ktc.tank import DifferenceReconstructor
-
-            self._recons[prior_std] = DifferenceReconstructor(self.sim.tank, prior_std, self.sim.recon.corr_length)
-        return self._recons[prior_std]
+        self.physics = TankPhysics(self.cfg, data_path(self.root), linear_model)
+        self._models: dict[tuple[str, int], object] = {}
 
     @property
-    def fidelity(self):
-        """CSD*'s linearised data term: its gain and error level as the study recorded them, or
-        fitted on the training split."""
-        if self._fidelity is None:
-            from dgm_eit.ktc.posterior import LinearisedFidelity, fit_linear_model
+    def sim(self):
+        return self.physics.sim
 
-            if self.linear_model is None:
-                if not self.data.is_file():
-                    raise InputError(f"{self.root} has no {DATA_FILE} to fit CSD*'s data model on, and its "
-                                     "methods.json records none; re-run the dgm-eit run command that made it")
-                from dgm_eit.data.storage import read_split
+    def model(self, method: Method, seed_index: int = 0):
+        if (method.label, seed_index) not in self._models:
+            from dgm_eit.runs import load_run
 
-                train = read_split(self.data, "train", keys=("sigma", "v_clean"))
-                n = min(len(train["sigma"]), int(self.cfg["csd_dds"]["fit_samples"]))
-                self.linear_model = fit_linear_model(self.sim.recon, train["sigma"][:n], train["v_clean"][:n])
-            self._fidelity = LinearisedFidelity(self.sim.recon, self.linear_model["gain"],
-                                                self.linear_model["error_scale"])
-        return self._fidelity
+            where = run_dir(self.root, method.label, seed_index)
+            self._models[method.label, seed_index] = load_run(where, self.device)[0]
+        return self._models[method.label, seed_index]
 
-    def linear(self, dv: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        return np.stack([self.sim.recon.linear(d, m) for d, m in zip(dv, masks)])
+    def training_seed(self, method: Method, seed_index: int) -> int:
+        from dgm_eit.runtime import training_seed
 
-    def gn_path(self, dv, masks, counts, prior_std: float | None = None) -> dict[int, np.ndarray]:
-        """GN images after each count in ``counts`` (one run to the largest)."""
-        return self.recon(prior_std).gauss_newton_path(dv, masks, counts)
+        return training_seed(self.seed, method.label, DATA_LABEL, seed_index)
 
-    def reconstruct(self, method: str, dv: np.ndarray, masks: np.ndarray, settings: dict | None = None,
+    def reconstruct(self, method: Method | str, dv: np.ndarray, masks: np.ndarray, settings: dict | None = None,
                     seed_index: int = 0) -> dict:
         """``dv`` (N, M) difference voltages (NaN allowed where masked), ``masks`` (N, M) bool ->
         ``{"recon": (N, H, W)}`` relative conductivity (+ ``"recon_std"`` for sampled methods).
 
         A trained method uses the model of seed ``seed_index``; a seed ensemble pools every
         seed's reconstruction, each with that seed's own settings (``settings["members"]``)."""
+        from dgm_eit.models.posterior import SAMPLERS_ON_VOLTAGES
         from dgm_eit.reconstruct import pool_members, reconstruct_arrays
 
-        settings = settings or {}
-        run = self.cfg["run"]
-        if method.endswith(ENSEMBLE_SUFFIX):
-            base = base_method(method)
+        method, settings, run = as_method(method), settings or {}, self.cfg["run"]
+        if method.ensemble:
+            base = get_method(method.ensemble_of)
             members = settings.get("members") or [{}] * self.n_seeds
-            n = int(run[f"{base}_samples"])
+            n = base.n_samples(run) or 1
             return pool_members([{**self.reconstruct(base, dv, masks, member, k), "n_samples": n}
                                  for k, member in enumerate(members)])
-        if method == "gn":
-            its = int(settings.get("iterations", max(self.cfg["iterated"]["iterations"])))
-            return {"recon": self.gn_path(dv, masks, [its], settings.get("prior_std"))[its]}
-        lin = self.linear(dv, masks)
-        if method == "linear":
-            return {"recon": lin}
-        n = int(settings.get("n_samples", run[f"{method}_samples"]))
-        csd = {**self.cfg["csd"], **{k: settings[k] for k in ("t0", "n_steps", "dc_weight") if k in settings}}
-        model, seed = self.model(MODEL_OF[method], seed_index), self.training_seed(method, seed_index)
-        if method == "csd" and run["csd_sampler"] == "dds":
-            from dgm_eit.ktc.posterior import sample_dds
-
-            return sample_dds(model, lin, dv, masks, self.fidelity, {**csd, "n_samples": n}, seed=seed)
-        opts = {"n_samples": n}
-        if method == "csd":
-            opts.update(config=self.cfg, sampler="csd", t0=float(csd["t0"]), n_steps=int(csd["n_steps"]))
+        if method.model is None:
+            return {"recon": self.physics.classical(method.classical, dv, masks, settings)}
+        start = self.physics.classical_image(dv, masks)
+        n = settings.get("n_samples", method.n_samples(run))
+        model, seed = self.model(method, seed_index), self.training_seed(method, seed_index)
+        sampler = method.sampler(run)
+        csd = {**self.cfg["csd"], **{k: settings[k] for k in SAMPLER_SETTINGS if k in settings}}
+        if sampler in SAMPLERS_ON_VOLTAGES:
+            settings = {**csd, "sampler": sampler, "n_samples": int(n or 1)}
+            return self.physics.sample(model, start, dv, masks, settings, seed)
+        opts = {"n_samples": None if n is None else int(n)}
+        if sampler is not None:
+            opts.update(config=method.configure(self.cfg), sampler=sampler, t0=float(csd["t0"]),
+                        n_steps=int(csd["n_steps"]))
         v = np.where(masks, np.nan_to_num(dv), 0.0)
-        out = reconstruct_arrays(model, v, lin, seed=seed, **opts)
+        out = reconstruct_arrays(model, v, start, seed=seed, **opts)
         return {k: out[k] for k in ("recon", "recon_std") if k in out}
 
 
@@ -222,11 +181,12 @@ def load_study(run_dir) -> tuple[dict, dict]:
         raise InputError(f"{root} has no methods.json: the study has not finished; re-run the same "
                          "dgm-eit run command to finish it")
     chosen = read_json(root / "methods.json", "re-run the same dgm-eit run command to make it again")
-    old = [m for m in TRAINED if m in chosen and "seeds" not in chosen[m]]
+    methods = check_methods(cfg)
+    old = [m.key for m in methods if m.seeded and m.key in chosen and "seeds" not in chosen[m.key]]
     if old:
         raise InputError(f"{root} was made by an earlier dgm-eit (one model per method, no seeds: {', '.join(old)}); "
                          "make the study again with this version")
-    missing = [m for m in check_methods(cfg) if "score" not in chosen.get(m, {})]
+    missing = [m.key for m in methods if "score" not in chosen.get(m.key, {})]
     if missing:
         raise InputError(f"{root} has not finished: its methods.json has no settings for {', '.join(missing)} "
                          "of run.methods; re-run the same dgm-eit run command to finish it")
@@ -242,52 +202,54 @@ def validation_set(methods: Methods, n: int) -> dict:
             "truths": np.stack([sim.truth_classes(seed, "val", i) for i in range(n)])}
 
 
-def _candidates(methods: Methods, method: str, val: dict, log: Callable, seed_index: int = 0,
+def _tunes(method: Method, run: dict) -> bool:
+    """Whether the method's sampler settings are chosen on validation data (as in the paper's study)."""
+    from dgm_eit.models.posterior import TUNABLE_SAMPLERS
+
+    return method.tunes_t0 and method.sampler(run) in TUNABLE_SAMPLERS and bool(run["csd_tune_t0"])
+
+
+def _candidates(methods: Methods, method: Method, val: dict, log: Callable, seed_index: int = 0,
                 chosen: dict | None = None) -> list[tuple[dict, np.ndarray]]:
     """``(settings, validation images)`` of every setting a method tries on validation data
     (a seed ensemble tries one: its seeds with their own chosen settings)."""
     from dgm_eit.ktc.segment import tune_thresholds, upsample
+    from dgm_eit.models.posterior import SAMPLERS_ON_VOLTAGES
 
-    cfg = methods.cfg
-    if method.endswith(ENSEMBLE_SUFFIX):
-        own = ("t0", "n_steps", "dc_weight")
-        members = [{k: seed[k] for k in own if k in seed} for seed in chosen[base_method(method)]["seeds"]]
+    if method.ensemble:
+        members = [{k: seed[k] for k in SAMPLER_SETTINGS if k in seed} for seed in chosen[method.ensemble_of]["seeds"]]
         return [({"members": members}, methods.reconstruct(method, val["dv"], val["masks"], {"members": members})["recon"])]
-    if method == "gn":
-        # GN gets its own prior: iterating changes which weight is best
-        base = methods.sim.recon.prior_std
-        out = []
-        for scale in cfg["iterated"]["prior_scale"]:
-            paths = methods.gn_path(val["dv"], val["masks"], cfg["iterated"]["iterations"], base * float(scale))
-            out += [({"iterations": k, "prior_std": base * float(scale)}, images) for k, images in paths.items()]
-        return out
-    run = cfg["run"]
-    if method != "csd" or not run["csd_tune_t0"]:
+    if method.model is None:
+        return methods.physics.candidates(method.classical, val["dv"], val["masks"])
+    run = methods.cfg["run"]
+    if not _tunes(method, run):
         return [({}, methods.reconstruct(method, val["dv"], val["masks"], seed_index=seed_index)["recon"])]
-    # CSD*: t0, steps (and the data term's weight) on a subset with one sample, then the full set
+    # t0, steps (and a data term's weight) on a subset with one sample, then the full set
     n = min(int(run["csd_tune_images"]), len(val["dv"]))
-    weights = run["csd_tune_dc_weight"] if run["csd_sampler"] == "dds" else [None]
+    weights = run["csd_tune_dc_weight"] if method.sampler(run) in SAMPLERS_ON_VOLTAGES else [None]
     best = None
     for t0 in run["csd_tune_t0"]:
         for steps in run["csd_tune_steps"]:
             for weight in weights:
                 s = {"t0": float(t0), "n_steps": int(steps)} | ({} if weight is None else {"dc_weight": float(weight)})
-                images = methods.reconstruct("csd", val["dv"][:n], val["masks"][:n], {**s, "n_samples": 1},
+                images = methods.reconstruct(method, val["dv"][:n], val["masks"][:n], {**s, "n_samples": 1},
                                              seed_index)["recon"]
                 score = tune_thresholds(upsample(images), val["truths"][:n])["score"]
-                log(f"  csd {', '.join(f'{k} = {v:g}' for k, v in s.items())}: val score {score:.3f} "
+                log(f"  {method.key} {', '.join(f'{k} = {v:g}' for k, v in s.items())}: val score {score:.3f} "
                     f"({n} images, 1 sample)")
                 if best is None or score > best[1]:
                     best = (s, score)
-    return [(best[0], methods.reconstruct("csd", val["dv"], val["masks"], best[0], seed_index)["recon"])]
+    return [(best[0], methods.reconstruct(method, val["dv"], val["masks"], best[0], seed_index)["recon"])]
 
 
-def choose_settings(methods: Methods, method: str, val: dict, log: Callable = _log, seed_index: int = 0,
+def choose_settings(methods: Methods, method: Method | str, val: dict, log: Callable = _log, seed_index: int = 0,
                     chosen: dict | None = None) -> dict:
     """A method's own settings and thresholds (for a trained method: those of seed
     ``seed_index``'s model), by the mean challenge score on ``val``."""
     from dgm_eit.ktc.segment import tune_thresholds, upsample
+    from dgm_eit.models.posterior import SAMPLERS_ON_VOLTAGES
 
+    method = as_method(method)
     started = time.perf_counter()
     rows = []
     for settings, images in _candidates(methods, method, val, log, seed_index, chosen):
@@ -298,9 +260,9 @@ def choose_settings(methods: Methods, method: str, val: dict, log: Callable = _l
     best = {**best, "n_images": len(val["dv"]), "seconds": time.perf_counter() - started}
     if len(rows) > 1:
         best["candidates"] = [{k: v for k, v in r.items() if k != "image_scores"} for r in rows]
-    if method == "csd" and methods.cfg["run"]["csd_sampler"] == "dds":
-        best["linear_model"] = methods.linear_model
-    which = f"{method} seed {seed_index}" if seeded(method) else method
+    if method.seeded and method.sampler(methods.cfg["run"]) in SAMPLERS_ON_VOLTAGES:
+        best.update(methods.physics.data_term_record())
+    which = f"{method.key} seed {seed_index}" if method.seeded else method.key
     log(f"  {which}: thresholds {best['low']:g} / {best['high']:g}, val score {best['score']:.3f} "
         f"({best['seconds']:.0f} s, {best['seconds'] / best['n_images']:.2f} s per image)")
     return best
@@ -343,14 +305,14 @@ def default_method(chosen: dict, *, resamples: int, seed: int = 0) -> tuple[str,
 
     def text(m):
         iv = intervals[m]
-        return f"{METHOD_NAMES[m]} {iv.change:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
+        return f"{get_method(m).name} {iv.change:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
 
     if len(order) == 1 or not intervals[order[1]].overlaps(intervals[best]):
         why = f"best mean validation score, clear of the runner-up: {text(best)}" + (
             f" vs {text(order[1])}" if len(order) > 1 else "")
         return best, why
     tied = [m for m in order if intervals[m].overlaps(intervals[best])]
-    ensembles = [m for m in tied if m.endswith(ENSEMBLE_SUFFIX)]
+    ensembles = [m for m in tied if get_method(m).ensemble]
     pick = ensembles[0] if ensembles else best
     rule = "the best-scoring seed ensemble among them" if ensembles else "the best mean, no ensemble among them"
     return pick, (f"validation scores tied (overlapping 95% intervals: {', '.join(text(m) for m in tied)}); "
@@ -396,10 +358,6 @@ class Study:
             raise InputError(f"run.levels must list levels among 1..7, got {cfg['run']['levels']}")
         self.timings: dict[str, float] = {}
 
-    @property
-    def models(self) -> list[str]:
-        return [m for m in TRAIN_ORDER if any(MODEL_OF.get(x) == m for x in self.methods_list)]
-
     def _timed(self, name: str, fn: Callable, *args, **kwargs):
         start = time.perf_counter()
         result = fn(*args, **kwargs)
@@ -422,29 +380,29 @@ class Study:
                             dict(cfg=self.cfg, out=data, seed=self.seed))
         self._stage(runner, {simulate.name: self._timed("simulate", runner.run_one, simulate)})
         # seed 0 of every model first, the slowest first within a seed
-        jobs = [self._train_job(m, data, k) for k in range(self.n_seeds) for m in self.models]
+        jobs = [self._train_job(m, data, k) for k in range(self.n_seeds) for m in trainers(self.methods_list)]
         self._stage(runner, self._timed("train", runner.run_phase, jobs))
         methods = Methods(self.cfg, self.out, seed=self.seed, device=self.device)
         chosen = self._timed("choose settings on validation", self._choose, methods)
         results = self._timed("reconstruct the real targets", self._targets, methods, chosen)
         resamples = int(self.cfg["run"]["bootstrap_resamples"])
-        mine = {m: chosen[m] for m in self.methods_list}
+        mine = {m.key: chosen[m.key] for m in self.methods_list}
         manifest = {"seed": self.seed, "timings": self.timings, "resamples": resamples,
                     "default": default_method(mine, resamples=resamples),
                     "val_intervals": validation_intervals(mine, resamples=resamples)}
         paths = write_report(self.out, self.cfg, methods, chosen, results, manifest)
         return {"chosen": chosen, "results": results, "paths": paths}
 
-    def _train_job(self, model: str, data: Path, seed_index: int):
+    def _train_job(self, method: Method, data: Path, seed_index: int):
         from dgm_eit.runs import is_finished
         from dgm_eit.runtime import training_seed
         from dgm_eit.stages import StageJob, train_stage
 
-        out = run_dir(self.out, model, seed_index)
+        out = run_dir(self.out, method.label, seed_index)
         out.parent.mkdir(parents=True, exist_ok=True)
-        return StageJob(f"train {model}, seed {seed_index}", lambda: is_finished(out), train_stage,
-                        dict(model=model, data=data, run_dir=out, cfg=self.cfg, device=self.device,
-                             seed=training_seed(self.seed, model, DATA_LABEL, seed_index)))
+        return StageJob(f"train {method.label}, seed {seed_index}", lambda: is_finished(out), train_stage,
+                        dict(model=method.model, data=data, run_dir=out, cfg=method.configure(self.cfg),
+                             device=self.device, seed=training_seed(self.seed, method.label, DATA_LABEL, seed_index)))
 
     def _stage(self, runner, ok: dict[str, bool]) -> None:
         """Every later stage needs all of these: stop, naming the first that did not complete."""
@@ -460,25 +418,26 @@ class Study:
         path = self.out / "methods.json"
         chosen = read_json(path, "the chosen method settings") if path.is_file() else {}
 
-        def complete(m: str) -> bool:
-            record = chosen.get(m, {})
-            return "score" in record and (not seeded(m) or len(record["seeds"]) >= self.n_seeds)
+        def complete(m: Method) -> bool:
+            record = chosen.get(m.key, {})
+            return "score" in record and (not m.seeded or len(record["seeds"]) >= self.n_seeds)
 
         missing = [m for m in self.methods_list if not complete(m)]
         if missing:
             n = min(int(self.cfg["run"]["tune_images"]), int(self.cfg["data"]["n_val"]))
-            self.log(f"[stage] choose settings and thresholds on {n} validation images: {', '.join(missing)}")
+            self.log(f"[stage] choose settings and thresholds on {n} validation images: "
+                     f"{', '.join(m.key for m in missing)}")
             val = validation_set(methods, n)
             for m in missing:   # in report order: an ensemble after its seeds
-                if seeded(m):
-                    seeds = chosen.get(m, {}).get("seeds", [])[:self.n_seeds]
+                if m.seeded:
+                    seeds = chosen.get(m.key, {}).get("seeds", [])[:self.n_seeds]
                     for k in range(len(seeds), self.n_seeds):
                         seeds.append(choose_settings(methods, m, val, self.log, k))
-                        chosen[m] = {"seeds": seeds}
+                        chosen[m.key] = {"seeds": seeds}
                         write_text(path, json.dumps(chosen, indent=2))
-                    chosen[m] = seed_record(seeds)
+                    chosen[m.key] = seed_record(seeds)
                 else:
-                    chosen[m] = choose_settings(methods, m, val, self.log, chosen=chosen)
+                    chosen[m.key] = choose_settings(methods, m, val, self.log, chosen=chosen)
                 write_text(path, json.dumps(chosen, indent=2))
         return chosen
 
@@ -492,10 +451,10 @@ class Study:
         # the figure shows them; "seeds": every seed's, per trained method
         results = {"numbers": numbers, "truths": real["truths"], "methods": {}, "seeds": {}}
         for m in self.methods_list:
-            records = chosen[m]["seeds"] if seeded(m) else [chosen[m]]
+            records = chosen[m.key]["seeds"] if m.seeded else [chosen[m.key]]
             runs = []
             for k, record in enumerate(records):
-                where = self.out / "submissions" / m / (f"seed{k}" if seeded(m) else "")
+                where = self.out / "submissions" / m.key / (f"seed{k}" if m.seeded else "")
                 per_level = {}
                 for level in self.levels:
                     data = real["levels"][level]
@@ -508,9 +467,9 @@ class Study:
                     per_level[level] = {**out, "classes": classes, "scores": scores, "seconds_per_image": seconds}
                 runs.append(per_level)
                 total = sum(sum(r["scores"]) for r in per_level.values())
-                which = f"{m} seed {k}" if seeded(m) else m
+                which = f"{m.key} seed {k}" if m.seeded else m.key
                 self.log(f"[done] {which}: " + ", ".join(f"L{lv} {sum(r['scores']):.2f}" for lv, r in per_level.items())
                          + f" (total {total:.2f})")
-            results["methods"][m] = runs[0]
-            results["seeds"][m] = runs
+            results["methods"][m.key] = runs[0]
+            results["seeds"][m.key] = runs
         return results

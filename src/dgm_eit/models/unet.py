@@ -1,9 +1,19 @@
-"""U-Net post-processing: a network that maps the Gauss-Newton image to the truth.
+"""U-Net post-processing: a network that maps the study's classical image to the truth.
 
 The plainest learned baseline (Jin et al. 2017's FBPConvNet, for EIT e.g. Hamilton and
-Hauptmann 2018): the GN image goes in, a residual correction comes out, and the network
-is trained by the mean squared error to the ground truth. It is deterministic (one
-image, no std map) and never sees the voltages except through the GN image.
+Hauptmann 2018; on the KTC2023 tank, the winning design): the classical image (the data
+set's ``gn``: GN on the disk, the linearised step on the tank) goes in, and either
+
+- ``output = "regression"``: a residual correction comes out, trained by the mean squared
+  error to the ground truth, or
+- ``output = "classes"``: three logits per pixel (water, resistive, conductive: the data
+  set's relative conductivity below 0.5, above 1.5, else water), trained by cross-entropy; the
+  image it returns is the expected relative conductivity of the class probabilities with
+  the classes at 1, 0 and 2 (``1 - p_resistive + p_conductive``), so that a study segments it
+  as any other image.
+
+It is deterministic (one image, no std map) and never sees the voltages except through the
+classical image.
 """
 
 from __future__ import annotations
@@ -20,6 +30,12 @@ from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
 
 register_method(Method("unet", "U-Net", model="unet", cost=1))
 
+OUTPUTS = ("regression", "classes")
+# relative conductivity (sigma / background) below the first cut is resistive, above the second
+# conductive: the midpoints between water (1) and the clipped extremes of the tank's images (0, 2)
+CLASS_CUTS = (0.5, 1.5)
+CLASS_VALUES = (1.0, 0.0, 2.0)   # water, resistive, conductive
+
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(min(8, cout), cout), nn.SiLU(),
@@ -31,7 +47,7 @@ class UNetBackbone(nn.Module):
     down, nearest up, skip connections), the output layer zeroed so that training starts from
     the identity of the residual it predicts."""
 
-    def __init__(self, channels: list[int]):
+    def __init__(self, channels: list[int], out_channels: int = 1):
         super().__init__()
         self.down = nn.ModuleList()
         cin = 1
@@ -40,7 +56,7 @@ class UNetBackbone(nn.Module):
             cin = c
         self.up = nn.ModuleList(_conv_block(c_deep + c_skip, c_skip)
                                 for c_deep, c_skip in zip(channels[:0:-1], channels[-2::-1]))
-        self.out = nn.Conv2d(channels[0], 1, 1)
+        self.out = nn.Conv2d(channels[0], out_channels, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -58,7 +74,9 @@ class UNetBackbone(nn.Module):
 
 
 class UNetPostProcessing(GenerativeModel):
-    """``recon = GN + UNet(GN)`` on normalised images; ``cfg`` is the ``[unet]`` section."""
+    """``recon = GN + UNet(GN)`` on normalised images, or the expectation of its class
+    probabilities; ``cfg`` is the ``[unet]`` section. Its one training stage is called
+    ``regression`` whatever the output."""
 
     name: ClassVar[str] = "unet"
     stages: ClassVar[tuple[str, ...]] = ("regression",)
@@ -73,7 +91,11 @@ class UNetPostProcessing(GenerativeModel):
         if info.image_size % 2 ** (len(channels) - 1):
             raise InputError(f"image size {info.image_size} cannot be halved {len(channels) - 1} times "
                              f"(unet.channels has {len(channels)} levels)")
-        self.net = UNetBackbone(channels)
+        # a run trained before unet.output existed regressed
+        self.output = cfg.get("output", "regression")
+        if self.output not in OUTPUTS:
+            raise InputError(f"unet.output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
+        self.net = UNetBackbone(channels, 1 if self.output == "regression" else len(CLASS_VALUES))
         self.register_buffer("sigma_mean", torch.tensor(float(info.sigma_mean)))
         self.register_buffer("sigma_std", torch.tensor(float(info.sigma_std)))
         # derived from the image size, so not saved with the weights
@@ -93,9 +115,17 @@ class UNetPostProcessing(GenerativeModel):
         gn = self._images(batch, "gn")
         return (gn + self.net(gn)) * self.inside
 
+
     def loss(self, batch: dict[str, torch.Tensor], stage: str = "regression") -> torch.Tensor:
         if stage != "regression":
             raise InputError(f"the U-Net has one training stage 'regression', got {stage!r}")
+        if self.output == "classes":
+            logits = self.net(self._images(batch, "gn"))
+            self._images(batch, "sigma")   # checks its shape
+            sigma = batch["sigma"]         # relative conductivity: the background is 1
+            target = ((sigma < CLASS_CUTS[0]) * 1 + (sigma > CLASS_CUTS[1]) * 2).long()
+            per_pixel = F.cross_entropy(logits, target, reduction="none")
+            return (per_pixel * self.inside).sum() / (self.inside.sum() * len(per_pixel))
         target = self._images(batch, "sigma") * self.inside
         return F.mse_loss(self._predict(batch), target)
 
@@ -106,6 +136,10 @@ class UNetPostProcessing(GenerativeModel):
         was_training = self.training
         self.eval()
         try:
+            if self.output == "classes":
+                p = torch.softmax(self.net(self._images(batch, "gn")), dim=1)
+                values = torch.tensor(CLASS_VALUES, dtype=p.dtype, device=p.device)
+                return {"recon": torch.einsum("bchw,c->bhw", p, values) * self.inside, "nfe": 1}
             x = self._predict(batch)[:, 0]
         finally:
             self.train(was_training)
