@@ -17,6 +17,7 @@ from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
 from dgm_eit.ktc import segment
 from dgm_eit.methods import get_method
+from dgm_eit.stats import rank_agreement
 from dgm_eit.ktc.tank import DifferenceReconstructor, Tank, public_dir
 
 # coarse meshes and a 16-pixel grid: every test here takes seconds
@@ -301,9 +302,14 @@ def test_ktc_run_and_entry_point(ktc_tiny_study, tmp_path, capsys):
     out, args = ktc_tiny_study
     report = (out / "report.md").read_text()
     assert "Nothing here was tuned on the real targets" in report and "| CSD* |" in report
+    # the sim-to-real agreement: the rank correlation of the validation scores and the targets' totals
+    cfg, chosen = load_study(out)
+    val, total = {m: chosen[m]["score"] for m in chosen}, dict.fromkeys(chosen, 0.0)
+    for method, _, _, _, score in (r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:]):
+        total[method] += float(score)
+    assert f"rank correlation of {rank_agreement(val, total):.2f} " in report
     scores = (out / "scores.csv").read_text().splitlines()
     assert len(scores) == 1 + 6 * 2 * 4    # methods x levels x targets
-    cfg, chosen = load_study(out)
     assert set(chosen) == {"linear", "gn", "cvae", "cnf", "csd", "unet"} and chosen["gn"]["iterations"] == 2
     assert len(chosen["cnf"]["seeds"]) == 1 and chosen["cnf"]["score"] == chosen["cnf"]["seeds"][0]["score"]
     # the submissions are the challenge's format and score as scores.csv says
@@ -420,7 +426,6 @@ def test_ktc_study_with_two_seeds_pools_an_ensemble_and_defaults_by_the_stated_r
     args = ["run", "--profile", "ktc", "--out", str(out), "--seed", "2", "--seeds", "2",
             "--set", 'run.methods=["linear", "cnf"]', "--set", "run.levels=[1]", "--set", "run.jobs=2"]
     assert main(args + [a for s in tiny for a in ("--set", s)]) == 0
-    cfg, chosen = load_study(out)
     assert set(chosen) == {"linear", "cnf", "cnf-ens"}
     seeds = chosen["cnf"]["seeds"]
     assert len(seeds) == 2 and chosen["cnf"]["score"] == pytest.approx(np.mean([r["score"] for r in seeds]))

@@ -12,6 +12,7 @@ import numpy as np
 from dgm_eit.files import atomic_path, write_text
 from dgm_eit.ktc.physics import recorded_linear_model
 from dgm_eit.methods import get_method
+from dgm_eit.stats import rank_agreement
 
 LEADERBOARD = ("all-background prediction 6.70 / 21; official linearised baseline + Otsu 10.31; "
                "1st place (post-processing UNet, Bremen/UCL) 15.24 (all 7 levels of the hidden evaluation "
@@ -132,6 +133,20 @@ def _figure(path: Path, results: dict, level: int) -> None:
     save_figure(fig, path)
 
 
+def _agreement(val: dict, real: dict) -> list[str]:
+    """How well the simulated validation ranks the methods as the real targets do."""
+    if len(val) < 3 or np.ptp(list(val.values())) == 0 or np.ptp(list(real.values())) == 0:
+        return []
+
+    def order(scores: dict) -> str:
+        return " > ".join(_name(m) for m in sorted(scores, key=lambda m: -scores[m]))
+
+    return ["", f"**Sim-to-real agreement:** over the {len(val)} methods, the validation score and the real targets' "
+            f"total have a Spearman rank correlation of {rank_agreement(val, real):.2f} (1: the same order). "
+            f"Validation orders them {order(val)}; the targets {order(real)}. The targets only check this: no "
+            "choice is made on them."]
+
+
 def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, manifest: dict) -> dict:
     out = Path(out)
     levels = sorted({level for per_level in results["methods"].values() for level in per_level})
@@ -172,6 +187,8 @@ def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, man
               "images (for a trained method over its seeds too), with a 95% bootstrap interval over the images "
               f"(and the seeds; {manifest['resamples']} resamples, bootstrap seed 0).", "",
               f"**Default method of `dgm-eit ktc`: {_name(default)}** — {why}."]
+    lines += _agreement({m: manifest["val_intervals"][m].change for m in results["seeds"]},
+                        {m: float(np.mean(_totals(runs, levels)[1])) for m, runs in results["seeds"].items()})
     lines += ["", f"Maximum {len(numbers)} per level, {len(numbers) * len(levels)} in total. For orientation, the "
               "organisers' linearised baseline scores 2.99 / 4 on these targets at level 1 (our count). Leaderboard "
               f"(hidden targets): {LEADERBOARD}.", "", f"## Level {levels[0]}, per target", ""]
