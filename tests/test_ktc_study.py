@@ -202,6 +202,8 @@ def test_the_tank_supplies_its_classical_reconstructions_by_kind(tmp_path):
 CTRL_C_SCRIPT = """
 import os, signal, sys, threading, time
 import numpy as np
+# a suite started in the background of a non-interactive shell inherits SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from test_ktc_study import RecordedPool, gn_inputs, small_cfg
 from dgm_eit.ktc import tank as tank_module
@@ -426,6 +428,7 @@ def test_ktc_study_with_two_seeds_pools_an_ensemble_and_defaults_by_the_stated_r
     args = ["run", "--profile", "ktc", "--out", str(out), "--seed", "2", "--seeds", "2",
             "--set", 'run.methods=["linear", "cnf"]', "--set", "run.levels=[1]", "--set", "run.jobs=2"]
     assert main(args + [a for s in tiny for a in ("--set", s)]) == 0
+    cfg, chosen = load_study(out)
     assert set(chosen) == {"linear", "cnf", "cnf-ens"}
     seeds = chosen["cnf"]["seeds"]
     assert len(seeds) == 2 and chosen["cnf"]["score"] == pytest.approx(np.mean([r["score"] for r in seeds]))

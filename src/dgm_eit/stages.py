@@ -62,8 +62,14 @@ def train_stage(model: str, data: Path, run_dir: Path, cfg: dict, seed: int, dev
                          f"{max_minutes}); re-run the same command to continue it")
 
 
+def _sampler_options(cfg: dict, sampler: str | None) -> dict:
+    # the score model's samplers read [csd] and, for the samplers that read voltages, [mesh]
+    return {"config": cfg} if sampler is not None else {}
+
+
 def choose_stage(run_dir: Path, validation: Path, out: Path, *, n_samples: int | None, sampler: str | None,
-                 seed: int, device: str, cfg: dict, tune: bool, calibrate: bool, progress: bool | None = None) -> None:
+                 seed: int, device: str, cfg: dict, tune: bool, calibrate: bool,
+                 progress: bool | None = None) -> None:
     """Choose a trained method's settings on the validation split of ``validation`` and write
     them to ``out`` (JSON): with ``tune``, the sampler's t0 and step count (``[run] csd_tune_*``);
     with ``calibrate``, the scale of its std maps (``[run] calibration_images``) for those
@@ -79,11 +85,9 @@ def choose_stage(run_dir: Path, validation: Path, out: Path, *, n_samples: int |
                                          steps=run["csd_tune_steps"], n_images=int(run["csd_tune_images"]),
                                          seed=seed, device=device, sampler=sampler)
     if calibrate:
-        # the score model's samplers read [csd] and, for the samplers that read voltages, [mesh]
-        opts = {"config": cfg} if sampler is not None else {}
         attrs = std_scale_on_validation(run_dir, validation, n_images=int(run["calibration_images"]),
                                         level=CALIBRATION_LEVEL, n_samples=n_samples, sampler=sampler, seed=seed,
-                                        device=device, **opts, **settings)
+                                        device=device, **_sampler_options(cfg, sampler), **settings)
     write_text(out, json.dumps({"settings": settings, "attrs": attrs}, indent=2, sort_keys=True))
 
 
@@ -103,8 +107,7 @@ def reconstruct_stage(run_dir: Path, data: Path, out: Path, *, n_samples: int | 
     validation data (``choice``, a file of :func:`choose_stage`), recorded in the file."""
     from dgm_eit.reconstruct import reconstruct_split
 
-    # the score model's samplers read [csd] and, for the samplers that read voltages, [mesh]
-    opts = {"config": cfg} if sampler is not None else {}
+    opts = _sampler_options(cfg, sampler)
     attrs = {}
     if choice is not None:
         chosen = read_choice(choice)
