@@ -256,8 +256,8 @@ def test_5_a_truncated_reconstruction_in_a_run_is_named_and_redone(gn_run, work,
     logged = []
     cfg = load_config("smoke", ["data.n_train=16", "data.n_val=4", "data.n_test=4"])
     experiment = Experiment(cfg, tmp_path / "exp", log=logged.append)
-    assert experiment._recon_done(good)
-    assert not experiment._recon_done(cut)      # so the stage runs again
+    assert experiment._output_done(good)
+    assert not experiment._output_done(cut)      # so the stage runs again
     assert not cut.exists() and any(str(cut) in line and "truncated" in line for line in logged)
 
 

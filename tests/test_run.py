@@ -303,7 +303,7 @@ def test_each_model_chooses_its_settings_once_per_validation_set(smoke_run, caps
     log = capsys.readouterr().err
     ran = [line[8:] for line in log.splitlines() if line.startswith(("[run]", "[queue]"))]
     assert ran == ["choose csd (4a_40dB) on 4a_40dB validation, seed 0", "reconstruct csd (4a_40dB) on 2a_40dB, seed 0"]
-    assert f"[redo]  {choice} is damaged" in log
+    assert f"[redo]  {choice}: it is not a readable choice file" in log
     assert choice.read_bytes() == chosen
     with h5py.File(t3) as f:
         assert f.attrs["t0"] == json.loads(chosen)["settings"]["t0"]

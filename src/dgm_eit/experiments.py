@@ -53,7 +53,7 @@ from dgm_eit.report import comparison_figure
 from dgm_eit.results import (DataSpec, EfficiencyRow, MethodResult, RunResult, Setting, SettingResult,
                              read_recon, recon_attrs, recon_file_problem)
 from dgm_eit.runtime import check_seed, check_seed_settings, cpu_count, training_seed
-from dgm_eit.stages import (StageJob, StageRunner, choose_stage, dataset_done, ensemble_stage, read_choice,
+from dgm_eit.stages import (StageJob, StageRunner, choice_file_problem, choose_stage, dataset_done, ensemble_stage,
                             reconstruct_stage, simulate_stage, train_stage)
 
 # the classical reconstruction the study makes: the data set's GN image (made by the simulator)
@@ -280,14 +280,15 @@ class Experiment:
     def _dataset_done(self, spec: DataSpec) -> bool:
         return dataset_done(self.layout.data(spec), self.log)
 
-    def _recon_done(self, path: Path) -> bool:
-        """The reconstruction exists and reads; a damaged one is named and removed, so it is redone."""
+    def _output_done(self, path: Path, problem: Callable[[Path], str | None] = recon_file_problem) -> bool:
+        """The output (a reconstruction, or a choice file) exists and reads; a damaged one is
+        named and removed, so it is redone."""
         if not path.exists():
             return False
-        problem = recon_file_problem(path)
-        if problem is None:
+        why = problem(path)
+        if why is None:
             return True
-        self.log(f"[redo]  {path}: {problem}")
+        self.log(f"[redo]  {path}: {why}")
         path.unlink(missing_ok=True)
         return False
 
@@ -310,24 +311,12 @@ class Experiment:
         ensemble pools its seeds' reconstructions: it chooses nothing itself)."""
         return not method.ensemble and (self._tunes(method) or self._calibrates(method))
 
-    def _choice_done(self, path: Path) -> bool:
-        """The choice file exists and reads; a damaged one is named and removed, so it is redone."""
-        if not path.exists():
-            return False
-        try:
-            read_choice(path)
-        except InputError as err:
-            self.log(f"[redo]  {err}")
-            path.unlink(missing_ok=True)
-            return False
-        return True
-
     def _choose_job(self, method: Method, train: DataSpec, validation: DataSpec, k: int) -> StageJob:
         run = self.cfg["run"]
         out = self.layout.choice(method.key, train, validation, k)
         out.parent.mkdir(parents=True, exist_ok=True)
         return StageJob(f"choose {method.key} ({train.label}) on {validation.label} validation, seed {k}",
-                        lambda: self._choice_done(out), choose_stage,
+                        lambda: self._output_done(out, choice_file_problem), choose_stage,
                         dict(run_dir=self.layout.run(method.label, train, k), validation=self.layout.data(validation),
                              out=out, n_samples=method.n_samples(run), sampler=method.sampler(run),
                              seed=self.training_seed(method.label, train, k), device=self.device,
@@ -350,7 +339,7 @@ class Experiment:
         if self.chooses(method):
             choice = self.layout.choice(method.key, train, self.tuning_set(method, train, data), k)
         return StageJob(f"reconstruct {method.key} ({train.label}) on {data.label}, seed {k}",
-                        lambda: self._recon_done(out), reconstruct_stage,
+                        lambda: self._output_done(out), reconstruct_stage,
                         dict(run_dir=self.layout.run(method.label, train, k), data=self.layout.data(data),
                              out=out, n_samples=method.n_samples(run), sampler=method.sampler(run),
                              seed=self.training_seed(method.label, train, k), device=self.device,
@@ -358,7 +347,7 @@ class Experiment:
 
     def _ensemble_job(self, method: Method, train: DataSpec, data: DataSpec) -> StageJob:
         out = self.layout.recon(method.key, train, data)
-        return StageJob(f"pool {method.key} ({train.label}) on {data.label}", lambda: self._recon_done(out),
+        return StageJob(f"pool {method.key} ({train.label}) on {data.label}", lambda: self._output_done(out),
                         ensemble_stage, dict(members=self.seed_files(method.ensemble_of, train, data), out=out))
 
     # -- run -------------------------------------------------------------------------------

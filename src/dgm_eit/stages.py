@@ -100,6 +100,15 @@ def read_choice(path: Path) -> dict:
     return choice
 
 
+def choice_file_problem(path: Path) -> str | None:
+    """None when ``path`` is a readable choice file, else what is wrong with it."""
+    try:
+        read_choice(path)
+    except InputError:
+        return "it is not a readable choice file"
+    return None
+
+
 def reconstruct_stage(run_dir: Path, data: Path, out: Path, *, n_samples: int | None, sampler: str | None,
                       seed: int, device: str, cfg: dict, progress: bool | None = None,
                       choice: Path | None = None) -> None:
