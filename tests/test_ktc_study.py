@@ -463,3 +463,12 @@ def test_the_default_rule_prefers_a_tied_ensemble_and_a_clear_winner_otherwise()
     clear = {"linear": record(0.40), "gn": record(0.80, spread=0.01)}
     method, why = default_method(clear, resamples=500)
     assert method == "gn" and "clear of the runner-up" in why
+
+
+def test_the_agreement_line_is_left_out_where_no_order_can_be_compared():
+    from dgm_eit.ktc.report import _agreement
+
+    val, real = {"linear": 0.7, "gn": 0.6, "cvae": 0.8}, {"linear": 20.0, "gn": 17.0, "cvae": 21.0}
+    assert "rank correlation of 1.00 " in "".join(_agreement(val, real))
+    assert _agreement({"gn": 0.6, "cvae": 0.8}, {"gn": 17.0, "cvae": 21.0}) == []    # two methods
+    assert _agreement(val, dict.fromkeys(real, 20.0)) == []                           # the targets tie them all

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dgm_eit.errors import InputError
 from dgm_eit.files import atomic_path, write_text
 from dgm_eit.ktc.physics import recorded_linear_model
 from dgm_eit.methods import get_method
@@ -135,14 +136,16 @@ def _figure(path: Path, results: dict, level: int) -> None:
 
 def _agreement(val: dict, real: dict) -> list[str]:
     """How well the simulated validation ranks the methods as the real targets do."""
-    if len(val) < 3 or np.ptp(list(val.values())) == 0 or np.ptp(list(real.values())) == 0:
+    try:
+        rho = rank_agreement(val, real)
+    except InputError:   # fewer than 3 methods, or a score that ties them all: no order to compare
         return []
 
     def order(scores: dict) -> str:
         return " > ".join(_name(m) for m in sorted(scores, key=lambda m: -scores[m]))
 
     return ["", f"**Sim-to-real agreement:** over the {len(val)} methods, the validation score and the real targets' "
-            f"total have a Spearman rank correlation of {rank_agreement(val, real):.2f} (1: the same order). "
+            f"total have a Spearman rank correlation of {rho:.2f} (1: the same order). "
             f"Validation orders them {order(val)}; the targets {order(real)}. The targets only check this: no "
             "choice is made on them."]
 
