@@ -96,6 +96,23 @@ def test_2_ktc_refuses_output_dir_equal_to_input_dir(study, inputs, tmp_path, ca
     assert _files(inputs) == before
 
 
+def test_2_ktc_refuses_an_output_dir_in_the_study_it_reads(study, inputs, tmp_path, capsys, monkeypatch):
+    """The study is an input too: <n>.mat must not land among its files (a run directory's
+    own submissions, a packed folder, the study shipped inside the installed package)."""
+    before = _files(study)
+    for out in (study, study / "submissions" / "linear"):
+        fails(capsys, _ktc(inputs, out, study, "--overwrite"), "OUTPUT_DIR", str(study))
+    assert _files(study) == before and not (study / "submissions").exists()
+    # without --run: the shipped study's folder (a copy here, so that nothing is written into the package)
+    from dgm_eit.ktc import bundle
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(bundle, "shipped_dir", lambda: shipped)
+    fails(capsys, ["ktc", inputs, shipped, "1", "--method", "linear"], "OUTPUT_DIR", str(shipped))
+    assert _files(shipped) == []
+
+
 # ---------------------------------------------------------------------------------
 # 3. target numbers: ASCII digits, one file per number, odd names block nothing
 

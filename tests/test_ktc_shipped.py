@@ -160,5 +160,7 @@ def test_ktc_pack_round_trips_a_tiny_study(ktc_tiny_study, tmp_path, capsys):
     (notes / "mine.txt").write_text("keep")
     fails(capsys, ["ktc-pack", tiny_study, "--out", notes, "--overwrite"], str(notes), "not a packed study")
     fails(capsys, ["ktc-pack", tiny_study, "--out", tiny_study, "--overwrite"], "replace the study")
+    fails(capsys, ["ktc-pack", tiny_study, "--out", tiny_study / "packed"], "inside the study", str(tiny_study))
+    assert not (tiny_study / "packed").exists()
     assert (notes / "mine.txt").read_text() == "keep" and (tiny_study / "methods.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["csd", "cvae", "notes", "packed", "unet"]   # no temporary left

@@ -13,7 +13,8 @@ HELP = ("reconstruct KTC2023 measurements as the challenge's entry point does: I
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input_dir", metavar="INPUT_DIR", help="folder with ref.mat and data<n>.mat files")
-    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="folder for <n>.mat (created if missing; not INPUT_DIR)")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR",
+                        help="folder for <n>.mat (created if missing; not INPUT_DIR, not inside the study)")
     parser.add_argument("level", metavar="LEVEL", type=int, help="difficulty level 1..7 (electrodes 1..2(L-1) dropped)")
     parser.add_argument("--run", default=None, metavar="DIR",
                         help="directory made by dgm-eit run --profile ktc, or a folder packed by dgm-eit ktc-pack "

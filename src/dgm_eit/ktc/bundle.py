@@ -150,6 +150,9 @@ def _check_out(source: Path, out: Path, overwrite: bool) -> None:
         raise InputError(f"--out {out} exists and is not a directory; choose another folder")
     if out.resolve() == source.resolve() or source.resolve().is_relative_to(out.resolve()):
         raise InputError(f"--out {out} would replace the study {source} itself; choose another folder")
+    if out.resolve().is_relative_to(source.resolve()):
+        raise InputError(f"--out {out} is inside the study {source}: the packed files would land among its "
+                         "files; choose another folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise InputError(f"--out {out} is not empty; pass --overwrite to replace a packed study there, "

@@ -36,8 +36,9 @@ def reconstruct_folder(input_dir, level: int, run_dir=None, *, output_dir=None, 
     first seed's model. ``run_dir``: the study (a ``dgm-eit run --profile ktc`` directory or a
     folder packed by ``dgm-eit ktc-pack``); None: the study shipped with the package. A packed
     study is checked against its manifest first. ``output_dir``: also write ``<n>.mat`` in the
-    challenge's format (never into ``input_dir``; a file there that is not a reconstruction
-    only with ``overwrite``). Every input and output is checked before a model is loaded."""
+    challenge's format (never into ``input_dir`` or the study's folder; a file there that is not
+    a reconstruction only with ``overwrite``). Every input and output is checked before a model
+    is loaded."""
     from dgm_eit.datasets.ktc2023 import is_reconstruction_file, removed_electrodes
     from dgm_eit.files import check_output
     from dgm_eit.ktc.bundle import PACKED_ADVICE, SHIPPED_ADVICE, check_bundle, is_bundle, shipped_dir
@@ -57,8 +58,15 @@ def reconstruct_folder(input_dir, level: int, run_dir=None, *, output_dir=None, 
     if out is not None and out.resolve() == source.resolve():
         raise InputError(f"OUTPUT_DIR {out} is INPUT_DIR {source}: <n>.mat would land among the inputs; "
                          "choose another folder")
-    if run_dir is None:
+    shipped = run_dir is None
+    if shipped:
         run_dir = shipped_dir()
+    # the study is an input too: <n>.mat must not land among its files (a run directory's own
+    # submissions, a packed folder, the study shipped inside the installed package)
+    if out is not None and out.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise InputError(f"OUTPUT_DIR {out} is inside the study {run_dir}: <n>.mat would land among its files; "
+                         "choose another folder")
+    if shipped:
         check_bundle(run_dir, SHIPPED_ADVICE)   # also when it is missing: a wheel built without it
     elif is_bundle(run_dir):
         check_bundle(run_dir, PACKED_ADVICE)
