@@ -52,9 +52,9 @@ from dgm_eit.reconstruct import reconstruct_command
 from dgm_eit.report import comparison_figure
 from dgm_eit.results import (DataSpec, EfficiencyRow, MethodResult, RunResult, Setting, SettingResult,
                              read_recon, recon_attrs, recon_file_problem)
-from dgm_eit.runtime import check_seed, check_seed_settings, cpu_count, training_seed
-from dgm_eit.stages import (MANIFEST, StageJob, StageRunner, StudyPlan, choice_file_problem, choose_stage,
-                            dataset_done, ensemble_stage, reconstruct_stage, simulate_stage, train_stage)
+from dgm_eit.runtime import training_seed
+from dgm_eit.stages import (MANIFEST, StageJob, StudyPlan, choice_file_problem, choose_stage, dataset_done,
+                            ensemble_stage, reconstruct_stage, simulate_stage, train_stage)
 
 # the classical reconstruction the study makes: the data set's GN image (made by the simulator)
 CLASSICAL = ("gn",)
@@ -132,10 +132,6 @@ class Layout:
         return self.root / "figures" / f"{setting.key}.png"
 
     @property
-    def stages(self) -> Path:
-        return self.root / "stages.json"
-
-    @property
     def manifest(self) -> Path:
         return self.root / MANIFEST
 
@@ -166,23 +162,13 @@ class Experiment(StudyPlan):
 
     def __init__(self, cfg: dict, out: str | Path, *, seed: int = 0, device: str = "cpu",
                  log: Callable[[str], None] = print):
-        self.cfg = cfg
-        # refused here, not as 38 failed stages
-        self.seed = check_seed(seed)
-        self.device = str(device)
+        super().__init__(cfg, out, seed=seed, device=device, log=log)
         self.layout = Layout(out)
-        self.root = self.layout.root
-        self.log = log
         self.settings = settings_for(cfg)
-        self.n_seeds = check_seed_settings(cfg["run"])
         self.methods = select_methods(cfg["run"]["methods"], ensembles=self.n_seeds > 1, classical=CLASSICAL)
         for method in self.methods:
             method.configure(cfg)   # a method's own config key that the profile lacks is refused here
         check_tuning(cfg["run"])
-        jobs = cfg["run"]["jobs"]
-        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
-            raise InputError(f"run.jobs must be an integer >= 0 (0: one per core), got {jobs!r}")
-        self.stages = StageRunner(self.layout.stages, jobs=jobs or cpu_count(), device=self.device, log=log)
         self._check_data_configs()
 
     def _check_data_configs(self) -> None:

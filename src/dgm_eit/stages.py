@@ -22,8 +22,8 @@ from typing import Callable
 
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_text
-from dgm_eit.runtime import (cpu_count, exit_with_parent, limit_threads, release_sigint, sigint_held_back,
-                             stop_pool)
+from dgm_eit.runtime import (check_seed, check_seed_settings, cpu_count, exit_with_parent, limit_threads,
+                             release_sigint, sigint_held_back, stop_pool)
 from dgm_eit.simulators import import_modules, registered_modules
 
 
@@ -377,12 +377,18 @@ class StudyPlan(ABC):
     inputs (``needs``) did not complete is skipped. What differs between studies is the
     jobs each step returns and the report, never the loop."""
 
-    root: Path          # the study directory; ``run.json`` holds its seed and config
-    seed: int
-    cfg: dict
-    stages: StageRunner
     resume_free: tuple[str, ...] = ()   # config keys a re-run of the directory may change
     stops_at_failure = False            # True: end the study at a step with a stage not done
+
+    def __init__(self, cfg: dict, root: str | Path, *, seed: int, device: str, log: Callable[[str], None]):
+        """``root``: the study directory (``run.json`` holds its seed and config). A bad seed
+        or ``[run]`` value is refused here, not as failed stages."""
+        jobs = cfg["run"]["jobs"]
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
+            raise InputError(f"run.jobs must be an integer >= 0 (0: one per core), got {jobs!r}")
+        self.cfg, self.root, self.seed, self.device, self.log = cfg, Path(root), check_seed(seed), str(device), log
+        self.n_seeds = check_seed_settings(cfg["run"])
+        self.stages = StageRunner(self.root / "stages.json", jobs=jobs or cpu_count(), device=self.device, log=log)
 
     @abstractmethod
     def data_jobs(self) -> list[StageJob]: ...

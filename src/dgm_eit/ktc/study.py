@@ -34,7 +34,7 @@ from dgm_eit.files import read_json, write_text
 from dgm_eit.ktc.physics import TankPhysics
 from dgm_eit.ktc.report import write_report
 from dgm_eit.methods import Method, get_method, method_problem, select_methods, trainers
-from dgm_eit.stages import MANIFEST, StageJob, StageRunner, StudyPlan, dataset_done, simulate_stage, train_stage
+from dgm_eit.stages import MANIFEST, StageJob, StudyPlan, dataset_done, simulate_stage, train_stage
 
 # keys a re-run may change: which methods and levels are reported, and how the work is spread
 RESUME_FREE = ("run.methods", "run.levels", "run.figure_level", "run.jobs", "run.train_max_minutes",
@@ -358,18 +358,14 @@ class Study(StudyPlan):
 
     def __init__(self, cfg: dict, out, *, seed: int = 0, device: str = "cpu", log: Callable = _log):
         from dgm_eit.ktc.simulate import is_ktc
-        from dgm_eit.runtime import check_seed, cpu_count
 
         if not is_ktc(cfg):
             raise InputError("the KTC study needs a config with a [tank] section (--profile ktc)")
-        self.cfg, self.root, self.seed, self.device, self.log = cfg, Path(out), check_seed(seed), device, log
+        super().__init__(cfg, out, seed=seed, device=device, log=log)
         self.methods_list = check_methods(cfg)
-        self.n_seeds = int(cfg["run"]["seeds"])
         self.levels = [int(k) for k in cfg["run"]["levels"]]
         if not self.levels or any(k not in ktc.LEVELS for k in self.levels):
             raise InputError(f"run.levels must list levels among 1..7, got {cfg['run']['levels']}")
-        self.stages = StageRunner(self.root / "stages.json", jobs=int(cfg["run"]["jobs"]) or cpu_count(),
-                                  device=device, log=log)
         self.results: dict | None = None
 
     @cached_property
@@ -388,7 +384,7 @@ class Study(StudyPlan):
         return [self._train_job(m, k) for k in range(self.n_seeds) for m in trainers(self.methods_list)]
 
     def choice_jobs(self) -> list[StageJob]:
-        return [StageJob("choose settings and thresholds on validation", lambda: not self._unchosen(),
+        return [StageJob("choose settings and thresholds on validation", lambda: not self._unchosen(self._chosen()),
                          self._choose, {}, here=True)]
 
     def evaluation_jobs(self) -> list[StageJob]:
@@ -420,10 +416,9 @@ class Study(StudyPlan):
         path = self.root / "methods.json"
         return read_json(path, "the chosen method settings") if path.is_file() else {}
 
-    def _unchosen(self, chosen: dict | None = None) -> list[Method]:
-        """The methods whose choice ``methods.json`` lacks: a classical method or an ensemble
-        holds its choice, a trained method one per seed."""
-        chosen = self._chosen() if chosen is None else chosen
+    def _unchosen(self, chosen: dict) -> list[Method]:
+        """The methods whose choice ``chosen`` lacks: a classical method or an ensemble holds
+        its choice, a trained method one per seed."""
         return [m for m in self.methods_list if "score" not in chosen.get(m.key, {})
                 or (m.seeded and len(chosen[m.key]["seeds"]) < self.n_seeds)]
 
@@ -434,8 +429,7 @@ class Study(StudyPlan):
         n = min(int(self.cfg["run"]["tune_images"]), int(self.cfg["data"]["n_val"]))
         self.log(f"[stage] choose settings and thresholds on {n} validation images: "
                  f"{', '.join(m.key for m in missing)}")
-        methods = self.methods
-        val = validation_set(methods, n)
+        methods, val = self.methods, validation_set(self.methods, n)
         for m in missing:   # in report order: an ensemble after its seeds
             if m.seeded:
                 seeds = chosen.get(m.key, {}).get("seeds", [])[:self.n_seeds]
