@@ -155,8 +155,8 @@ def gn_seconds_per_image(data: Path, cfg: dict, n: int) -> float:
 
 
 class Experiment(StudyPlan):
-    """The paper's study for one output directory: the stage jobs of every step
-    (:class:`~dgm_eit.stages.StudyPlan` runs them); a step's stages run where their inputs did."""
+    """The paper's study on one output directory: the stage jobs of every step, run by
+    :meth:`~dgm_eit.stages.StudyPlan.run`; a failed stage skips only the stages that read its output."""
 
     resume_free = RESUME_FREE
 
