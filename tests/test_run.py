@@ -529,3 +529,51 @@ def test_bench_seeds_prints_each_seeds_change_against_gn_and_keeps_the_studys_re
         assert np.allclose(r["per_seed"], expected, rtol=1e-6)
         assert r["std"] == pytest.approx(np.std(expected, ddof=1))
         assert r["ensemble"] is not None
+
+
+def test_one_runner_skips_what_a_failed_stage_feeds_and_a_plan_may_stop_there(tmp_path, monkeypatch):
+    """Both studies are plans of ``stages.StudyPlan``: every step's jobs through one runner, a job
+    whose input did not complete skipped and named, the rest run; a plan may stop at the step."""
+    from dgm_eit.errors import InputError
+    from dgm_eit.stages import STEPS, StageJob, StudyPlan
+
+    monkeypatch.delenv("DGM_EIT_DEBUG", raising=False)
+    made = set()
+
+    def job(name, needs=(), fails=False, here=False):
+        def make():
+            if fails:
+                raise ValueError("broken")
+            made.add(name)
+        return StageJob(name, lambda: name in made, make, {}, needs=needs, here=here)
+
+    class Plan(StudyPlan):
+        def data_jobs(self):
+            return [job("data a", here=True), job("data b", fails=True, here=True)]
+
+        def training_jobs(self):
+            return [job("train a", ("data a",)), job("train b", ("data b",))]
+
+        def choice_jobs(self):
+            return []
+
+        def evaluation_jobs(self):
+            return [job("test a", ("train a",)), job("test b", ("train a", "train b"), here=True)]
+
+        def report(self, ok, seconds):
+            return ok, seconds
+
+    cfg = load_config("smoke", ["run.jobs=1"])
+    ok, seconds = Plan(cfg, tmp_path / "study", seed=0, device="cpu", log=print).run()
+    assert ok == {"data a": True, "data b": False, "train a": True, "train b": False, "test a": True, "test b": False}
+    assert list(seconds) == list(STEPS) and made == {"data a", "train a", "test a"}
+    records = json.loads((tmp_path / "study" / "stages.json").read_text())
+    assert records["data b"]["status"] == "failed" and records["test a"]["status"] == "done"
+    assert records["train b"] == {"status": "skipped", "message": "data b did not complete"}
+    assert records["test b"] == {"status": "skipped", "message": "train b did not complete"}
+
+    class Stopping(Plan):
+        stops_at_failure = True
+
+    with pytest.raises(InputError, match="stage 'data b' did not complete .failed: ValueError: broken."):
+        Stopping(cfg, tmp_path / "study", seed=0, device="cpu", log=print).run()

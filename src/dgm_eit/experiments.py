@@ -52,9 +52,9 @@ from dgm_eit.reconstruct import reconstruct_command
 from dgm_eit.report import comparison_figure
 from dgm_eit.results import (DataSpec, EfficiencyRow, MethodResult, RunResult, Setting, SettingResult,
                              read_recon, recon_attrs, recon_file_problem)
-from dgm_eit.runtime import check_seed, check_seed_settings, cpu_count, training_seed
-from dgm_eit.stages import (StageJob, StageRunner, choice_file_problem, choose_stage, dataset_done, ensemble_stage,
-                            reconstruct_stage, simulate_stage, train_stage)
+from dgm_eit.runtime import training_seed
+from dgm_eit.stages import (MANIFEST, StageJob, StudyPlan, choice_file_problem, choose_stage, dataset_done,
+                            ensemble_stage, reconstruct_stage, simulate_stage, train_stage)
 
 # the classical reconstruction the study makes: the data set's GN image (made by the simulator)
 CLASSICAL = ("gn",)
@@ -132,12 +132,8 @@ class Layout:
         return self.root / "figures" / f"{setting.key}.png"
 
     @property
-    def stages(self) -> Path:
-        return self.root / "stages.json"
-
-    @property
     def manifest(self) -> Path:
-        return self.root / "run.json"
+        return self.root / MANIFEST
 
 
 def gn_seconds_per_image(data: Path, cfg: dict, n: int) -> float:
@@ -158,27 +154,21 @@ def gn_seconds_per_image(data: Path, cfg: dict, n: int) -> float:
     return (time.perf_counter() - start) / len(v)
 
 
-class Experiment:
-    """Plan and run every stage for one output directory."""
+class Experiment(StudyPlan):
+    """The paper's study on one output directory: the stage jobs of every step, run by
+    :meth:`~dgm_eit.stages.StudyPlan.run`; a failed stage skips only the stages that read its output."""
+
+    resume_free = RESUME_FREE
 
     def __init__(self, cfg: dict, out: str | Path, *, seed: int = 0, device: str = "cpu",
                  log: Callable[[str], None] = print):
-        self.cfg = cfg
-        # refused here, not as 38 failed stages
-        self.seed = check_seed(seed)
-        self.device = str(device)
+        super().__init__(cfg, out, seed=seed, device=device, log=log)
         self.layout = Layout(out)
-        self.log = log
         self.settings = settings_for(cfg)
-        self.n_seeds = check_seed_settings(cfg["run"])
         self.methods = select_methods(cfg["run"]["methods"], ensembles=self.n_seeds > 1, classical=CLASSICAL)
         for method in self.methods:
             method.configure(cfg)   # a method's own config key that the profile lacks is refused here
         check_tuning(cfg["run"])
-        jobs = cfg["run"]["jobs"]
-        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
-            raise InputError(f"run.jobs must be an integer >= 0 (0: one per core), got {jobs!r}")
-        self.stages = StageRunner(self.layout.stages, jobs=jobs or cpu_count(), device=self.device, log=log)
         self._check_data_configs()
 
     def _check_data_configs(self) -> None:
@@ -295,16 +285,19 @@ class Experiment:
     def _dataset_job(self, spec: DataSpec) -> StageJob:
         path = self.layout.data(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return StageJob(f"data {spec.label}", lambda: self._dataset_done(spec), simulate_stage,
-                        dict(cfg=config_for(self.cfg, spec), out=path, seed=data_seed(self.seed, spec.anomalies)))
+        # the simulator already spreads one data set over every core: one at a time, here
+        return StageJob(_data_name(spec), lambda: self._dataset_done(spec), simulate_stage,
+                        dict(cfg=config_for(self.cfg, spec), out=path, seed=data_seed(self.seed, spec.anomalies)),
+                        here=True)
 
     def _train_job(self, method: Method, spec: DataSpec, k: int) -> StageJob:
         run_dir = self.layout.run(method.label, spec, k)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        return StageJob(f"train {method.label} on {spec.label}, seed {k}", lambda: runs.is_finished(run_dir),
+        return StageJob(_train_name(method.label, spec, k), lambda: runs.is_finished(run_dir),
                         train_stage, dict(model=method.model, data=self.layout.data(spec), run_dir=run_dir,
                                           cfg=method.configure(config_for(self.cfg, spec)),
-                                          seed=self.training_seed(method.label, spec, k), device=self.device))
+                                          seed=self.training_seed(method.label, spec, k), device=self.device),
+                        needs=(_data_name(spec),))
 
     def chooses(self, method: Method) -> bool:
         """Whether settings of the method are chosen on validation data in this run (a seed
@@ -321,92 +314,66 @@ class Experiment:
                              out=out, n_samples=method.n_samples(run), sampler=method.sampler(run),
                              seed=self.training_seed(method.label, train, k), device=self.device,
                              cfg=method.configure(config_for(self.cfg, validation)),
-                             tune=self._tunes(method), calibrate=self._calibrates(method)))
-
-    def _chosen(self, job: StageJob) -> bool:
-        """A reconstruction job has the settings it reads (or is done already, or reads none)."""
-        choice = job.kwargs["choice"]
-        if choice is None or choice.exists() or job.done():
-            return True
-        self.stages.skip(job.name, f"its settings were not chosen ({choice.name})")
-        return False
+                             tune=self._tunes(method), calibrate=self._calibrates(method)),
+                        needs=(_train_name(method.label, train, k), _data_name(validation)))
 
     def _reconstruct_job(self, method: Method, train: DataSpec, data: DataSpec, k: int) -> StageJob:
         run = self.cfg["run"]
         out = self.layout.recon(method.key, train, data, k)
         out.parent.mkdir(parents=True, exist_ok=True)
-        choice = None
+        choice, needs = None, (_train_name(method.label, train, k), _data_name(data))
         if self.chooses(method):
-            choice = self.layout.choice(method.key, train, self.tuning_set(method, train, data), k)
-        return StageJob(f"reconstruct {method.key} ({train.label}) on {data.label}, seed {k}",
-                        lambda: self._output_done(out), reconstruct_stage,
+            choose = self._choose_job(method, train, self.tuning_set(method, train, data), k)
+            choice, needs = choose.kwargs["out"], needs + (choose.name,)
+        return StageJob(_recon_name(method.key, train, data, k), lambda: self._output_done(out), reconstruct_stage,
                         dict(run_dir=self.layout.run(method.label, train, k), data=self.layout.data(data),
                              out=out, n_samples=method.n_samples(run), sampler=method.sampler(run),
                              seed=self.training_seed(method.label, train, k), device=self.device,
-                             cfg=method.configure(config_for(self.cfg, data)), choice=choice))
+                             cfg=method.configure(config_for(self.cfg, data)), choice=choice), needs=needs)
 
     def _ensemble_job(self, method: Method, train: DataSpec, data: DataSpec) -> StageJob:
         out = self.layout.recon(method.key, train, data)
         return StageJob(f"pool {method.key} ({train.label}) on {data.label}", lambda: self._output_done(out),
-                        ensemble_stage, dict(members=self.seed_files(method.ensemble_of, train, data), out=out))
+                        ensemble_stage, dict(members=self.seed_files(method.ensemble_of, train, data), out=out),
+                        needs=tuple(_recon_name(method.ensemble_of, train, data, k) for k in range(self.n_seeds)),
+                        here=True)
 
-    # -- run -------------------------------------------------------------------------------
+    # -- the steps -------------------------------------------------------------------------
 
-    def run(self) -> RunResult:
-        start = time.perf_counter()
-        runs.check_manifest(self.layout.root, self.layout.manifest, self.seed, self.cfg, ignore=RESUME_FREE)
-        self.stages.load()
-        data_ok = {}
-        for spec in self.datasets():
-            # the simulator already spreads one data set over every core
-            data_ok[spec] = self.stages.run_one(self._dataset_job(spec))
-        train_jobs = {}
-        for label, spec, k in self.training_runs():
-            if data_ok[spec]:
-                train_jobs[(label, spec, k)] = self._train_job(self.trains(label), spec, k)
-            else:
-                self.stages.skip(f"train {label} on {spec.label}, seed {k}", f"data set {spec.label} is not available")
-        trained = self.stages.run_phase(list(train_jobs.values()))
-        run_ok = {key: trained.get(job.name, False) for key, job in train_jobs.items()}
-        recon_jobs, pooled, choose_jobs = [], [], {}
+    def data_jobs(self) -> list[StageJob]:
+        return [self._dataset_job(spec) for spec in self.datasets()]
+
+    def training_jobs(self) -> list[StageJob]:
+        return [self._train_job(self.trains(label), spec, k) for label, spec, k in self.training_runs()]
+
+    def _by_cost(self) -> list[tuple[Method, DataSpec, DataSpec]]:
         # the slowest jobs first, so parallel workers finish together
-        for method, train, data in sorted(self.reconstructions(), key=lambda r: -r[0].cost):
-            if method.ensemble:
-                pooled.append((method, train, data))
-                continue
-            for k in range(self.n_seeds):
-                job = self._reconstruct_job(method, train, data, k)
-                choice = job.kwargs["choice"]
-                validation = None if choice is None else self.tuning_set(method, train, data)
-                if not (run_ok.get((method.label, train, k)) and data_ok[data]
-                        and (validation is None or data_ok[validation])):
-                    sets = data.label if validation in (None, data) else f"{data.label} and {validation.label}"
-                    self.stages.skip(job.name, f"needs seed {k} of the {method.label} run on {train.label} and the "
-                                               f"data ({sets})")
-                    continue
-                recon_jobs.append(job)
-                # settings chosen on validation data: one stage per model and validation set,
-                # read by every table that tests that model at that noise level
-                if choice is not None and not job.done():
-                    choose = self._choose_job(method, train, validation, k)
-                    choose_jobs[choose.name] = choose
-        self.stages.run_phase(list(choose_jobs.values()))
-        recon_jobs = [job for job in recon_jobs if self._chosen(job)]
-        self.stages.run_phase(recon_jobs)
-        for method, train, data in pooled:
-            job = self._ensemble_job(method, train, data)
-            if all(p.exists() for p in job.kwargs["members"]):
-                self.stages.run_one(job)
-            else:
-                self.stages.skip(job.name, f"needs all {self.n_seeds} seeds' reconstructions")
+        return sorted(self.reconstructions(), key=lambda r: -r[0].cost)
+
+    def choice_jobs(self) -> list[StageJob]:
+        """One stage per model and validation set, read by every table that tests that model at
+        that noise level; none for a reconstruction that is made already."""
+        jobs = [self._choose_job(m, train, self.tuning_set(m, train, data), k) for m, train, data in self._by_cost()
+                if self.chooses(m) for k in range(self.n_seeds) if not self._output_done(self.layout.recon(
+                    m.key, train, data, k))]
+        return list({job.name: job for job in jobs}.values())
+
+    def evaluation_jobs(self) -> list[StageJob]:
+        """Every seed's reconstructions of the test splits, then the seed ensembles pooled from them."""
+        ordered = self._by_cost()
+        return ([self._reconstruct_job(m, train, data, k) for m, train, data in ordered if not m.ensemble
+                 for k in range(self.n_seeds)]
+                + [self._ensemble_job(m, train, data) for m, train, data in ordered if m.ensemble])
+
+    def report(self, ok: dict[str, bool], seconds: dict[str, float]) -> RunResult:
+        start = time.perf_counter()
+        data_ok = {spec: ok.get(_data_name(spec), False) for spec in self.datasets()}
         self._time_gn(data_ok)
         settings = [self._evaluate(s, data_ok) for s in self.settings]
         seeds = {f"{label} on {spec.label}": [self.training_seed(label, spec, k) for k in range(self.n_seeds)]
                  for label, spec in dict.fromkeys((m, s) for m, s, _ in self.training_runs())}
-        result = RunResult(self.cfg, self.seed, self.layout.root, settings, self._efficiency(),
-                           dict(self.stages.records), time.perf_counter() - start, seeds)
-        self.stages.save()
-        return result
+        return RunResult(self.cfg, self.seed, self.layout.root, settings, self._efficiency(),
+                         dict(self.stages.records), sum(seconds.values()) + time.perf_counter() - start, seeds)
 
     def _time_gn(self, data_ok: dict) -> None:
         if GAUSS_NEWTON not in self.methods:
@@ -517,7 +484,7 @@ class Experiment:
             times = [runs.training_time(d) for d in run_dirs]
             seconds = [t for t, _ in times if t is not None]
             steps = [s for _, s in times if s is not None]
-            device = records.get(f"train {method.label} on {train.label}, seed 0", {}).get("device", self.device)
+            device = records.get(_train_name(method.label, train, 0), {}).get("device", self.device)
             models = self.n_seeds if method.ensemble else 1
             params = _parameters(run_dirs[0])
 
@@ -532,6 +499,18 @@ class Experiment:
                                       float(np.mean(spi)) if spi else None, float(np.mean(nfe)) if nfe else None,
                                       device, models))
         return rows
+
+
+def _data_name(spec: DataSpec) -> str:
+    return f"data {spec.label}"
+
+
+def _train_name(label: str, spec: DataSpec, k: int) -> str:
+    return f"train {label} on {spec.label}, seed {k}"
+
+
+def _recon_name(key: str, train: DataSpec, data: DataSpec, k: int) -> str:
+    return f"reconstruct {key} ({train.label}) on {data.label}, seed {k}"
 
 
 def _calibration(recon, std, truth, attrs: dict) -> dict:

@@ -4,6 +4,8 @@ A stage is a module-level function (so a worker process can run it) that makes o
 output: a data set, a training run, a reconstruction file. :class:`StageRunner` skips a
 stage whose output exists, records each stage's time, device or failure in a JSON file,
 and keeps going when one fails, so a re-run retries only what is missing.
+:class:`StudyPlan` is the one runner of a study: its steps (:data:`STEPS`) in order, each
+step's stage jobs from the study's plan.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import json
 import os
 import time
 import traceback
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_text
-from dgm_eit.runtime import (cpu_count, exit_with_parent, limit_threads, release_sigint, sigint_held_back,
-                             stop_pool)
+from dgm_eit.runtime import (check_seed, check_seed_settings, cpu_count, exit_with_parent, limit_threads,
+                             release_sigint, sigint_held_back, stop_pool)
 from dgm_eit.simulators import import_modules, registered_modules
 
 
@@ -198,12 +201,16 @@ def worker_call(fn: Callable, kwargs: dict) -> float:
 
 @dataclass
 class StageJob:
-    """One stage: ``fn(**kwargs)`` makes the output that ``done()`` checks for."""
+    """One stage: ``fn(**kwargs)`` makes the output that ``done()`` checks for, from the outputs
+    of the stages named in ``needs``; ``here``: run in this process, one at a time (a data set's
+    simulator or a study's own step that spreads its work itself)."""
 
     name: str
     done: Callable[[], bool]
     fn: Callable
     kwargs: dict
+    needs: tuple[str, ...] = ()
+    here: bool = False
 
 
 class StageRunner:
@@ -275,6 +282,24 @@ class StageRunner:
             return False
         return self._finished(job, seconds)
 
+    def run_step(self, jobs: list[StageJob], ok: dict[str, bool]) -> dict[str, bool]:
+        """Run one step's stages: those not ``here`` side by side (:meth:`run_phase`), then
+        those ``here`` in order. A stage whose ``needs`` are not all done in ``ok`` is skipped,
+        unless its output exists. Adds every outcome to ``ok``; returns this step's."""
+        def ready(job: StageJob) -> bool:
+            unmet = [name for name in job.needs if not ok.get(name)]
+            if not unmet or job.done():
+                return True
+            self.skip(job.name, f"{unmet[0]} did not complete")
+            ok[job.name] = False
+            return False
+
+        ok.update(self.run_phase([job for job in jobs if not job.here and ready(job)]))
+        for job in jobs:
+            if job.here and ready(job):
+                ok[job.name] = self.run_one(job)
+        return {job.name: ok[job.name] for job in jobs}
+
     def run_phase(self, jobs: list[StageJob]) -> dict[str, bool]:
         """Run independent stages, ``jobs`` at a time in worker processes when > 1.
 
@@ -334,3 +359,68 @@ class StageRunner:
                 stop_pool(pool, grace=3.0, interrupt=True)
                 raise
         return ok
+
+
+# ---------------------------------------------------------------------------------------
+# a study: the same steps for every study
+
+MANIFEST = "run.json"
+# a study's steps, in order; a plan gives each one's stage jobs (``<step>_jobs``)
+STEPS = ("data", "training", "choice", "evaluation")
+
+
+class StudyPlan(ABC):
+    """A study as data, run by :meth:`run`: data sets -> training runs -> choices on
+    validation -> evaluation on test data -> report, every step's stage jobs through one
+    :class:`StageRunner` (``stages``, its records in ``root/stages.json``). A step's jobs are
+    planned when it starts, so they may read what the steps before it made; a job whose
+    inputs (``needs``) did not complete is skipped. What differs between studies is the
+    jobs each step returns and the report, never the loop."""
+
+    resume_free: tuple[str, ...] = ()   # config keys a re-run of the directory may change
+    stops_at_failure = False            # True: end the study at a step with a stage not done
+
+    def __init__(self, cfg: dict, root: str | Path, *, seed: int, device: str, log: Callable[[str], None]):
+        """``root``: the study directory (``run.json`` holds its seed and config). A bad seed
+        or ``[run]`` value is refused here, not as failed stages."""
+        jobs = cfg["run"]["jobs"]
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
+            raise InputError(f"run.jobs must be an integer >= 0 (0: one per core), got {jobs!r}")
+        self.cfg, self.root, self.seed, self.device, self.log = cfg, Path(root), check_seed(seed), str(device), log
+        self.n_seeds = check_seed_settings(cfg["run"])
+        self.stages = StageRunner(self.root / "stages.json", jobs=jobs or cpu_count(), device=self.device, log=log)
+
+    @abstractmethod
+    def data_jobs(self) -> list[StageJob]: ...
+
+    @abstractmethod
+    def training_jobs(self) -> list[StageJob]: ...
+
+    @abstractmethod
+    def choice_jobs(self) -> list[StageJob]: ...
+
+    @abstractmethod
+    def evaluation_jobs(self) -> list[StageJob]: ...
+
+    @abstractmethod
+    def report(self, ok: dict[str, bool], seconds: dict[str, float]):
+        """The study's result from its stages' outcomes (``ok``, by job name) and each step's time."""
+
+    def run(self):
+        from dgm_eit.runs import check_manifest
+
+        check_manifest(self.root, self.root / MANIFEST, self.seed, self.cfg, ignore=self.resume_free)
+        self.stages.load()
+        ok, seconds = {}, {}
+        for step in STEPS:
+            start = time.perf_counter()
+            outcome = self.stages.run_step(getattr(self, f"{step}_jobs")(), ok)
+            seconds[step] = time.perf_counter() - start
+            failed = [name for name, done in outcome.items() if not done]
+            if failed and self.stops_at_failure:
+                record = self.stages.records.get(failed[0], {})
+                raise InputError(f"stage {failed[0]!r} did not complete ({record.get('status')}: "
+                                 f"{record.get('message', '')}); fix it and re-run the same command to resume")
+        result = self.report(ok, seconds)
+        self.stages.save()
+        return result

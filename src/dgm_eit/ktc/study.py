@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +34,8 @@ from dgm_eit.files import read_json, write_text
 from dgm_eit.ktc.physics import TankPhysics
 from dgm_eit.ktc.report import write_report
 from dgm_eit.methods import Method, get_method, method_problem, select_methods, trainers
+from dgm_eit.stages import MANIFEST, StageJob, StudyPlan, dataset_done, simulate_stage, train_stage
 
-MANIFEST = "run.json"
 # keys a re-run may change: which methods and levels are reported, and how the work is spread
 RESUME_FREE = ("run.methods", "run.levels", "run.figure_level", "run.jobs", "run.train_max_minutes",
                "run.expected_time", "run.seeds", "run.bootstrap_resamples", "train.progress", "train.threads")
@@ -44,6 +45,9 @@ DATA_FILE = "data/ktc.h5"
 LINEAR_SETTINGS = "linear_settings.json"
 # a sampler's own settings, chosen on validation: what a seed ensemble's members keep of their seed's choice
 SAMPLER_SETTINGS = ("t0", "n_steps", "dc_weight")
+# the report's name for each step's time
+TIMINGS = {"data": "simulate", "training": "train", "choice": "choose settings on validation",
+           "evaluation": "reconstruct the real targets"}
 
 
 def _log(message: str) -> None:
@@ -343,109 +347,107 @@ def write_submission(directory: Path, numbers, classes: np.ndarray) -> None:
         ktc.write_reconstruction(directory / f"{n}.mat", image)
 
 
-class Study:
+class Study(StudyPlan):
+    """The tank study as the stage jobs of every step (:class:`~dgm_eit.stages.StudyPlan` runs
+    them). It stops at a step with a stage not done: every choice needs every method trained.
+    The choices and the real targets' evaluation are stages run here (the GN path spreads over
+    a pool of its own)."""
+
+    resume_free = RESUME_FREE
+    stops_at_failure = True
+
     def __init__(self, cfg: dict, out, *, seed: int = 0, device: str = "cpu", log: Callable = _log):
         from dgm_eit.ktc.simulate import is_ktc
-        from dgm_eit.runtime import check_seed
 
         if not is_ktc(cfg):
             raise InputError("the KTC study needs a config with a [tank] section (--profile ktc)")
-        self.cfg, self.out, self.seed, self.device, self.log = cfg, Path(out), check_seed(seed), device, log
+        super().__init__(cfg, out, seed=seed, device=device, log=log)
         self.methods_list = check_methods(cfg)
-        self.n_seeds = int(cfg["run"]["seeds"])
         self.levels = [int(k) for k in cfg["run"]["levels"]]
         if not self.levels or any(k not in ktc.LEVELS for k in self.levels):
             raise InputError(f"run.levels must list levels among 1..7, got {cfg['run']['levels']}")
-        self.timings: dict[str, float] = {}
+        self.results: dict | None = None
 
-    def _timed(self, name: str, fn: Callable, *args, **kwargs):
-        start = time.perf_counter()
-        result = fn(*args, **kwargs)
-        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
-        return result
+    @cached_property
+    def methods(self) -> Methods:
+        return Methods(self.cfg, self.root, seed=self.seed, device=self.device)
 
-    def run(self) -> dict:
-        from dgm_eit.runs import check_manifest
-        from dgm_eit.runtime import cpu_count
-        from dgm_eit.stages import StageJob, StageRunner, dataset_done, simulate_stage
-
-        check_manifest(self.out, self.out / MANIFEST, self.seed, self.cfg, ignore=RESUME_FREE)
-        data = data_path(self.out)
+    def data_jobs(self) -> list[StageJob]:
+        data = data_path(self.root)
         data.parent.mkdir(parents=True, exist_ok=True)
-        runner = StageRunner(self.out / "stages.json", jobs=int(self.cfg["run"]["jobs"]) or cpu_count(),
-                             device=self.device, log=self.log)
-        runner.load()
         # the simulator spreads its samples over the cores itself: one stage, run here
-        simulate = StageJob("simulate the tank data", lambda: dataset_done(data, self.log), simulate_stage,
-                            dict(cfg=self.cfg, out=data, seed=self.seed))
-        self._stage(runner, {simulate.name: self._timed("simulate", runner.run_one, simulate)})
+        return [StageJob("simulate the tank data", lambda: dataset_done(data, self.log), simulate_stage,
+                         dict(cfg=self.cfg, out=data, seed=self.seed), here=True)]
+
+    def training_jobs(self) -> list[StageJob]:
         # seed 0 of every model first, the slowest first within a seed
-        jobs = [self._train_job(m, data, k) for k in range(self.n_seeds) for m in trainers(self.methods_list)]
-        self._stage(runner, self._timed("train", runner.run_phase, jobs))
-        methods = Methods(self.cfg, self.out, seed=self.seed, device=self.device)
-        chosen = self._timed("choose settings on validation", self._choose, methods)
-        results = self._timed("reconstruct the real targets", self._targets, methods, chosen)
+        return [self._train_job(m, k) for k in range(self.n_seeds) for m in trainers(self.methods_list)]
+
+    def choice_jobs(self) -> list[StageJob]:
+        return [StageJob("choose settings and thresholds on validation", lambda: not self._unchosen(self._chosen()),
+                         self._choose, {}, here=True)]
+
+    def evaluation_jobs(self) -> list[StageJob]:
+        # made again on every run (cheap): done once this run has them
+        return [StageJob("reconstruct the real targets", lambda: self.results is not None, self._targets, {},
+                         here=True)]
+
+    def report(self, ok: dict[str, bool], seconds: dict[str, float]) -> dict:
+        chosen = self._chosen()
         resamples = int(self.cfg["run"]["bootstrap_resamples"])
         mine = {m.key: chosen[m.key] for m in self.methods_list}
-        manifest = {"seed": self.seed, "timings": self.timings, "resamples": resamples,
-                    "default": default_method(mine, resamples=resamples),
+        manifest = {"seed": self.seed, "timings": {TIMINGS[step]: t for step, t in seconds.items()},
+                    "resamples": resamples, "default": default_method(mine, resamples=resamples),
                     "val_intervals": validation_intervals(mine, resamples=resamples)}
-        paths = write_report(self.out, self.cfg, methods, chosen, results, manifest)
-        return {"chosen": chosen, "results": results, "paths": paths}
+        paths = write_report(self.root, self.cfg, self.methods, chosen, self.results, manifest)
+        return {"chosen": chosen, "results": self.results, "paths": paths}
 
-    def _train_job(self, method: Method, data: Path, seed_index: int):
+    def _train_job(self, method: Method, seed_index: int) -> StageJob:
         from dgm_eit.runs import is_finished
         from dgm_eit.runtime import training_seed
-        from dgm_eit.stages import StageJob, train_stage
 
-        out = run_dir(self.out, method.label, seed_index)
+        out = run_dir(self.root, method.label, seed_index)
         out.parent.mkdir(parents=True, exist_ok=True)
         return StageJob(f"train {method.label}, seed {seed_index}", lambda: is_finished(out), train_stage,
-                        dict(model=method.model, data=data, run_dir=out, cfg=method.configure(self.cfg),
+                        dict(model=method.model, data=data_path(self.root), run_dir=out, cfg=method.configure(self.cfg),
                              device=self.device, seed=training_seed(self.seed, method.label, DATA_LABEL, seed_index)))
 
-    def _stage(self, runner, ok: dict[str, bool]) -> None:
-        """Every later stage needs all of these: stop, naming the first that did not complete."""
-        failed = [name for name, done in ok.items() if not done]
-        if failed:
-            record = runner.records.get(failed[0], {})
-            raise InputError(f"stage {failed[0]!r} did not complete ({record.get('status')}: "
-                             f"{record.get('message', '')}); fix it and re-run the same command to resume")
+    def _chosen(self) -> dict:
+        path = self.root / "methods.json"
+        return read_json(path, "the chosen method settings") if path.is_file() else {}
 
-    def _choose(self, methods: Methods) -> dict:
-        """``methods.json``, written after every choice, so a killed study resumes at the next one:
-        a classical method or an ensemble holds its choice, a trained method one per seed."""
-        path = self.out / "methods.json"
-        chosen = read_json(path, "the chosen method settings") if path.is_file() else {}
+    def _unchosen(self, chosen: dict) -> list[Method]:
+        """The methods whose choice ``chosen`` lacks: a classical method or an ensemble holds
+        its choice, a trained method one per seed."""
+        return [m for m in self.methods_list if "score" not in chosen.get(m.key, {})
+                or (m.seeded and len(chosen[m.key]["seeds"]) < self.n_seeds)]
 
-        def complete(m: Method) -> bool:
-            record = chosen.get(m.key, {})
-            return "score" in record and (not m.seeded or len(record["seeds"]) >= self.n_seeds)
+    def _choose(self) -> None:
+        """``methods.json``, written after every choice, so a killed study resumes at the next one."""
+        path, chosen = self.root / "methods.json", self._chosen()
+        missing = self._unchosen(chosen)
+        n = min(int(self.cfg["run"]["tune_images"]), int(self.cfg["data"]["n_val"]))
+        self.log(f"[stage] choose settings and thresholds on {n} validation images: "
+                 f"{', '.join(m.key for m in missing)}")
+        methods, val = self.methods, validation_set(self.methods, n)
+        for m in missing:   # in report order: an ensemble after its seeds
+            if m.seeded:
+                seeds = chosen.get(m.key, {}).get("seeds", [])[:self.n_seeds]
+                for k in range(len(seeds), self.n_seeds):
+                    seeds.append(choose_settings(methods, m, val, self.log, k))
+                    chosen[m.key] = {"seeds": seeds}
+                    write_text(path, json.dumps(chosen, indent=2))
+                chosen[m.key] = seed_record(seeds)
+            else:
+                chosen[m.key] = choose_settings(methods, m, val, self.log, chosen=chosen)
+            write_text(path, json.dumps(chosen, indent=2))
 
-        missing = [m for m in self.methods_list if not complete(m)]
-        if missing:
-            n = min(int(self.cfg["run"]["tune_images"]), int(self.cfg["data"]["n_val"]))
-            self.log(f"[stage] choose settings and thresholds on {n} validation images: "
-                     f"{', '.join(m.key for m in missing)}")
-            val = validation_set(methods, n)
-            for m in missing:   # in report order: an ensemble after its seeds
-                if m.seeded:
-                    seeds = chosen.get(m.key, {}).get("seeds", [])[:self.n_seeds]
-                    for k in range(len(seeds), self.n_seeds):
-                        seeds.append(choose_settings(methods, m, val, self.log, k))
-                        chosen[m.key] = {"seeds": seeds}
-                        write_text(path, json.dumps(chosen, indent=2))
-                    chosen[m.key] = seed_record(seeds)
-                else:
-                    chosen[m.key] = choose_settings(methods, m, val, self.log, chosen=chosen)
-                write_text(path, json.dumps(chosen, indent=2))
-        return chosen
-
-    def _targets(self, methods: Methods, chosen: dict) -> dict:
+    def _targets(self) -> None:
         from dgm_eit.ktc.segment import segment_images
 
         from dgm_eit.ktc.tank import public_dir
 
+        methods, chosen = self.methods, self._chosen()
         numbers, real = real_targets(public_dir(), self.levels)
         # "methods": the first seed's model of each trained method (and every other method), as
         # the figure shows them; "seeds": every seed's, per trained method
@@ -454,7 +456,7 @@ class Study:
             records = chosen[m.key]["seeds"] if m.seeded else [chosen[m.key]]
             runs = []
             for k, record in enumerate(records):
-                where = self.out / "submissions" / m.key / (f"seed{k}" if m.seeded else "")
+                where = self.root / "submissions" / m.key / (f"seed{k}" if m.seeded else "")
                 per_level = {}
                 for level in self.levels:
                     data = real["levels"][level]
@@ -472,4 +474,4 @@ class Study:
                          + f" (total {total:.2f})")
             results["methods"][m.key] = runs[0]
             results["seeds"][m.key] = runs
-        return results
+        self.results = results
