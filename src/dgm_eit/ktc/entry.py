@@ -61,16 +61,16 @@ def reconstruct_folder(input_dir, level: int, run_dir=None, *, output_dir=None, 
     shipped = run_dir is None
     if shipped:
         run_dir = shipped_dir()
-    # the study is an input too: <n>.mat must not land among its files (a run directory's own
-    # submissions, a packed folder, the study shipped inside the installed package)
-    if out is not None and out.resolve().is_relative_to(Path(run_dir).resolve()):
-        raise InputError(f"OUTPUT_DIR {out} is inside the study {run_dir}: <n>.mat would land among its files; "
-                         "choose another folder")
-    if shipped:
         check_bundle(run_dir, SHIPPED_ADVICE)   # also when it is missing: a wheel built without it
     elif is_bundle(run_dir):
         check_bundle(run_dir, PACKED_ADVICE)
     cfg, chosen = load_study(run_dir)
+    # the study is an input too (checked above, so a folder that is not one is named as such):
+    # <n>.mat must not land among its files (a run directory's own submissions, a packed folder,
+    # the study shipped inside the installed package)
+    if out is not None and out.resolve().is_relative_to(Path(run_dir).resolve()):
+        raise InputError(f"OUTPUT_DIR {out} is inside the study {run_dir}: <n>.mat would land among its files; "
+                         "choose another folder")
     chosen = {m: record for m, record in chosen.items() if "score" in record}   # a seed's choice may be pending
     why = None
     if method is None:
