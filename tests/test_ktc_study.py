@@ -434,6 +434,11 @@ def test_ktc_study_with_two_seeds_pools_an_ensemble_and_defaults_by_the_stated_r
     assert len(seeds) == 2 and chosen["cnf"]["score"] == pytest.approx(np.mean([r["score"] for r in seeds]))
     assert all(len(r["image_scores"]) == 8 for r in seeds)
     assert chosen["cnf-ens"]["members"] == [{}, {}] and "score" in chosen["cnf-ens"]
+    # a third seed: the new seed's choice, and the ensemble chosen again from all three
+    from dgm_eit.ktc.study import Study
+
+    more = {**cfg, "run": {**cfg["run"], "seeds": 3}}
+    assert [m.key for m in Study(more, out, seed=2)._unchosen(chosen)] == ["cnf", "cnf-ens"]
     assert (out / "runs" / "cnf" / "seed1" / "done").is_file()
     rows = [r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:]]
     assert {(r[0], r[1]) for r in rows} == {("linear", "-"), ("cnf", "0"), ("cnf", "1"), ("cnf-ens", "-")}

@@ -18,7 +18,7 @@ from dgm_eit.metrics import (CALIBRATION, COVERAGE, METRICS, SCALED_COVERAGE, ca
                              evaluate_calibration)
 from dgm_eit.paper import PAPER_RESULTS, paper_mse_change, settings_for
 from dgm_eit.report import CSV_COLUMNS
-from dgm_eit.results import DataSpec, evaluate_file, read_recon
+from dgm_eit.results import DataSpec, evaluate_file, read_recon, recon_attrs
 
 ARGS = ["--profile", "smoke", "--seed", "0", "--seeds", "2", "--set", "train.progress=false"]
 SEEDS = 2
@@ -151,8 +151,6 @@ def test_csv_numbers_are_the_metrics_of_the_written_reconstructions(smoke_run):
 
 
 def test_an_ensemble_pools_the_samples_of_its_seeds(smoke_run):
-    from dgm_eit.results import recon_attrs
-
     out, _ = smoke_run
     run = load_config("smoke")["run"]
     members = [read_recon(out / "recon" / f"cnf_4a_40dB_on_4a_40dB_seed{k}.h5") for k in range(SEEDS)]
@@ -507,6 +505,21 @@ def test_a_run_interrupted_in_its_second_seed_resumes_and_keeps_the_first(tmp_pa
         assert {r["seed"] for r in csv.DictReader(f) if r["method"] == "CVAE"} == {"0", "1", "all"}
 
 
+def test_an_ensemble_of_other_seeds_is_pooled_again(smoke_run):
+    """Raising --seeds must not score the ensemble pooled from the earlier seeds."""
+    out, code = smoke_run
+    assert code == 0
+    now, more = _experiment(out), Experiment(load_config("smoke", [f"run.seeds={SEEDS + 1}"]), out)
+    ensembles = [r for r in now.reconstructions() if r[0].ensemble]
+    assert ensembles
+    for method, train, data in ensembles:
+        job = now._ensemble_job(method, train, data)
+        assert job.done() and not more._ensemble_job(method, train, data).done()
+        assert not job.kwargs["out"].exists()   # the stale file is gone, so a crash cannot leave it scored
+        job.fn(**job.kwargs)                    # what the run does next: pool this run's seeds
+        assert job.done() and len(json.loads(recon_attrs(job.kwargs["out"])["members"])) == SEEDS
+
+
 def test_bench_seeds_prints_each_seeds_change_against_gn_and_keeps_the_studys_report(smoke_run, capsys):
     out, code = smoke_run
     assert code == 0
@@ -528,6 +541,8 @@ def test_bench_seeds_prints_each_seeds_change_against_gn_and_keeps_the_studys_re
         expected = [100 * (mse[(r["test_set"], r["method"], str(k))] / gn - 1) for k in range(SEEDS)]
         assert np.allclose(r["per_seed"], expected, rtol=1e-6)
         assert r["std"] == pytest.approx(np.std(expected, ddof=1))
+        assert r["std_low"] < r["std"] < r["std_high"]
+        assert r["verdict"] == ("met" if r["std_high"] <= 3 else "missed" if r["std_low"] > 3 else "undecided")
         assert r["ensemble"] is not None
 
 

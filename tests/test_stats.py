@@ -5,7 +5,7 @@ import pytest
 
 from dgm_eit.errors import InputError
 from dgm_eit.reconstruct import pool_members
-from dgm_eit.stats import Interval, rank_agreement, ranks, relative_change, win_rate
+from dgm_eit.stats import Interval, rank_agreement, ranks, relative_change, spread_verdict, std_interval, win_rate
 
 
 def _reference(n=200, seed=0):
@@ -98,3 +98,27 @@ def test_rank_agreement_of_validation_and_real_scores():
         rank_agreement(val, {"gn": 1.0, "cvae": 2.0, "cnf": 3.0})
     with pytest.raises(InputError, match="same value"):
         rank_agreement(val, dict.fromkeys(val, 1.0))
+
+
+def test_the_std_interval_of_three_seeds_spans_half_to_six_times_the_estimate_and_covers_95_percent():
+    std, low, high = std_interval([-46.7, -48.5, -54.7])
+    assert std == pytest.approx(np.std([-46.7, -48.5, -54.7], ddof=1))
+    assert low / std == pytest.approx(0.5206, abs=1e-3) and high / std == pytest.approx(6.285, abs=1e-2)
+    # ten seeds: about 0.69 to 1.83 times
+    _, low10, high10 = std_interval(np.arange(10.0))
+    assert low10 / np.std(np.arange(10.0), ddof=1) == pytest.approx(0.688, abs=2e-3)
+    assert high10 / np.std(np.arange(10.0), ddof=1) == pytest.approx(1.826, abs=2e-3)
+    # coverage on normal draws of a known std
+    rng = np.random.default_rng(0)
+    covered = [low <= 2.0 <= high for _, low, high in (std_interval(rng.normal(5.0, 2.0, 3)) for _ in range(4000))]
+    assert 0.935 < np.mean(covered) < 0.965
+    with pytest.raises(InputError, match="at least 2 finite"):
+        std_interval([1.0])
+    with pytest.raises(InputError, match="at least 2 finite"):
+        std_interval([1.0, np.nan, 2.0])
+
+
+def test_a_spread_goal_is_met_or_missed_only_when_the_whole_interval_says_so():
+    assert spread_verdict(1.0, 2.9, 3.0) == "met"
+    assert spread_verdict(3.1, 9.0, 3.0) == "missed"
+    assert spread_verdict(1.7, 20.8, 3.0) == "undecided"

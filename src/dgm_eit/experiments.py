@@ -34,6 +34,7 @@ same command retries it and reuses everything else.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from pathlib import Path
@@ -333,8 +334,18 @@ class Experiment(StudyPlan):
 
     def _ensemble_job(self, method: Method, train: DataSpec, data: DataSpec) -> StageJob:
         out = self.layout.recon(method.key, train, data)
-        return StageJob(f"pool {method.key} ({train.label}) on {data.label}", lambda: self._output_done(out),
-                        ensemble_stage, dict(members=self.seed_files(method.ensemble_of, train, data), out=out),
+        members = self.seed_files(method.ensemble_of, train, data)
+
+        def problem(path: Path) -> str | None:
+            # a run that raised or lowered --seeds must not score the ensemble of the old seeds
+            pooled = [Path(p).name for p in json.loads(recon_attrs(path).get("members", "[]"))]
+            if pooled != [p.name for p in members]:
+                return f"it pools {len(pooled)} seeds' reconstructions, this run has {len(members)}"
+            return None
+
+        return StageJob(f"pool {method.key} ({train.label}) on {data.label}",
+                        lambda: self._output_done(out, lambda p: recon_file_problem(p) or problem(p)),
+                        ensemble_stage, dict(members=members, out=out),
                         needs=tuple(_recon_name(method.ensemble_of, train, data, k) for k in range(self.n_seeds)),
                         here=True)
 

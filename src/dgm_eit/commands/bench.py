@@ -140,7 +140,6 @@ def run(args) -> int:
 def run_seeds(args) -> int:
     """``dgm-eit bench seeds``: the spread over training seeds of every model's MSE change against GN."""
     import json
-    import math
     import sys
     from pathlib import Path
 
@@ -158,15 +157,19 @@ def run_seeds(args) -> int:
         own_report = not (Path(args.out) / "report.md").exists()
         if own_report:
             write_outputs(result)
-    rows = seed_spread(result)
+    rows = seed_spread(result, args.goal)
     print(f"dgm-eit bench seeds: profile {cfg.get('profile', args.profile)}, --seed {args.seed}, {args.seeds} "
           f"training seeds per model; MSE change against GN on the test split (points)")
-    print(f"{'table':18s}{'method':12s}{'per seed':>28s}{'mean':>8s}{'std':>7s}{'ensemble':>10s}  std <= {args.goal:g}")
+    print(f"{'table':18s}{'method':12s}{'per seed':>28s}{'mean':>8s}{'std':>7s}{'95% interval':>15s}"
+          f"{'ensemble':>10s}  std <= {args.goal:g}")
     for r in rows:
-        ok = "yes" if r["std"] <= args.goal else ("-" if math.isnan(r["std"]) else "NO")
         ens = "-" if r["ensemble"] is None else f"{r['ensemble']:+.1f}"
-        print(f"{r['test'] + ' ' + r['test_set']:18s}{r['method']:12s}{' / '.join(f'{c:+.1f}' for c in r['per_seed']):>28s}"
-              f"{r['mean']:+8.1f}{r['std']:7.1f}{ens:>10s}  {ok}")
+        interval = "-" if r["verdict"] is None else f"[{r['std_low']:.1f}, {r['std_high']:.1f}]"
+        per_seed = ' / '.join(f'{c:+.1f}' for c in r['per_seed'])
+        print(f"{r['test'] + ' ' + r['test_set']:18s}{r['method']:12s}{per_seed:>28s}"
+              f"{r['mean']:+8.1f}{r['std']:7.1f}{interval:>15s}{ens:>10s}  {r['verdict'] or '-'}")
+    print(f"(std: over seeds, ddof 1; its 95% chi-square interval: met = the interval lies at or below {args.goal:g}, "
+          f"missed = above it, undecided = it straddles it: more seeds would tell)")
     failures = result.failures
     if failures:
         print(f"dgm-eit bench seeds: {len(failures)} stage(s) did not complete; re-run to resume", file=sys.stderr)
@@ -178,15 +181,16 @@ def run_seeds(args) -> int:
     return 1 if failures else 0
 
 
-def seed_spread(result) -> list[dict]:
+def seed_spread(result, goal: float) -> list[dict]:
     """Per table and trained method of a run's result: each seed's MSE change against GN in
-    percent, their mean and std over seeds (ddof = 1), and the seed ensemble's change when there
-    is one."""
+    percent, their mean and std over seeds (ddof = 1) with its 95% interval and whether that
+    shows the std at most ``goal``, and the seed ensemble's change when there is one."""
     import math
 
     import numpy as np
 
     from dgm_eit.methods import ENSEMBLE_SUFFIX, GAUSS_NEWTON
+    from dgm_eit.stats import spread_verdict, std_interval
 
     rows = []
     for sr in result.settings:
@@ -199,9 +203,10 @@ def seed_spread(result) -> list[dict]:
                 continue
             changes = [100.0 * (float(np.mean(e)) / base - 1.0) for e in mr.errors("MSE")]
             ens = sr.get(mr.method + ENSEMBLE_SUFFIX)
+            std, low, high = std_interval(changes) if len(changes) > 1 else (math.nan, math.nan, math.nan)
             rows.append({"test": sr.setting.test, "test_set": sr.setting.data.label, "method": mr.name,
-                         "per_seed": changes, "mean": float(np.mean(changes)),
-                         "std": float(np.std(changes, ddof=1)) if len(changes) > 1 else math.nan,
+                         "per_seed": changes, "mean": float(np.mean(changes)), "std": std, "std_low": low,
+                         "std_high": high, "verdict": spread_verdict(low, high, goal) if len(changes) > 1 else None,
                          "ensemble": None if ens is None else 100.0 * (float(np.mean(ens.errors("MSE"))) / base - 1.0)})
     return rows
 

@@ -221,7 +221,7 @@ def _candidates(methods: Methods, method: Method, val: dict, log: Callable, seed
     from dgm_eit.models.posterior import SAMPLERS_ON_VOLTAGES
 
     if method.ensemble:
-        members = [{k: seed[k] for k in SAMPLER_SETTINGS if k in seed} for seed in chosen[method.ensemble_of]["seeds"]]
+        members = [{k: seed[k] for k in SAMPLER_SETTINGS if k in seed} for seed in chosen[method.ensemble_of]["seeds"][:methods.n_seeds]]
         return [({"members": members}, methods.reconstruct(method, val["dv"], val["masks"], {"members": members})["recon"])]
     if method.model is None:
         return methods.physics.candidates(method.classical, val["dv"], val["masks"])
@@ -417,10 +417,12 @@ class Study(StudyPlan):
         return read_json(path, "the chosen method settings") if path.is_file() else {}
 
     def _unchosen(self, chosen: dict) -> list[Method]:
-        """The methods whose choice ``chosen`` lacks: a classical method or an ensemble holds
-        its choice, a trained method one per seed."""
+        """The methods whose choice ``chosen`` lacks: a classical method holds its choice, a
+        trained method one per seed, an ensemble one made of this run's seeds (a run that raised
+        or lowered --seeds chooses it again)."""
         return [m for m in self.methods_list if "score" not in chosen.get(m.key, {})
-                or (m.seeded and len(chosen[m.key]["seeds"]) < self.n_seeds)]
+                or (m.seeded and len(chosen[m.key]["seeds"]) < self.n_seeds)
+                or (m.ensemble and len(chosen[m.key].get("members", [])) != self.n_seeds)]
 
     def _choose(self) -> None:
         """``methods.json``, written after every choice, so a killed study resumes at the next one."""
