@@ -221,7 +221,8 @@ def _candidates(methods: Methods, method: Method, val: dict, log: Callable, seed
     from dgm_eit.models.posterior import SAMPLERS_ON_VOLTAGES
 
     if method.ensemble:
-        members = [{k: seed[k] for k in SAMPLER_SETTINGS if k in seed} for seed in chosen[method.ensemble_of]["seeds"][:methods.n_seeds]]
+        seeds = chosen[method.ensemble_of]["seeds"][:methods.n_seeds]
+        members = [{k: seed[k] for k in SAMPLER_SETTINGS if k in seed} for seed in seeds]
         return [({"members": members}, methods.reconstruct(method, val["dv"], val["masks"], {"members": members})["recon"])]
     if method.model is None:
         return methods.physics.candidates(method.classical, val["dv"], val["masks"])
