@@ -203,10 +203,13 @@ def seed_spread(result, goal: float) -> list[dict]:
                 continue
             changes = [100.0 * (float(np.mean(e)) / base - 1.0) for e in mr.errors("MSE")]
             ens = sr.get(mr.method + ENSEMBLE_SUFFIX)
-            std, low, high = std_interval(changes) if len(changes) > 1 else (math.nan, math.nan, math.nan)
+            std, low, high, verdict = math.nan, math.nan, math.nan, None
+            if len(changes) > 1:
+                std, low, high = std_interval(changes)
+                verdict = spread_verdict(low, high, goal)
             rows.append({"test": sr.setting.test, "test_set": sr.setting.data.label, "method": mr.name,
                          "per_seed": changes, "mean": float(np.mean(changes)), "std": std, "std_low": low,
-                         "std_high": high, "verdict": spread_verdict(low, high, goal) if len(changes) > 1 else None,
+                         "std_high": high, "verdict": verdict,
                          "ensemble": None if ens is None else 100.0 * (float(np.mean(ens.errors("MSE"))) / base - 1.0)})
     return rows
 
