@@ -67,10 +67,15 @@ def test_compile_trains_to_the_float32_loss(fp32_loss, tmp_path):
     assert _val_loss(tmp_path / "compiled") == pytest.approx(reference, rel=1e-3)
 
 
-def test_speed_settings_are_checked_and_auto_uses_bfloat16_only_where_it_is_native():
+def test_speed_settings_are_checked_and_auto_uses_bfloat16_only_where_it_is_native(monkeypatch):
     cpu = torch.device("cpu")
     base = load_config("smoke")["train"]
-    assert Speed.from_config(base, cpu).autocast == (torch.bfloat16 if native_bf16_cpu() else None)
+    assert Speed.from_config({**base, "autocast": "auto"}, cpu).autocast == (
+        torch.bfloat16 if native_bf16_cpu() else None)
+    for native in (True, False):  # both kinds of CPU, whichever this one is
+        monkeypatch.setattr("dgm_eit.train.native_bf16_cpu", lambda: native)
+        assert Speed.from_config({**base, "autocast": "auto"}, cpu).autocast == (torch.bfloat16 if native else None)
+        assert Speed.from_config({**base, "autocast": "off"}, cpu).autocast is None
     assert Speed.from_config({**base, "autocast": "bf16"}, cpu).autocast == torch.bfloat16
     for key, bad in (("autocast", "fp8"), ("optimizer_kernel", "adamw"), ("compile", "yes"), ("channels_last", 1)):
         with pytest.raises(InputError, match=f"train.{key}"):
