@@ -51,7 +51,8 @@ _ABSENT = "<absent>"
 # value that reproduces those files: an older file's config reads as if it had them, so it
 # stays valid (not "made with another config") and is rebuilt the way it was made.
 ADDED_KEYS = {"mesh.radius": 1.0, "mesh.first_electrode_angle": 0.0, "run.calibration_images": 0,
-              "unet.output": "regression"}
+              "unet.output": "regression",
+              "run.best_of": 1, "run.best_of_methods": []}
 
 
 def with_added_keys(cfg: dict) -> dict:

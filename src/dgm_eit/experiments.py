@@ -43,6 +43,7 @@ from typing import Callable
 import numpy as np
 
 from dgm_eit import runs
+from dgm_eit.best_of import check_best_of, read_selection
 from dgm_eit.data.storage import dataset_gn_settings, read_split
 from dgm_eit.errors import InputError
 from dgm_eit.methods import GAUSS_NEWTON, Method, select_methods, trainers
@@ -170,6 +171,7 @@ class Experiment(StudyPlan):
         for method in self.methods:
             method.configure(cfg)   # a method's own config key that the profile lacks is refused here
         check_tuning(cfg["run"])
+        self.best_of, self.best_of_methods = check_best_of(cfg["run"], {m.key for m in self.methods if m.seeded})
         self._check_data_configs()
 
     def _check_data_configs(self) -> None:
@@ -189,9 +191,17 @@ class Experiment(StudyPlan):
     def train_set(self, method: Method, setting: Setting) -> DataSpec | None:
         return method.train_set(setting.train, float(self.cfg["run"]["high_snr_db"]))
 
-    def training_seed(self, label: str, spec: DataSpec, seed_index: int) -> int:
-        """Seed k of the runs ``label`` (a model's name or a method's run label) on ``spec``."""
-        return training_seed(self.seed, label, spec.label, seed_index)
+    def training_seed(self, label: str, spec: DataSpec, seed_index: int, candidate: int = 0) -> int:
+        """Seed k of the runs ``label`` (a model's name or a method's run label) on ``spec``; with
+        ``run.best_of``, the seed of that run's candidate ``candidate``."""
+        return training_seed(self.seed, label, spec.label, seed_index, candidate)
+
+    def chosen_by(self, label: str) -> Method | None:
+        """The method of ``run.best_of_methods`` whose validation images choose among the
+        candidates of the runs ``label``; None: the runs are trained once."""
+        if self.best_of == 1:
+            return None
+        return next((m for m in self.methods if m.key in self.best_of_methods and m.label == label), None)
 
     def _tunes(self, method: Method) -> bool:
         """Whether the method's sampler settings are chosen on validation data in this run."""
@@ -294,10 +304,17 @@ class Experiment(StudyPlan):
     def _train_job(self, method: Method, spec: DataSpec, k: int) -> StageJob:
         run_dir = self.layout.run(method.label, spec, k)
         run_dir.parent.mkdir(parents=True, exist_ok=True)
+        best_of = {}
+        chooser = self.chosen_by(method.label)
+        if chooser is not None:
+            run = self.cfg["run"]
+            best_of = dict(candidates=[self.training_seed(method.label, spec, k, j) for j in range(self.best_of)],
+                           select=dict(n_samples=chooser.n_samples(run), sampler=chooser.sampler(run)))
         return StageJob(_train_name(method.label, spec, k), lambda: runs.is_finished(run_dir),
                         train_stage, dict(model=method.model, data=self.layout.data(spec), run_dir=run_dir,
                                           cfg=method.configure(config_for(self.cfg, spec)),
-                                          seed=self.training_seed(method.label, spec, k), device=self.device),
+                                          seed=self.training_seed(method.label, spec, k), device=self.device,
+                                          **best_of),
                         needs=(_data_name(spec),))
 
     def chooses(self, method: Method) -> bool:
@@ -381,10 +398,17 @@ class Experiment(StudyPlan):
         data_ok = {spec: ok.get(_data_name(spec), False) for spec in self.datasets()}
         self._time_gn(data_ok)
         settings = [self._evaluate(s, data_ok) for s in self.settings]
-        seeds = {f"{label} on {spec.label}": [self.training_seed(label, spec, k) for k in range(self.n_seeds)]
-                 for label, spec in dict.fromkeys((m, s) for m, s, _ in self.training_runs())}
+        seeds, selections = {}, {}
+        for label, spec in dict.fromkeys((m, s) for m, s, _ in self.training_runs()):
+            name = f"{label} on {spec.label}"
+            selections[name] = [read_selection(self.layout.run(label, spec, k)) for k in range(self.n_seeds)]
+            # a best-of run keeps the seed of the candidate it chose
+            seeds[name] = [self.training_seed(label, spec, k) if chosen is None
+                           else chosen["candidates"][chosen["chosen"]]["seed"]
+                           for k, chosen in enumerate(selections[name])]
         return RunResult(self.cfg, self.seed, self.layout.root, settings, self._efficiency(),
-                         dict(self.stages.records), sum(seconds.values()) + time.perf_counter() - start, seeds)
+                         dict(self.stages.records), sum(seconds.values()) + time.perf_counter() - start, seeds,
+                         selections)
 
     def _time_gn(self, data_ok: dict) -> None:
         if GAUSS_NEWTON not in self.methods:

@@ -645,7 +645,20 @@ def seeds_section(result: RunResult) -> str:
     rule = ("Seed k of a model trained on a data set is the first 6 bytes of SHA-256(\"<--seed>/<model>/<data "
             "set>/<k>\") (`dgm_eit.runtime.training_seed`), so every model, data set and seed has its own; "
             "the same --seed gives the same seeds on every machine. Reconstructions by seed k's model draw "
-            "their samples from the same seed.")
+            "their samples from that seed (candidate 0's where a best-of run kept another candidate).")
+    chosen = {run: picks for run, picks in result.selections.items() if any(picks)}
+    if chosen:
+        k = max(len(p["candidates"]) for picks in chosen.values() for p in picks if p)
+        rule += (f"\n\nBest of {k} (run.best_of, for {', '.join(result.cfg['run']['best_of_methods'])}): each seed's "
+                 f"model is the one of {k} training runs (candidate j > 0 hashes \"<...>/<k>/candidate<j>\") with "
+                 "the lowest mean MSE on its training set's validation images, reconstructed as the method draws them; "
+                 "the table gives the kept seed, and the efficiency table's training time counts every candidate.")
+        for row in rows:
+            picks = chosen.get(row[0])
+            row.append("; ".join("-" if p is None else f"{p['chosen']} of " + ", ".join(
+                f"{c['val_mse']:.5f}" for c in p["candidates"]) for p in picks) if picks else "-")
+        return rule + "\n\n" + markdown_table(["training run", "seeds (k = 0, 1, ...)",
+                                               "kept candidate of the validation MSEs (per k)"], rows)
     return rule + "\n\n" + markdown_table(["training run", "seeds (k = 0, 1, ...)"], rows) if rows else rule
 
 

@@ -184,6 +184,8 @@ class RunResult:
     stages: dict[str, dict]
     wall_seconds: float
     training_seeds: dict[str, list[int]] = field(default_factory=dict)   # training run -> seed per replica
+    # training run -> per replica, its best-of selection (dgm_eit.best_of.read_selection; None: trained once)
+    selections: dict[str, list[dict | None]] = field(default_factory=dict)
 
     @property
     def failures(self) -> dict[str, dict]:

@@ -307,16 +307,19 @@ def check_seed_settings(run: dict) -> int:
     return seeds
 
 
-def training_seed(seed: int, model: str, data: str, replica: int) -> int:
+def training_seed(seed: int, model: str, data: str, replica: int, candidate: int = 0) -> int:
     """The seed of training run ``replica`` (0, 1, ...) of ``model`` on the data set ``data``
     in a study started with ``--seed seed``: the first 6 bytes of
-    SHA-256("<seed>/<model>/<data>/<replica>"), an integer in [0, 2**48).
+    SHA-256("<seed>/<model>/<data>/<replica>"), an integer in [0, 2**48). Where a replica is
+    the best of several candidates (``run.best_of``), candidate j > 0 hashes
+    "<seed>/<model>/<data>/<replica>/candidate<j>"; candidate 0 is the replica's own seed.
 
     A hash, so the seeds of different models, data sets and replicas are unrelated (no model
     shares its initial weights or data order with another) and any machine derives the same."""
     import hashlib
 
-    key = f"{check_seed(seed)}/{model}/{data}/{int(replica)}".encode()
+    suffix = f"/candidate{int(candidate)}" if candidate else ""
+    key = f"{check_seed(seed)}/{model}/{data}/{int(replica)}{suffix}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:6], "big")
 
 

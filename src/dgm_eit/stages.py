@@ -55,14 +55,27 @@ def dataset_done(path: Path, log: Callable[[str], None]) -> bool:
 
 
 def train_stage(model: str, data: Path, run_dir: Path, cfg: dict, seed: int, device: str,
-                progress: bool | None = None) -> None:
+                progress: bool | None = None, candidates: list[int] | None = None,
+                select: dict | None = None) -> None:
+    """Train ``model`` into ``run_dir`` with ``seed``; with ``candidates`` (seeds), train one run
+    per seed and keep the best on validation images (:func:`dgm_eit.best_of.train_best_of`,
+    ``select``: how to reconstruct them)."""
     from dgm_eit.train import train
 
     max_minutes = float(cfg["run"]["train_max_minutes"]) or None
-    result = train(model, data, run_dir, cfg, seed=seed, device=device, max_minutes=max_minutes, progress=progress)
-    if not result.completed:
-        raise InputError(f"training paused at step {result.step} ({result.stopped_by}, run.train_max_minutes = "
-                         f"{max_minutes}); re-run the same command to continue it")
+
+    def train_one(where: Path, seed: int) -> None:
+        result = train(model, data, where, cfg, seed=seed, device=device, max_minutes=max_minutes, progress=progress)
+        if not result.completed:
+            raise InputError(f"training paused at step {result.step} ({result.stopped_by}, run.train_max_minutes = "
+                             f"{max_minutes}); re-run the same command to continue it")
+
+    if not candidates:
+        train_one(run_dir, seed)
+        return
+    from dgm_eit.best_of import train_best_of
+
+    train_best_of(train_one, run_dir, candidates, dict(select or {}, data=data, device=device, cfg=cfg))
 
 
 def _sampler_options(cfg: dict, sampler: str | None) -> dict:
