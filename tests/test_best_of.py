@@ -48,8 +48,7 @@ def test_the_kept_model_is_the_candidate_with_the_lowest_validation_mse(best_of_
             assert (run_dir / name).read_bytes() == (kept / name).read_bytes()
         # the recorded score is the kept model's validation MSE, drawn as the method draws it
         again = validation_mse(run_dir, out / "data" / f"{label}.h5", n_samples=cfg["run"]["cnf_samples"],
-                               sampler=None, seed=selection["candidates"][selection["chosen"]]["seed"], device="cpu",
-                               cfg=cfg)
+                               sampler=None, seed=selection["candidates"][selection["chosen"]]["seed"], device="cpu")
         assert again == pytest.approx(scores[selection["chosen"]], rel=1e-6)
         # the kept model's cost is that of every candidate
         seconds, steps = training_time(run_dir)

@@ -53,17 +53,15 @@ def candidate_dir(run_dir: Path, j: int) -> Path:
     return run_dir.with_name(f"{run_dir.name}.candidates") / f"c{j}"
 
 
-def validation_mse(run_dir: Path, data: Path, *, n_samples: int | None, sampler: str | None, seed: int,
-                   device: str, cfg: dict) -> float:
+def validation_mse(run_dir: Path, data: Path, *, seed: int, **opts) -> float:
     """The mean per-image MSE of the run's reconstructions of ``data``'s validation split, drawn
-    as the method draws them (its samples and sampler; a tunable sampler at ``[csd]``'s t0)."""
+    as the method draws them: ``opts`` are its :func:`~dgm_eit.reconstruct.reconstruct_split`
+    options (samples, sampler and its config; a tunable sampler at ``[csd]``'s t0)."""
     from dgm_eit.data.storage import read_split
     from dgm_eit.metrics import per_sample
     from dgm_eit.reconstruct import reconstruct_split
 
-    opts = {"config": cfg} if sampler is not None else {}
-    recon = reconstruct_split(run_dir, data, "val", n_samples=n_samples, sampler=sampler, seed=seed,
-                              device=device, **opts)["recon"]
+    recon = reconstruct_split(run_dir, data, "val", seed=seed, **opts)["recon"]
     truth = read_split(data, "val", keys=("sigma",))["sigma"]
     return float(np.mean(per_sample(recon, truth)["MSE"]))
 

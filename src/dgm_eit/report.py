@@ -648,9 +648,9 @@ def seeds_section(result: RunResult) -> str:
             "their samples from that seed (candidate 0's where a best-of run kept another candidate).")
     chosen = {run: picks for run, picks in result.selections.items() if any(picks)}
     if chosen:
-        k = max(len(p["candidates"]) for picks in chosen.values() for p in picks if p)
-        rule += (f"\n\nBest of {k} (run.best_of, for {', '.join(result.cfg['run']['best_of_methods'])}): each seed's "
-                 f"model is the one of {k} training runs (candidate j > 0 hashes \"<...>/<k>/candidate<j>\") with "
+        n = max(len(p["candidates"]) for picks in chosen.values() for p in picks if p)
+        rule += (f"\n\nBest of {n} (run.best_of, for {', '.join(result.cfg['run']['best_of_methods'])}): each seed's "
+                 f"model is the one of {n} training runs (candidate j > 0 hashes \"<...>/<k>/candidate<j>\") with "
                  "the lowest mean MSE on its training set's validation images, reconstructed as the method draws them; "
                  "the table gives the kept seed, and the efficiency table's training time counts every candidate.")
         for row in rows:

@@ -75,7 +75,9 @@ def train_stage(model: str, data: Path, run_dir: Path, cfg: dict, seed: int, dev
         return
     from dgm_eit.best_of import train_best_of
 
-    train_best_of(train_one, run_dir, candidates, dict(select or {}, data=data, device=device, cfg=cfg))
+    select = dict(select or {})
+    train_best_of(train_one, run_dir, candidates,
+                  dict(select, data=data, device=device, **_sampler_options(cfg, select.get("sampler"))))
 
 
 def _sampler_options(cfg: dict, sampler: str | None) -> dict:
