@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dgm_eit.config import check_int
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_bytes, write_text
 from dgm_eit.runs import (CONFIG_FILE, DATA_INFO_FILE, DONE_FILE, METRICS_FILE, is_finished, mark_finished,
@@ -36,9 +37,8 @@ _KEPT = (CONFIG_FILE, DATA_INFO_FILE, METRICS_FILE, weights_path(".", "model").n
 def check_best_of(run: dict, trained_keys: set[str]) -> tuple[int, tuple[str, ...]]:
     """``[run] best_of`` (candidates per kept model) and ``best_of_methods`` (the trained
     methods whose models are chosen so), checked before any work."""
-    k, keys = run["best_of"], run["best_of_methods"]
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"run.best_of must be an integer >= 1 (training runs per kept model), got {k!r}")
+    k = check_int(run["best_of"], "run.best_of", 1, "training runs per kept model")
+    keys = run["best_of_methods"]
     if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
         raise InputError(f"run.best_of_methods must be a list of method keys, got {keys!r}")
     unknown = [key for key in keys if key not in trained_keys]

@@ -182,3 +182,11 @@ def config_from_json(text: str) -> dict:
 
 def config_to_json(cfg: dict) -> str:
     return json.dumps(cfg, indent=2, sort_keys=True)
+
+
+def check_int(value: Any, key: str, minimum: int, meaning: str = "") -> int:
+    """``value`` of the config key ``key`` as an integer >= ``minimum``, or one clear error
+    (a TOML ``true`` is refused: Python counts it as 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{key} must be an integer >= {minimum}{f' ({meaning})' if meaning else ''}, got {value!r}")
+    return value

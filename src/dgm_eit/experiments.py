@@ -45,6 +45,7 @@ import numpy as np
 from dgm_eit import runs
 from dgm_eit.best_of import check_best_of, read_selection
 from dgm_eit.data.storage import dataset_gn_settings, read_split
+from dgm_eit.config import check_int
 from dgm_eit.errors import InputError
 from dgm_eit.methods import GAUSS_NEWTON, Method, select_methods, trainers
 from dgm_eit.metrics import evaluate_calibration, per_sample, scaled_coverage
@@ -71,8 +72,7 @@ def check_tuning(run: dict) -> None:
         raise InputError(f"run.csd_tune_t0 must list insertion times in (0, 1], got {t0s}")
     if t0s and not (steps and all(isinstance(k, int) and k >= 1 for k in steps)):
         raise InputError(f"run.csd_tune_steps must list step counts >= 1, got {steps}")
-    if not (isinstance(n, int) and n >= 1):
-        raise InputError(f"run.csd_tune_images must be an integer >= 1, got {n}")
+    check_int(n, "run.csd_tune_images", 1)
 
 
 def tuning_spec(setting: Setting) -> DataSpec:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 
+from dgm_eit.config import check_int
 from dgm_eit.errors import InputError
 
 
@@ -299,12 +300,8 @@ def check_seed(seed) -> int:
 
 def check_seed_settings(run: dict) -> int:
     """A study's ``[run]`` seed count (returned) and bootstrap size, checked before any work."""
-    seeds, resamples = run["seeds"], run["bootstrap_resamples"]
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise InputError(f"run.seeds must be an integer >= 1 (training runs per model), got {seeds!r}")
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 100:
-        raise InputError(f"run.bootstrap_resamples must be an integer >= 100, got {resamples!r}")
-    return seeds
+    check_int(run["bootstrap_resamples"], "run.bootstrap_resamples", 100)
+    return check_int(run["seeds"], "run.seeds", 1, "training runs per model")
 
 
 def training_seed(seed: int, model: str, data: str, replica: int, candidate: int = 0) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from dgm_eit.config import check_int
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, write_text
 from dgm_eit.runtime import (check_seed, check_seed_settings, cpu_count, exit_with_parent, limit_threads,
@@ -398,9 +399,7 @@ class StudyPlan(ABC):
     def __init__(self, cfg: dict, root: str | Path, *, seed: int, device: str, log: Callable[[str], None]):
         """``root``: the study directory (``run.json`` holds its seed and config). A bad seed
         or ``[run]`` value is refused here, not as failed stages."""
-        jobs = cfg["run"]["jobs"]
-        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
-            raise InputError(f"run.jobs must be an integer >= 0 (0: one per core), got {jobs!r}")
+        jobs = check_int(cfg["run"]["jobs"], "run.jobs", 0, "0: one per core")
         self.cfg, self.root, self.seed, self.device, self.log = cfg, Path(root), check_seed(seed), str(device), log
         self.n_seeds = check_seed_settings(cfg["run"])
         self.stages = StageRunner(self.root / "stages.json", jobs=jobs or cpu_count(), device=self.device, log=log)
