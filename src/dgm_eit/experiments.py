@@ -44,8 +44,8 @@ import numpy as np
 
 from dgm_eit import runs
 from dgm_eit.best_of import check_best_of, read_selection
-from dgm_eit.data.storage import dataset_gn_settings, read_split
 from dgm_eit.config import check_int
+from dgm_eit.data.storage import dataset_gn_settings, read_split
 from dgm_eit.errors import InputError
 from dgm_eit.methods import GAUSS_NEWTON, Method, select_methods, trainers
 from dgm_eit.metrics import evaluate_calibration, per_sample, scaled_coverage
