@@ -1,9 +1,11 @@
 import json
 
+import numpy as np
 import pytest
 
 from dgm_eit.cli import main
-from dgm_eit.config import STUDY_PROFILES, ConfigError, apply_overrides, flatten, load_config
+from dgm_eit.config import STUDY_PROFILES, ConfigError, apply_overrides, check_int, flatten, load_config
+from dgm_eit.errors import InputError
 
 
 def test_profiles_share_one_key_set():
@@ -29,6 +31,14 @@ def test_wrong_type_is_refused():
         apply_overrides(load_config("smoke"), ["data.n_train=1.5"])
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides(load_config("smoke"), ["data.n_train"])
+
+
+def test_check_int_takes_integers_and_names_the_key():
+    assert check_int(3, "run.seeds", 1) == 3
+    assert type(check_int(np.int64(4), "phantom.count_max", 1)) is int   # numbers drawn by numpy
+    for bad in (True, 2.0, "2", 0, None):
+        with pytest.raises(InputError, match=r"run\.seeds must be an integer >= 1 \(training runs\), got"):
+            check_int(bad, "run.seeds", 1, "training runs")
 
 
 def test_unknown_profile_is_refused():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import numbers
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -186,7 +187,7 @@ def config_to_json(cfg: dict) -> str:
 
 def check_int(value: Any, key: str, minimum: int, meaning: str = "") -> int:
     """``value`` of the config key ``key`` as an integer >= ``minimum``, or one clear error
-    (a TOML ``true`` is refused: Python counts it as 1)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    (a TOML ``true`` is refused: Python counts it as 1; a numpy integer is accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise InputError(f"{key} must be an integer >= {minimum}{f' ({meaning})' if meaning else ''}, got {value!r}")
-    return value
+    return int(value)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from dgm_eit.config import check_int
 from dgm_eit.data.phantoms import Anomaly, Phantom, centres_fit, pixel_centres, place_apart
 from dgm_eit.errors import InputError
 
@@ -207,10 +208,7 @@ def _float(p: dict, key: str) -> float:
 
 
 def _int(p: dict, key: str, least: int) -> int:
-    value = _get(p, key)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-        raise InputError(f"phantom.{key} must be an integer >= {least}, got {value!r}")
-    return int(value)
+    return check_int(_get(p, key), f"phantom.{key}", least)
 
 
 def _order(p: dict, low: str, high: str) -> None:
