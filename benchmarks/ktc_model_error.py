@@ -37,7 +37,7 @@ from dgm_eit.physics.fem import ForwardModel
 from dgm_eit.physics.mesh import Mesh
 
 SIM_H0 = 0.003   # the ktc profile's simulation mesh
-PRIOR_STDS = (0.25, 0.5, 1.0, 2.0, 4.0)
+PRIOR_STDS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 CORR_LENGTHS = (0.03, 0.06, 0.1)
 N_CHOOSE, N_VAL = 48, 100
 
@@ -136,12 +136,17 @@ def calibration(u_model, u_ref) -> np.ndarray:
     return np.where(np.isfinite(f) & (f > 0.5) & (f < 2.0), f, 1.0)
 
 
-def linear_reconstructor(tank, error_mean=None, error_factor=None):
+def linear_reconstructor(tank, error_mean=None, error_factor=None, error_std=None):
     """The study's linearised step, or its approximation-error form: data minus ``error_mean``,
-    noise covariance ``S + F F^T`` (``error_factor`` F, M x K)."""
+    noise covariance ``S + F F^T`` (``error_factor`` F, M x K), or ``S + diag(error_std^2)``."""
     from dgm_eit.ktc.tank import DifferenceReconstructor
 
     class WithModelError(DifferenceReconstructor):
+        def __init__(self, *args):
+            super().__init__(*args)
+            if error_std is not None:
+                self.weights = 1.0 / (tank.noise_std ** 2 + error_std ** 2)
+
         def _step_matrix(self, J, mask):
             if error_factor is None:
                 return super()._step_matrix(J, mask)
@@ -193,7 +198,7 @@ def run_study(args) -> None:
     print(f"gain probe: log(U_ref / U_model) spread {spread:.3f} on channels above 5% of the largest; scores on "
           f"val[{N_CHOOSE}:{N_VAL}] (mean challenge score per image) and public totals / 28", flush=True)
     clean = np.stack([r["v"] for r in val])
-    for key in args.methods.split(","):
+    for key in filter(None, args.methods.split(",")):
         m = as_method(key)
         record = chosen[key]["seeds"][0] if m.seeded else chosen[key]
 
@@ -218,8 +223,15 @@ def run_study(args) -> None:
     print(f"approximation error over {len(errors)} training samples: rms {rms:.0f} x the noise's; the linearised "
           f"step's prior chosen on val[:{N_CHOOSE}] per variant", flush=True)
     variants = {"nominal": (None, None), "mean": (mean, None), "cov": (None, factor), "both": (mean, factor)}
+    # the empty tank's measured misfit as a per-channel error std, times beta (ref.mat alone, no truth)
+    misfit = np.abs(tank.ref.voltages - tank.u_water)
+    for beta in args.misfit_betas:
+        variants[f"misfit x {beta:g}"] = (None, None, beta * misfit)
+        # the same error energy spread evenly: what the weighting adds beyond its overall level
+        variants[f"flat x {beta:g}"] = (None, None, np.full_like(misfit, beta * np.sqrt(np.mean(misfit ** 2))))
     kept = {}
-    for name in ["nominal", *args.ae_parts.split(",")]:
+    parts = [p for p in args.ae_parts.split(",") if p] + [f"{kind} x {b:g}" for b in args.misfit_betas for kind in ("misfit", "flat")]
+    for name in ["nominal", *parts]:
         cls, best = linear_reconstructor(tank, *variants[name]), None
         for length in CORR_LENGTHS:
             for std in PRIOR_STDS:
@@ -235,7 +247,7 @@ def run_study(args) -> None:
 
         kept[name] = scores(reconstruct(clean[held], masks[held]), seg["low"], seg["high"], truths[held])
         vs = "" if name == "nominal" else f" ({interval(kept[name] - kept['nominal'], args.seed)} vs nominal)"
-        print(f"  {name:8s} prior std {rec.prior_std:g}, length {rec.corr_length:g} m: val {kept[name].mean():.3f}{vs}; "
+        print(f"  {name:13s} prior std {rec.prior_std:g}, length {rec.corr_length:g} m: val {kept[name].mean():.3f}{vs}; "
               f"public {public(reconstruct, seg['low'], seg['high']):.2f}", flush=True)
 
 
@@ -249,6 +261,8 @@ def main() -> None:
     st.add_argument("--methods", default="linear", help="comma-separated methods of the gain probe")
     st.add_argument("--samples", type=int, default=1000, help="training samples of the approximation error")
     st.add_argument("--ae-parts", default="mean,cov,both", help="approximation-error variants")
+    st.add_argument("--misfit-betas", type=lambda t: [float(b) for b in t.split(",") if b], default=[],
+                    help="variants whose noise std adds beta x |ref.mat - simulated empty tank| per channel")
     st.add_argument("--seed", type=int, default=0, help="seed of the gains and of the bootstrap")
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits

@@ -60,9 +60,24 @@ def test_tank_is_fitted_to_the_shipped_reference(tank):
     u = tank.ref.voltages
     assert tank.noise_std[0] == pytest.approx(np.hypot(5e-4 * abs(u[0]), 1e-4 * np.abs(u).max()))
     assert "fitted to ref.mat" in tank.describe()
-    for key, value in (("tank.sim_h0", 0.01), ("tank.noise_scale", -1)):
+    for key, value in (("tank.sim_h0", 0.01), ("tank.noise_scale", -1), ("tank.data_std", -0.1)):
         with pytest.raises(InputError, match=key):
             Tank(small_cfg(f"{key}={value}"))
+
+
+def test_the_data_term_weighs_every_measurement_alike_or_by_the_noise_model(tank, rec):
+    assert tank.data_std.shape == tank.noise_std.shape
+    np.testing.assert_array_equal(rec.weights, np.full(ktc.N_MEAS, 1 / 0.03**2))   # the profile's data_std
+    by_noise = small_cfg("tank.data_std=0.0")
+    older = small_cfg()
+    del older["tank"]["data_std"]   # a study made before the key weighed by the noise model
+    for cfg in (by_noise, older):
+        t = Tank(cfg)
+        np.testing.assert_array_equal(DifferenceReconstructor(t, 1.0, 0.06).weights, 1 / t.noise_std**2)
+    # the weighting changes the image; the simulated noise stays the organisers' either way
+    dv = inclusion_dv(tank, 20.0)
+    assert not np.allclose(rec.linear(dv), DifferenceReconstructor(Tank(by_noise), 1.0, 0.06).linear(dv))
+    np.testing.assert_array_equal(Tank(by_noise).noise_std, tank.noise_std)
 
 
 def test_linear_image_finds_a_conductive_and_a_resistive_inclusion(tank, rec):
@@ -91,7 +106,8 @@ def test_masked_and_nan_measurements_are_left_out_alike(tank, rec):
         rec.linear(dv, mask[:10])
 
 
-def test_gauss_newton_starts_at_the_linear_step_and_fits_the_data_better(tank, rec):
+def test_gauss_newton_starts_at_the_linear_step_and_fits_the_data_better(tank):
+    rec = DifferenceReconstructor(tank, 4.0, 0.06)   # the top of the profile's prior grid: the data term leads
     dv = inclusion_dv(tank, 50.0, radius=0.03)
     path = rec.gauss_newton_path(dv[None], None, [1, 4])
     # on u = log x: the first iterate is exp of the linearised change (clipped to the bounds)
@@ -103,7 +119,7 @@ def test_gauss_newton_starts_at_the_linear_step_and_fits_the_data_better(tank, r
     def misfit(image):
         x = image[tank.grid.inside]
         v, _ = rec._jacobian(x)
-        return np.sum(((dv - (v - rec.v_water)) / tank.noise_std) ** 2)
+        return np.sum(((dv - (v - rec.v_water)) / tank.data_std) ** 2)
 
     assert misfit(path[4][0]) < 0.7 * misfit(path[1][0])
     with pytest.raises(InputError, match="iteration counts"):

@@ -78,7 +78,9 @@ def _describe(cfg: dict) -> list[str]:
                 f"({', '.join(p.get('shapes', []))}), levels {t.get('train_levels')}, images "
                 f"{d.get('image_size')}x{d.get('image_size')} of sigma / sigma_water in [0, 2]",
                 f"meshes h0 {t.get('sim_h0')} m (simulation) and {t.get('h0')} m (reconstruction); noise "
-                f"{t.get('noise_scale')} x the organisers' model; 'gn' = the linearised difference image"]
+                f"{t.get('noise_scale')} x the organisers' model; data term "
+                + (f"std {t['data_std']} V on every measurement" if t.get("data_std") else "weighted by the noise model")
+                + "; 'gn' = the linearised difference image"]
     lines = [f"profile {cfg.get('profile', '?')}: {d.get('anomalies')} anomalies ({p.get('kind', 'circles')}), "
              f"SNR {d.get('snr_db')} dB, images {d.get('image_size')}x{d.get('image_size')}"]
     if p:

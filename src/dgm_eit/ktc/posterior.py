@@ -9,7 +9,8 @@ The data term is the linearised model in the representation the models reconstru
 physics -- a metal object is 5-100 times more conductive than water, not 2 -- so ``gain`` and
 the model-error level are fitted by least squares on the simulated training split
 (:func:`fit_linear_model`): on the quick tank data the gain is about 2.2, and the model error
-is ~45 times the measurement noise, which is what the data term is weighted by. Each step is
+was ~45 times the measurement noise when the linearised step weighed by the noise model; the
+fitted level times the linearised step's own error std (``tank.data_std``) weights the data term. Each step is
 the proximal problem ``argmin ||r - gain J dx||^2_W + ||dx||^2 / prior^2`` over the inside
 pixels (``W``: inverse error variances), solved with an eigendecomposition of ``J^T W J``
 kept per measurement mask, so a step costs two matrix-vector products per image.
@@ -25,7 +26,8 @@ from dgm_eit.errors import InputError
 
 def fit_linear_model(rec, sigma: np.ndarray, v_clean: np.ndarray) -> dict:
     """``{"gain", "error_scale"}``: ``v_clean ~ gain * J (sigma - 1)`` over training samples, and
-    the RMS of the weighted residual per measurement (in units of the measurement noise)."""
+    the RMS of the weighted residual per measurement (in units of the data term's std,
+    :attr:`dgm_eit.ktc.tank.Tank.data_std`)."""
     x = sigma.reshape(len(sigma), -1)[:, rec.inside].astype(np.float64) - 1.0
     pred = x @ rec.J0.T
     v = v_clean.astype(np.float64)

@@ -225,7 +225,7 @@ def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, man
         users = _listed([_name(m) for m in results["methods"] if get_method(m).seeded and recorded_linear_model({m: chosen[m]})])
         lines += ["", f"{users} samples with a data-consistency step at every reverse step (`dds`): the linearised model "
                   f"in the models' representation, dv ~ {lm['gain']:.3g} J (x - 1), fitted on {lm['n_samples']} training "
-                  f"samples; its error, {lm['error_scale']:.3g} x the measurement noise (RMS), weights the data term."]
+                  f"samples; its error, {lm['error_scale']:.3g} x the linearised step's error std (RMS), weights the data term."]
     lines += ["", "Segmentation (every method): the relative-conductivity image is upsampled bilinearly to 256 x 256 "
               "(water outside the disk); below `low` is resistive, above `high` conductive. The models reconstruct "
               f"sigma / sigma_water clipped to [0, 2] (plastic ~0, water 1, metal 2).{_sampled(cfg, results)}", "",
