@@ -230,7 +230,8 @@ def run_study(args) -> None:
         # the same error energy spread evenly: what the weighting adds beyond its overall level
         variants[f"flat x {beta:g}"] = (None, None, np.full_like(misfit, beta * np.sqrt(np.mean(misfit ** 2))))
     kept = {}
-    parts = [p for p in args.ae_parts.split(",") if p] + [f"{kind} x {b:g}" for b in args.misfit_betas for kind in ("misfit", "flat")]
+    parts = [p for p in args.ae_parts.split(",") if p]
+    parts += [f"{kind} x {b:g}" for b in args.misfit_betas for kind in ("misfit", "flat")]
     for name in ["nominal", *parts]:
         cls, best = linear_reconstructor(tank, *variants[name]), None
         for length in CORR_LENGTHS:
@@ -262,7 +263,8 @@ def main() -> None:
     st.add_argument("--samples", type=int, default=1000, help="training samples of the approximation error")
     st.add_argument("--ae-parts", default="mean,cov,both", help="approximation-error variants")
     st.add_argument("--misfit-betas", type=lambda t: [float(b) for b in t.split(",") if b], default=[],
-                    help="variants whose noise std adds beta x |ref.mat - simulated empty tank| per channel")
+                    help="variants whose data term adds to the noise model's std beta x |ref.mat - simulated empty "
+                         "tank| per channel, or beta x its rms on every channel ('nominal': the study's own)")
     st.add_argument("--seed", type=int, default=0, help="seed of the gains and of the bootstrap")
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits

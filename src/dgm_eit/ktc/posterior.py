@@ -10,10 +10,10 @@ physics -- a metal object is 5-100 times more conductive than water, not 2 -- so
 the model-error level are fitted by least squares on the simulated training split
 (:func:`fit_linear_model`): on the quick tank data the gain is about 2.2, and the model error
 was ~45 times the measurement noise when the linearised step weighed by the noise model; the
-fitted level times the linearised step's own error std (``tank.data_std``) weights the data term. Each step is
-the proximal problem ``argmin ||r - gain J dx||^2_W + ||dx||^2 / prior^2`` over the inside
-pixels (``W``: inverse error variances), solved with an eigendecomposition of ``J^T W J``
-kept per measurement mask, so a step costs two matrix-vector products per image.
+fitted level times the linearised step's own error std (``tank.data_std``) weights the data
+term. Each step is the proximal problem ``argmin ||r - gain J dx||^2_W + ||dx||^2 / prior^2``
+over the inside pixels (``W``: inverse error variances), solved with an eigendecomposition of
+``J^T W J`` kept per measurement mask, so a step costs two matrix-vector products per image.
 """
 
 from __future__ import annotations
