@@ -33,8 +33,8 @@ import scipy.linalg as la
 from scipy.optimize import least_squares
 
 from dgm_eit.datasets import ktc2023 as ktc
+from dgm_eit.ktc.nuisance import moved_electrodes
 from dgm_eit.physics.fem import ForwardModel
-from dgm_eit.physics.mesh import Mesh
 
 SIM_H0 = 0.003   # the ktc profile's simulation mesh
 PRIOR_STDS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -55,27 +55,6 @@ class ReferenceFit:
         self.mask = ref.mask(1)
         self.u = ref.voltages[self.mask]
         self.mesh = ktc.tank_mesh(SIM_H0)
-        self.theta = np.arctan2(self.mesh.nodes[:, 1], self.mesh.nodes[:, 0])
-        self.r = np.hypot(*self.mesh.nodes.T)
-        n = ktc.N_ELECTRODES
-        self.centres = ktc.FIRST_ELECTRODE_ANGLE + 2 * np.pi * np.arange(n) / n
-
-    def deformed(self, shifts, widths=None) -> Mesh:
-        """The mesh with electrode ``l`` turned by ``shifts[l]`` radians (and its arc scaled by
-        ``widths[l]``): boundary nodes between electrodes interpolate, interior nodes follow with
-        a weight ``(r / R)^4``; the triangulation is kept, so voltages are smooth in the shifts."""
-        n = len(self.centres)
-        position = np.mod(self.theta - self.centres[0], 2 * np.pi) / (2 * np.pi / n)
-        k = np.floor(position).astype(int) % n
-        f = position - np.floor(position)
-        theta = self.theta + ((1 - f) * shifts[k] + f * shifts[(k + 1) % n]) * (self.r / ktc.TANK_RADIUS) ** 4
-        for l, nodes in enumerate(self.mesh.electrode_nodes):
-            offset = np.angle(np.exp(1j * (self.theta[nodes] - self.centres[l])))
-            theta[nodes] = self.centres[l] + shifts[l] + offset * (1.0 if widths is None else widths[l])
-        m = self.mesh
-        return Mesh(np.stack([self.r * np.cos(theta), self.r * np.sin(theta)], 1), m.elements, m.electrode_nodes,
-                    electrode_model="cem", electrode_edges=m.electrode_edges, ref_node=m.ref_node,
-                    description="tank, electrodes moved", radius=ktc.TANK_RADIUS)
 
     def voltages(self, log_sigma, z, mesh=None) -> np.ndarray:
         mesh = mesh or self.mesh
@@ -94,7 +73,7 @@ class ReferenceFit:
 
 def run_reference(args) -> None:
     fit = ReferenceFit()
-    n = len(fit.centres)
+    n = ktc.N_ELECTRODES
     s0, z0 = np.log10(0.77), 1e-6
     fit.fit("background (contact impedance 1e-6, as the study)", lambda p: fit.voltages(p[0], z0), [s0], [-2], [2])
     x = fit.fit("+ one contact impedance per electrode", lambda p: fit.voltages(p[0], 10.0 ** p[1:]),
@@ -102,11 +81,11 @@ def run_reference(args) -> None:
     print(f"    log10 z per electrode: {np.round(x[1:], 1).tolist()}")
     step = 0.05   # radians: 5.8 mm along the wall
     x = fit.fit("+ electrode positions (one shift per electrode)",
-                lambda p: fit.voltages(p[0], z0, fit.deformed(p[1:])),
+                lambda p: fit.voltages(p[0], z0, moved_electrodes(fit.mesh, p[1:])),
                 np.r_[s0, np.zeros(n)], np.r_[-2, np.full(n, -step)], np.r_[2, np.full(n, step)])
     print(f"    shifts (mm along the wall): {np.round(x[1:] * ktc.TANK_RADIUS * 1e3, 1).tolist()}")
     x = fit.fit("+ electrode positions and widths",
-                lambda p: fit.voltages(p[0], z0, fit.deformed(p[1:n + 1], np.exp(p[n + 1:]))),
+                lambda p: fit.voltages(p[0], z0, moved_electrodes(fit.mesh, p[1:n + 1], np.exp(p[n + 1:]))),
                 np.r_[s0, np.zeros(2 * n)], np.r_[-2, np.full(n, -step), np.full(n, -0.7)],
                 np.r_[2, np.full(n, step), np.full(n, 0.7)])
     print(f"    width factors: {np.round(np.exp(x[n + 1:]), 2).tolist()}")

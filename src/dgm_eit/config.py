@@ -53,7 +53,8 @@ _ABSENT = "<absent>"
 # stays valid (not "made with another config") and is rebuilt the way it was made.
 ADDED_KEYS = {"mesh.radius": 1.0, "mesh.first_electrode_angle": 0.0, "run.calibration_images": 0,
               "unet.output": "regression",
-              "run.best_of": 1, "run.best_of_methods": [], "tank.data_std": 0.0}
+              "run.best_of": 1, "run.best_of_methods": [], "tank.data_std": 0.0,
+              "tank.electrode_shift": 0.0, "tank.contact_max": 0.0, "tank.drift_std": 0.0}
 
 
 def with_added_keys(cfg: dict) -> dict:

@@ -49,10 +49,12 @@ class FileLockedError(InputError):
     """HDF5 refused to open a file another process holds open for writing."""
 
 
-def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+def sample_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
     """The generator of one sample: a pure function of ``(seed, split, index)``, so a data set
-    does not depend on which process made which sample, or in which order."""
-    return np.random.default_rng([int(seed), SPLIT_INDEX[split], int(index)])
+    does not depend on which process made which sample, or in which order. ``stream`` > 0: an
+    independent generator of the same sample, for draws that must not move the others."""
+    entropy = [int(seed), SPLIT_INDEX[split], int(index)]
+    return np.random.default_rng(entropy + [int(stream)] if stream else entropy)
 
 
 def stack_chunk(samples: list[dict], seed: int, split: str, start: int) -> dict[str, np.ndarray]:

@@ -81,7 +81,9 @@ class KTCSimulator:
             raise InputError("tuning the linearised step (linear.tune_prior_std) needs data.n_val >= 1")
 
     def __init__(self, cfg: dict):
+        from dgm_eit.config import with_added_keys
         from dgm_eit.data.phantoms import element_quadrature_points
+        from dgm_eit.ktc import nuisance
         from dgm_eit.ktc.phantoms import phantom_sampler
         from dgm_eit.ktc.tank import Tank, level_masks
 
@@ -98,6 +100,8 @@ class KTCSimulator:
         self.quad_points = element_quadrature_points(mesh.nodes / ktc.TANK_RADIUS, mesh.elements,
                                                      int(p["quadrature"]))
         self.inside = np.asarray(self.tank.grid.inside, dtype=bool)
+        self.nuisances = nuisance.Nuisances(self.tank, nuisance.check(with_added_keys(cfg)["tank"]),
+                                            int(p["quadrature"]))
         self._recon = None
 
     @property
@@ -122,9 +126,14 @@ class KTCSimulator:
         return class_map(self.phantom(seed, split, index)[1], size)
 
     def measure(self, seed: int, split: str, index: int) -> dict[str, np.ndarray]:
+        from dgm_eit.data.storage import sample_rng
+        from dgm_eit.ktc.nuisance import STREAM
+
         rng, phantom = self.phantom(seed, split, index)
-        sigma = self.tank.sigma_bg * phantom.on_elements(self.quad_points)
-        v_clean = self.tank.fine.forward(sigma) - self.tank.u_water
+        if self.nuisances.active:
+            v_clean = self.nuisances.difference(phantom, sample_rng(seed, split, index, STREAM))
+        else:
+            v_clean = self.tank.fine.forward(self.tank.sigma_bg * phantom.on_elements(self.quad_points)) - self.tank.u_water
         v = v_clean + self.tank.noise_std * rng.standard_normal(self.n_meas)
         level = int(self.levels[rng.integers(len(self.levels))])
         mask = self.masks[level]

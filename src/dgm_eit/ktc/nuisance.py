@@ -1,0 +1,113 @@
+"""Errors the real tank has and the simulation's model lacks, drawn anew for every simulated
+sample so that training and validation data carry them (issue 20, item 1).
+
+``[tank]`` keys, each 0 = off (the data of a study made before them):
+
+- ``electrode_shift`` (m): the electrodes' places along the wall, a smooth random pattern
+  (harmonics 0-2 of the angle: a turn, a crowding to one side, to two sides) of this rms.
+  The empty tank's frame ``ref.mat`` fits best with shifts of rms 4.3 mm, 90% of their
+  square in harmonics 0-2 (``benchmarks/ktc_model_error.py reference``);
+- ``contact_max`` (Ohm m): each electrode's contact impedance, log-uniform between the fitted
+  one and this (the same fit per electrode: mostly 1e-4 to 1e-3, a few near 1e-8);
+- ``drift_std`` (at most 0.1): the water's conductivity changes by this relative std between
+  the reference frame and the target's (temperature; the water level the objects raise).
+
+A sample's two frames share its electrodes and contact impedances; its drift is the target
+frame's alone. The draws come from their own generator, so the phantom, noise and level of
+sample ``(seed, split, index)`` are those of the same data set without nuisances: the two are
+paired.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dgm_eit.datasets import ktc2023 as ktc
+from dgm_eit.errors import InputError
+
+KEYS = ("electrode_shift", "contact_max", "drift_std")
+HARMONICS = 2
+MAX_DRIFT_STD = 0.1
+# the nuisance draws' generator: stream 1 of the sample's seed sequence (0 draws its phantom)
+STREAM = 1
+
+
+def check(tank: dict) -> dict[str, float]:
+    """The nuisance keys of a ``[tank]`` section as floats, each >= 0."""
+    out = {}
+    for key in KEYS:
+        value = tank[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise InputError(f"tank.{key} must be a number >= 0 (0: off), got {value!r}")
+        out[key] = float(value)
+    if out["drift_std"] > MAX_DRIFT_STD:
+        raise InputError(f"tank.drift_std must be at most {MAX_DRIFT_STD} (a relative change of the water), "
+                         f"got {out['drift_std']}")
+    return out
+
+
+def moved_electrodes(mesh, shifts: np.ndarray, widths: np.ndarray | None = None):
+    """``mesh`` with electrode ``l`` turned by ``shifts[l]`` radians (its arc scaled by
+    ``widths[l]``): wall nodes between two electrodes follow them linearly, interior nodes with
+    the weight ``(r / R)^4``. The triangulation is kept, so voltages are smooth in the shifts."""
+    from dgm_eit.physics.mesh import Mesh
+
+    n = mesh.n_electrodes
+    centres = ktc.FIRST_ELECTRODE_ANGLE + 2 * np.pi * np.arange(n) / n
+    theta = np.arctan2(mesh.nodes[:, 1], mesh.nodes[:, 0])
+    r = np.hypot(*mesh.nodes.T)
+    position = np.mod(theta - centres[0], 2 * np.pi) / (2 * np.pi / n)
+    k = np.floor(position).astype(int) % n
+    f = position - np.floor(position)
+    moved = theta + ((1 - f) * shifts[k] + f * shifts[(k + 1) % n]) * (r / ktc.TANK_RADIUS) ** 4
+    for l, nodes in enumerate(mesh.electrode_nodes):
+        offset = np.angle(np.exp(1j * (theta[nodes] - centres[l])))
+        moved[nodes] = centres[l] + shifts[l] + offset * (1.0 if widths is None else widths[l])
+    return Mesh(np.stack([r * np.cos(moved), r * np.sin(moved)], 1), mesh.elements, mesh.electrode_nodes,
+                electrode_model="cem", electrode_edges=mesh.electrode_edges, ref_node=mesh.ref_node,
+                description="tank, electrodes moved", radius=ktc.TANK_RADIUS)
+
+
+class Nuisances:
+    """The nuisance draws of one ``[tank]`` config and the difference voltages they give."""
+
+    def __init__(self, tank, settings: dict[str, float], quadrature: int):
+        self.tank, self.quadrature = tank, quadrature
+        self.shift, self.contact_max, self.drift_std = (settings[k] for k in KEYS)
+        if 0 < self.contact_max <= tank.contact_impedance:
+            raise InputError(f"tank.contact_max = {self.contact_max:g} must exceed the fitted contact impedance "
+                             f"{tank.contact_impedance:g} Ohm m (or be 0: off)")
+        n = tank.fine.mesh.n_electrodes
+        angles = ktc.FIRST_ELECTRODE_ANGLE + 2 * np.pi * np.arange(n) / n
+        k = np.arange(1, HARMONICS + 1)[:, None]
+        # columns 1, sqrt(2) cos(k theta), sqrt(2) sin(k theta), each of mean square 1 over the
+        # electrodes: coefficients of std s / sqrt(columns) give shifts of rms s
+        self._basis = np.concatenate([np.ones((1, n)), np.sqrt(2) * np.cos(k * angles),
+                                      np.sqrt(2) * np.sin(k * angles)]).T
+
+    @property
+    def active(self) -> bool:
+        return self.shift > 0 or self.contact_max > 0 or self.drift_std > 0
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        """One sample's nuisances: electrode shifts (radians), contact impedances, drift."""
+        n = self._basis.shape[0]
+        coefficients = rng.standard_normal(self._basis.shape[1]) * self.shift / np.sqrt(self._basis.shape[1])
+        z0 = self.tank.contact_impedance
+        log_z = rng.uniform(np.log(z0), np.log(max(self.contact_max, z0)), n)
+        return {"shifts": self._basis @ coefficients / ktc.TANK_RADIUS, "contact_impedance": np.exp(log_z),
+                "drift": float(self.drift_std * rng.standard_normal())}
+
+    def difference(self, phantom, rng: np.random.Generator) -> np.ndarray:
+        """Clean difference voltages ``U_target - U_ref`` of ``phantom`` in a tank with the
+        nuisances drawn from ``rng``."""
+        from dgm_eit.data.phantoms import element_quadrature_points
+        from dgm_eit.physics import ForwardModel
+
+        draw = self.draw(rng)
+        fine = self.tank.fine
+        mesh = moved_electrodes(fine.mesh, draw["shifts"]) if self.shift > 0 else fine.mesh
+        model = ForwardModel(mesh, fine.protocol, electrode_model="cem", contact_impedance=draw["contact_impedance"])
+        points = element_quadrature_points(mesh.nodes / ktc.TANK_RADIUS, mesh.elements, self.quadrature)
+        water = np.full(mesh.n_elements, self.tank.sigma_bg)
+        return model.forward(water * (1 + draw["drift"]) * phantom.on_elements(points)) - model.forward(water)
