@@ -15,7 +15,7 @@ from dgm_eit.cli import main
 from dgm_eit.config import load_config
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
-from dgm_eit.ktc import segment
+from dgm_eit.ktc import nuisance, segment
 from dgm_eit.methods import get_method
 from dgm_eit.stats import rank_agreement
 from dgm_eit.ktc.tank import DifferenceReconstructor, Tank, public_dir
@@ -320,8 +320,9 @@ def test_ktc_run_and_entry_point(ktc_tiny_study, tmp_path, capsys):
     out, args = ktc_tiny_study
     report = (out / "report.md").read_text()
     assert "Nothing here was tuned on the real targets" in report and "| CSD* |" in report
-    # the sim-to-real agreement: the rank correlation of the validation scores and the targets' totals
     cfg, chosen = load_study(out)
+    assert f"- {nuisance.describe(cfg['tank'])}." in report
+    # the sim-to-real agreement: the rank correlation of the validation scores and the targets' totals
     val, total = {m: chosen[m]["score"] for m in chosen}, dict.fromkeys(chosen, 0.0)
     for method, _, _, _, score in (r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:]):
         total[method] += float(score)
@@ -443,8 +444,19 @@ def test_ktc_study_with_two_seeds_pools_an_ensemble_and_defaults_by_the_stated_r
     tiny = [a for a in TINY_RUN if not a.startswith(("run.levels", "run.jobs"))]
     args = ["run", "--profile", "ktc", "--out", str(out), "--seed", "2", "--seeds", "2",
             "--set", 'run.methods=["linear", "cnf"]', "--set", "run.levels=[1]", "--set", "run.jobs=2"]
-    assert main(args + [a for s in tiny for a in ("--set", s)]) == 0
+    # with the tank's nuisances: the data set's pool workers draw them too
+    nuisances = ["tank.electrode_shift=0.003", "tank.contact_max=0.001", "tank.drift_std=0.01"]
+    assert main(args + [a for s in tiny + nuisances for a in ("--set", s)]) == 0
     cfg, chosen = load_study(out)
+    assert "draws its own nuisances: the electrodes' places shifted" in (out / "report.md").read_text()
+    from dgm_eit.data.storage import read_split
+    from dgm_eit.ktc.simulate import KTCSimulator
+    from dgm_eit.ktc.study import data_path
+
+    stored = read_split(data_path(out), "val", keys=("v",))["v"][:2]
+    sim = KTCSimulator(cfg)
+    remade = [sim.measure(2, "val", i)["v"] for i in range(2)]
+    np.testing.assert_allclose(stored, np.stack(remade), rtol=1e-5, atol=1e-7)
     assert set(chosen) == {"linear", "cnf", "cnf-ens"}
     seeds = chosen["cnf"]["seeds"]
     assert len(seeds) == 2 and chosen["cnf"]["score"] == pytest.approx(np.mean([r["score"] for r in seeds]))

@@ -46,6 +46,25 @@ def check(tank: dict) -> dict[str, float]:
     return out
 
 
+def describe(tank: dict) -> str:
+    """One sentence on the nuisances a ``[tank]`` section makes its simulated data carry."""
+    from dgm_eit.config import with_added_keys
+
+    s = check(with_added_keys({"tank": tank})["tank"])
+    parts = []
+    if s["electrode_shift"] > 0:
+        parts.append(f"the electrodes' places shifted by a smooth random pattern of rms {s['electrode_shift'] * 1e3:g} mm")
+    if s["contact_max"] > 0:
+        parts.append(f"contact impedances log-uniform from the fitted one to {s['contact_max']:g} Ohm m")
+    if s["drift_std"] > 0:
+        parts.append(f"the water's conductivity changed by {s['drift_std']:.1%} (std) between the reference frame and "
+                     "the target's")
+    if not parts:
+        return ("Simulated data carry no model error beyond the finer mesh that makes them (`tank.electrode_shift`, "
+                "`contact_max`, `drift_std` = 0)")
+    return "Every simulated sample, for training and validation alike, draws its own nuisances: " + "; ".join(parts)
+
+
 def moved_electrodes(mesh, shifts: np.ndarray, widths: np.ndarray | None = None):
     """``mesh`` with electrode ``l`` turned by ``shifts[l]`` radians (its arc scaled by
     ``widths[l]``): wall nodes between two electrodes follow them linearly, interior nodes with

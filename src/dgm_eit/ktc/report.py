@@ -11,6 +11,7 @@ import numpy as np
 
 from dgm_eit.errors import InputError
 from dgm_eit.files import atomic_path, write_text
+from dgm_eit.ktc import nuisance
 from dgm_eit.ktc.physics import recorded_linear_model
 from dgm_eit.methods import get_method
 from dgm_eit.stats import rank_agreement
@@ -206,6 +207,8 @@ def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, man
     lines += ["", "## Settings, all chosen on simulated validation data", ""]
     if lin:
         lines.append(f"- {lin['tank']}.")
+    lines.append(f"- {nuisance.describe(cfg['tank'])}.")
+    if lin:
         if lin.get("tuned"):
             lines.append(f"- Linearised step (every model's conditioning image): Gaussian smoothness prior, std "
                          f"{lin['prior_std']:g}, correlation length {lin['corr_length']:g} m, chosen on "

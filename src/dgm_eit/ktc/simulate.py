@@ -6,8 +6,10 @@ so the file does not depend on workers or interruptions). One sample:
 
 1. a phantom of resistive and conductive objects in water (:mod:`dgm_eit.ktc.phantoms`),
    drawn first from the sample's generator;
-2. difference voltages ``U(sigma) - U(water)`` on the fine tank mesh, plus Gaussian noise of
-   the organisers' model fitted to the measured reference frame (:class:`~dgm_eit.ktc.tank.Tank`);
+2. difference voltages ``U(sigma) - U(water)`` on the fine tank mesh (where ``[tank]`` sets
+   them, in a tank with the sample's own electrode places, contact impedances and drift:
+   :mod:`dgm_eit.ktc.nuisance`), plus Gaussian noise of the organisers' model fitted to the
+   measured reference frame (:class:`~dgm_eit.ktc.tank.Tank`);
 3. a difficulty level drawn from ``tank.train_levels``: its dropped measurements are set to 0
    in ``v`` and left out of the conditioning image;
 4. arrays: ``sigma`` = the truth as relative conductivity clipped to [0, 2] (water 1,
