@@ -110,13 +110,16 @@ def test_a_missing_file_and_an_unknown_format_version_are_refused(damaged, tmp_p
         reconstruct_folder(public_dir(), 1, damaged)
 
 
-def test_first_seed_only_drops_the_other_seeds_and_the_ensembles():
+def test_first_seeds_drop_the_other_seeds_and_keep_the_ensembles_only_with_every_seed():
     cfg = {"run": {"seeds": 2}}
     chosen = {"linear": {"score": 0.6}, "cnf": {"seeds": [{"score": 0.8}, {"score": 0.7}], "score": 0.75},
               "cnf-ens": {"score": 0.85, "members": [{}, {}]}}
-    shipped_cfg, shipped = bundle.first_seed_only(cfg, chosen)
+    shipped_cfg, shipped = bundle.first_seeds(cfg, chosen)
     assert shipped_cfg["run"]["seeds"] == 1 and cfg["run"]["seeds"] == 2
     assert shipped == {"linear": {"score": 0.6}, "cnf": {"seeds": [{"score": 0.8}], "score": 0.8, "seed_std": None}}
+    shipped_cfg, shipped = bundle.first_seeds(cfg, chosen, 2)
+    assert shipped_cfg == cfg and shipped["cnf-ens"] == chosen["cnf-ens"]
+    assert shipped["cnf"]["score"] == pytest.approx(0.75) and shipped["cnf"]["seed_std"] == pytest.approx(0.0707, abs=1e-4)
 
 
 def test_ktc_pack_round_trips_a_tiny_study(ktc_tiny_study, tmp_path, capsys):

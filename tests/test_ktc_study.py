@@ -478,6 +478,22 @@ def test_ktc_study_with_two_seeds_pools_an_ensemble_and_defaults_by_the_stated_r
     capsys.readouterr()
     assert main(["ktc", str(public_dir()), str(tmp_path / "ens"), "1", "--run", str(out), "--method", "cnf-ens"]) == 0
     assert "CNF ens" in capsys.readouterr().out and len(list((tmp_path / "ens").glob("*.mat"))) == 4
+    # packed with both seeds, the study keeps its ensembles and its default, and makes the same submissions
+    from dgm_eit.ktc import bundle
+    from test_cli import fails
+
+    packed = tmp_path / "packed"
+    fails(capsys, ["ktc-pack", out, "--out", packed, "--seeds", "3"], "--seeds 3", "trained 2 seeds")
+    assert main(["ktc-pack", str(out), "--out", str(packed), "--seeds", "2"]) == 0
+    assert {"runs/cnf/seed0/model.safetensors", "runs/cnf/seed1/model.safetensors"} <= set(
+        bundle.check_bundle(packed)["files"])
+    assert load_study(packed) == load_study(out)
+    record = json.loads((packed / bundle.PROVENANCE).read_text())
+    assert record["shipped_seeds"] == 2 and record["default_method"] == default
+    assert main(["ktc", str(public_dir()), str(tmp_path / "ens2"), "1", "--run", str(packed), "--method", "cnf-ens"]) == 0
+    for n in range(1, 5):
+        assert (sio.loadmat(tmp_path / "ens2" / f"{n}.mat")["reconstruction"]
+                == sio.loadmat(tmp_path / "ens" / f"{n}.mat")["reconstruction"]).all()
 
 
 def test_the_default_rule_prefers_a_tied_ensemble_and_a_clear_winner_otherwise():

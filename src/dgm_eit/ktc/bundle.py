@@ -8,12 +8,14 @@ they read the study itself::
     manifest.json         {"format_version", "files": {name: {"sha256", "bytes"}}}: every other file
     provenance.json       commit, --seed, config hash, dgm-eit version, dates, public-target scores
     run.json              the study's {"seed", "config"}
-    methods.json          every method's settings chosen on validation (seed 0; CSD*'s linear data model)
+    methods.json          every method's settings chosen on validation (per packed seed; CSD*'s linear data model)
     linear_settings.json  the data set's linearised-step settings (read instead of data/ktc.h5)
-    runs/<label>/seed0/   model.safetensors, config.json, data_info.json, done
+    runs/<label>/seed<k>/ model.safetensors, config.json, data_info.json, done
 
-Only seed 0 of a study trained with ``--seeds K`` is packed: its seed ensembles are dropped and
-``run.seeds`` is 1, so the default method is the one of seed 0's evidence, said as such.
+``--seeds N`` packs the first N training seeds of a study trained with ``--seeds K`` (default 1).
+With N = K the seed ensembles come along and the default method is the study's own; with N < K
+they are dropped (each pools all K seeds), ``run.seeds`` becomes N, and the default method is
+the one of those seeds' evidence, said as such.
 :func:`check_bundle` refuses a damaged folder (a missing file, a size or checksum that is not
 the manifest's, an unknown format version) before anything is read from it.
 """
@@ -108,14 +110,16 @@ def read_provenance(root) -> dict:
 # packing
 
 
-def first_seed_only(cfg: dict, chosen: dict) -> tuple[dict, dict]:
-    """The study as seed 0 alone made it: seed 0's choice per trained method, no seed ensembles."""
+def first_seeds(cfg: dict, chosen: dict, n: int = 1) -> tuple[dict, dict]:
+    """The study as its first ``n`` training seeds made it: their choices per trained method, and
+    the seed ensembles only where ``n`` is the study's own seed count (each pools every seed)."""
     import copy
 
+    whole = n == int(cfg["run"].get("seeds", 1))
     cfg = copy.deepcopy(cfg)
-    cfg["run"]["seeds"] = 1
-    kept = {m: seed_record(r["seeds"][:1]) if seeded(m) else r
-            for m, r in chosen.items() if not as_method(m).ensemble}
+    cfg["run"]["seeds"] = n
+    kept = {m: seed_record(r["seeds"][:n]) if seeded(m) else r
+            for m, r in chosen.items() if whole or not as_method(m).ensemble}
     return cfg, kept
 
 
@@ -162,28 +166,36 @@ def _check_out(source: Path, out: Path, overwrite: bool) -> None:
                              "choose another folder")
 
 
-def pack_study(study_dir, out, *, overwrite: bool = False, commit: str = "unknown", note: str = "") -> dict:
-    """Pack the finished KTC study ``study_dir`` into the folder ``out`` (see the module
-    docstring); the folder appears complete or not at all. Returns the provenance record.
-    ``commit``: the git commit of the code that ran the study (the study does not record it)."""
+def pack_study(study_dir, out, *, seeds: int = 1, overwrite: bool = False, commit: str = "unknown",
+               note: str = "") -> dict:
+    """Pack the first ``seeds`` training seeds of the finished KTC study ``study_dir`` into the
+    folder ``out`` (see the module docstring); the folder appears complete or not at all. Returns
+    the provenance record. ``commit``: the git commit of the code that ran the study (the study
+    does not record it)."""
+    from dgm_eit.config import check_int
     from dgm_eit.runs import is_finished, load_run
 
     source, out = Path(study_dir), Path(out)
     cfg, chosen = load_study(source)
+    trained = int(cfg["run"].get("seeds", 1))
+    seeds = check_int(seeds, "--seeds", 1)
+    if seeds > trained:
+        raise InputError(f"--seeds {seeds}: the study {source} trained {trained} seed{'s' if trained > 1 else ''}")
     _check_out(source, out, overwrite)
     settings = linear_settings(source)
     if not settings:
         raise InputError(f"{source} has neither data/ktc.h5 nor {LINEAR_SETTINGS}: the linearised step's "
                          "settings cannot be packed; re-run the dgm-eit run command that made it")
-    shipped_cfg, shipped = first_seed_only(cfg, chosen)
+    shipped_cfg, shipped = first_seeds(cfg, chosen, seeds)
     methods = check_methods(shipped_cfg)
     with_data_term = [m.name for m in methods if m.sampler(shipped_cfg["run"]) in TankPhysics.data_term_samplers]
     if with_data_term and recorded_linear_model(shipped) is None:
         raise InputError(f"{source}/methods.json records no linear data model for {', '.join(with_data_term)} "
                          "(made by an earlier dgm-eit); make the study again with this version")
     models = sorted({m.label for m in methods if m.seeded})
-    for model in models:
-        where = run_dir(source, model, 0)
+    runs = [(model, k) for model in models for k in range(seeds)]
+    for model, k in runs:
+        where = run_dir(source, model, k)
         missing = [name for name in RUN_FILES if not (where / name).is_file()]
         if missing or not is_finished(where):
             raise InputError(f"{where} lacks {', '.join(missing) or 'its done marker'}; re-run the same "
@@ -197,10 +209,11 @@ def pack_study(study_dir, out, *, overwrite: bool = False, commit: str = "unknow
         "note": note,
         "seed": seed,
         "profile": cfg.get("profile"),
-        "command": f"dgm-eit run --profile {cfg.get('profile')} --seed {seed}",
+        "command": f"dgm-eit run --profile {cfg.get('profile')} --seed {seed}"
+                   + (f" --seeds {trained}" if trained > 1 else ""),
         "config_sha256": config_hash(cfg),
         "seeds_in_study": int(cfg["run"].get("seeds", 1)),
-        "shipped_seed_index": 0,
+        "shipped_seeds": seeds,
         "dgm_eit_version": __version__,
         "packed_at": _utc(datetime.now(timezone.utc).timestamp()),
         "study_finished_at": _utc((source / METHODS_FILE).stat().st_mtime),
@@ -215,8 +228,8 @@ def pack_study(study_dir, out, *, overwrite: bool = False, commit: str = "unknow
                                                     indent=2, sort_keys=True))
         write_text(tmp / METHODS_FILE, json.dumps(shipped, indent=2))
         write_text(tmp / LINEAR_SETTINGS, json.dumps(settings, indent=2, sort_keys=True))
-        for model in models:
-            src, dst = run_dir(source, model, 0), run_dir(tmp, model, 0)
+        for model, k in runs:
+            src, dst = run_dir(source, model, k), run_dir(tmp, model, k)
             dst.mkdir(parents=True)
             for name in RUN_FILES:
                 shutil.copyfile(src / name, dst / name)
@@ -232,8 +245,8 @@ def pack_study(study_dir, out, *, overwrite: bool = False, commit: str = "unknow
         # read back as dgm-eit ktc will, weights included, before it lands
         check_bundle(tmp)
         load_study(tmp)
-        for model in models:
-            load_run(run_dir(tmp, model, 0), "cpu")
+        for model, k in runs:
+            load_run(run_dir(tmp, model, k), "cpu")
         if out.is_dir():
             old = temp_sibling(out, "old")
             os.rename(out, old)

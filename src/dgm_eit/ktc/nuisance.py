@@ -53,7 +53,8 @@ def describe(tank: dict) -> str:
     s = check(with_added_keys({"tank": tank})["tank"])
     parts = []
     if s["electrode_shift"] > 0:
-        parts.append(f"the electrodes' places shifted by a smooth random pattern of rms {s['electrode_shift'] * 1e3:g} mm")
+        parts.append("the electrodes' places shifted by a smooth random pattern of rms "
+                     f"{s['electrode_shift'] * 1e3:g} mm")
     if s["contact_max"] > 0:
         parts.append(f"contact impedances log-uniform from the fitted one to {s['contact_max']:g} Ohm m")
     if s["drift_std"] > 0:

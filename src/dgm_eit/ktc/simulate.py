@@ -135,7 +135,8 @@ class KTCSimulator:
         if self.nuisances.active:
             v_clean = self.nuisances.difference(phantom, sample_rng(seed, split, index, STREAM))
         else:
-            v_clean = self.tank.fine.forward(self.tank.sigma_bg * phantom.on_elements(self.quad_points)) - self.tank.u_water
+            sigma = self.tank.sigma_bg * phantom.on_elements(self.quad_points)
+            v_clean = self.tank.fine.forward(sigma) - self.tank.u_water
         v = v_clean + self.tank.noise_std * rng.standard_normal(self.n_meas)
         level = int(self.levels[rng.integers(len(self.levels))])
         mask = self.masks[level]
