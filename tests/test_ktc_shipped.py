@@ -39,7 +39,8 @@ def test_the_shipped_study_reproduces_its_recorded_level_1_scores(tmp_path, caps
     bundle.check_bundle(bundle.shipped_dir())
     record = _provenance()
     assert record["format_version"] == bundle.FORMAT_VERSION
-    assert record["command"] == "dgm-eit run --profile ktc --seed 0"
+    assert record["command"] == "dgm-eit run --profile ktc --seed 0 --seeds 2"
+    assert record["shipped_seeds"] == record["seeds_in_study"] == 2
     capsys.readouterr()
     assert main(["ktc", str(public_dir()), str(tmp_path / "out"), "1"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -53,6 +54,22 @@ def test_the_shipped_study_reproduces_its_recorded_level_1_scores(tmp_path, caps
     for n, score in scores.items():
         assert score == pytest.approx(recorded["level_1_targets"][str(n)], abs=1e-3)
     assert sum(scores.values()) == pytest.approx(recorded["level_1"], abs=2e-3)
+
+
+def test_the_wheel_takes_every_file_of_the_shipped_study():
+    """pyproject's package-data patterns (what a wheel installs) cover every file the shipped
+    manifest lists: one it missed would make the installed study refuse itself as damaged."""
+    import tomllib
+    from pathlib import Path, PurePosixPath
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dgm_eit"]
+    names = [f"ktc/shipped/{name}" for name in bundle.check_bundle(bundle.shipped_dir())["files"]]
+    names.append(f"ktc/shipped/{bundle.MANIFEST}")
+    # setuptools globs each pattern from the package folder: "*" never crosses a "/"
+    missed = [n for n in names if not any(PurePosixPath(n).match(p) and n.count("/") == p.count("/")
+                                          for p in patterns)]
+    assert not missed
 
 
 def test_importing_and_other_commands_never_read_the_shipped_study():
@@ -117,7 +134,9 @@ def test_first_seeds_drop_the_other_seeds_and_keep_the_ensembles_only_with_every
     shipped_cfg, shipped = bundle.first_seeds(cfg, chosen)
     assert shipped_cfg["run"]["seeds"] == 1 and cfg["run"]["seeds"] == 2
     assert shipped == {"linear": {"score": 0.6}, "cnf": {"seeds": [{"score": 0.8}], "score": 0.8, "seed_std": None}}
-    shipped_cfg, shipped = bundle.first_seeds(cfg, chosen, 2)
+    assert bundle.chosen_seeds(chosen) == 2 and bundle.chosen_seeds({"linear": {"score": 0.6}}) == 1
+    # run.json keeps the first call's run.seeds; methods.json knows the seeds chosen since
+    shipped_cfg, shipped = bundle.first_seeds({"run": {"seeds": 1}}, chosen, 2)
     assert shipped_cfg == cfg and shipped["cnf-ens"] == chosen["cnf-ens"]
     assert shipped["cnf"]["score"] == pytest.approx(0.75) and shipped["cnf"]["seed_std"] == pytest.approx(0.0707, abs=1e-4)
 

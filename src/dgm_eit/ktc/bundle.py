@@ -12,10 +12,10 @@ they read the study itself::
     linear_settings.json  the data set's linearised-step settings (read instead of data/ktc.h5)
     runs/<label>/seed<k>/ model.safetensors, config.json, data_info.json, done
 
-``--seeds N`` packs the first N training seeds of a study trained with ``--seeds K`` (default 1).
-With N = K the seed ensembles come along and the default method is the study's own; with N < K
-they are dropped (each pools all K seeds), ``run.seeds`` becomes N, and the default method is
-the one of those seeds' evidence, said as such.
+``--seeds N`` packs the first N training seeds of a study trained with ``--seeds K`` (default 1;
+``run.seeds`` becomes N). With N = K the seed ensembles come along and the default method is the
+study's own; with N < K they are dropped (each pools all K seeds) and the default method is the
+one of those seeds' evidence, said as such.
 :func:`check_bundle` refuses a damaged folder (a missing file, a size or checksum that is not
 the manifest's, an unknown format version) before anything is read from it.
 """
@@ -110,16 +110,22 @@ def read_provenance(root) -> dict:
 # packing
 
 
+def chosen_seeds(chosen: dict) -> int:
+    """How many training seeds every trained method of ``methods.json`` has a choice for. The
+    study's ``run.json`` cannot tell: ``--seeds`` may change between calls on one directory,
+    and the file keeps the first call's config."""
+    return min((len(r["seeds"]) for m, r in chosen.items() if seeded(m)), default=1)
+
+
 def first_seeds(cfg: dict, chosen: dict, n: int = 1) -> tuple[dict, dict]:
     """The study as its first ``n`` training seeds made it: their choices per trained method, and
-    the seed ensembles only where ``n`` is the study's own seed count (each pools every seed)."""
+    the seed ensembles that pool exactly those seeds."""
     import copy
 
-    whole = n == int(cfg["run"].get("seeds", 1))
     cfg = copy.deepcopy(cfg)
     cfg["run"]["seeds"] = n
-    kept = {m: seed_record(r["seeds"][:n]) if seeded(m) else r
-            for m, r in chosen.items() if whole or not as_method(m).ensemble}
+    kept = {m: seed_record(r["seeds"][:n]) if seeded(m) else r for m, r in chosen.items()
+            if not as_method(m).ensemble or len(r.get("members", ())) == n}
     return cfg, kept
 
 
@@ -177,7 +183,7 @@ def pack_study(study_dir, out, *, seeds: int = 1, overwrite: bool = False, commi
 
     source, out = Path(study_dir), Path(out)
     cfg, chosen = load_study(source)
-    trained = int(cfg["run"].get("seeds", 1))
+    trained = chosen_seeds(chosen)
     seeds = check_int(seeds, "--seeds", 1)
     if seeds > trained:
         raise InputError(f"--seeds {seeds}: the study {source} trained {trained} seed{'s' if trained > 1 else ''}")
@@ -212,7 +218,7 @@ def pack_study(study_dir, out, *, seeds: int = 1, overwrite: bool = False, commi
         "command": f"dgm-eit run --profile {cfg.get('profile')} --seed {seed}"
                    + (f" --seeds {trained}" if trained > 1 else ""),
         "config_sha256": config_hash(cfg),
-        "seeds_in_study": int(cfg["run"].get("seeds", 1)),
+        "seeds_in_study": trained,
         "shipped_seeds": seeds,
         "dgm_eit_version": __version__,
         "packed_at": _utc(datetime.now(timezone.utc).timestamp()),
