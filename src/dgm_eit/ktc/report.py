@@ -208,11 +208,10 @@ def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, man
     if lin:
         lines.append(f"- {lin['tank']}.")
     lines.append(f"- {nuisance.describe(cfg['tank'])}.")
-    if lin:
-        if lin.get("tuned"):
-            lines.append(f"- Linearised step (every model's conditioning image): Gaussian smoothness prior, std "
-                         f"{lin['prior_std']:g}, correlation length {lin['corr_length']:g} m, chosen on "
-                         f"{lin['tuned_on']} from {len(lin['candidates'])} candidates (val score {lin['val_score']:.3f}).")
+    if lin.get("tuned"):
+        lines.append(f"- Linearised step (every model's conditioning image): Gaussian smoothness prior, std "
+                     f"{lin['prior_std']:g}, correlation length {lin['corr_length']:g} m, chosen on "
+                     f"{lin['tuned_on']} from {len(lin['candidates'])} candidates (val score {lin['val_score']:.3f}).")
     lines += ["", "| method | own settings | low / high threshold | val score | val resistive | val conductive |",
               "|---|---|---|---|---|---|"]
     for m in results["methods"]:
