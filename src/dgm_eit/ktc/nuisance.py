@@ -66,6 +66,11 @@ def describe(tank: dict) -> str:
     return "Every simulated sample, for training and validation alike, draws its own nuisances: " + "; ".join(parts)
 
 
+def electrode_centres(n: int) -> np.ndarray:
+    """The tank's electrode centre angles (radians): electrode 1 at 90 degrees, counter-clockwise."""
+    return ktc.FIRST_ELECTRODE_ANGLE + 2 * np.pi * np.arange(n) / n
+
+
 def moved_electrodes(mesh, shifts: np.ndarray, widths: np.ndarray | None = None):
     """``mesh`` with electrode ``l`` turned by ``shifts[l]`` radians (its arc scaled by
     ``widths[l]``): wall nodes between two electrodes follow them linearly, interior nodes with
@@ -73,7 +78,7 @@ def moved_electrodes(mesh, shifts: np.ndarray, widths: np.ndarray | None = None)
     from dgm_eit.physics.mesh import Mesh
 
     n = mesh.n_electrodes
-    centres = ktc.FIRST_ELECTRODE_ANGLE + 2 * np.pi * np.arange(n) / n
+    centres = electrode_centres(n)
     theta = np.arctan2(mesh.nodes[:, 1], mesh.nodes[:, 0])
     r = np.hypot(*mesh.nodes.T)
     position = np.mod(theta - centres[0], 2 * np.pi) / (2 * np.pi / n)
@@ -91,14 +96,16 @@ def moved_electrodes(mesh, shifts: np.ndarray, widths: np.ndarray | None = None)
 class Nuisances:
     """The nuisance draws of one ``[tank]`` config and the difference voltages they give."""
 
-    def __init__(self, tank, settings: dict[str, float], quadrature: int):
-        self.tank, self.quadrature = tank, quadrature
+    def __init__(self, tank, settings: dict[str, float], quad_points: np.ndarray, quadrature: int):
+        """``quad_points``: the quadrature points of the tank's fine mesh, made with ``quadrature``
+        (a mesh with moved electrodes gets its own)."""
+        self.tank, self.quad_points, self.quadrature = tank, quad_points, quadrature
         self.shift, self.contact_max, self.drift_std = (settings[k] for k in KEYS)
         if 0 < self.contact_max <= tank.contact_impedance:
             raise InputError(f"tank.contact_max = {self.contact_max:g} must exceed the fitted contact impedance "
                              f"{tank.contact_impedance:g} Ohm m (or be 0: off)")
         n = tank.fine.mesh.n_electrodes
-        angles = ktc.FIRST_ELECTRODE_ANGLE + 2 * np.pi * np.arange(n) / n
+        angles = electrode_centres(n)
         k = np.arange(1, HARMONICS + 1)[:, None]
         # columns 1, sqrt(2) cos(k theta), sqrt(2) sin(k theta), each of mean square 1 over the
         # electrodes: coefficients of std s / sqrt(columns) give shifts of rms s
@@ -125,9 +132,14 @@ class Nuisances:
         from dgm_eit.physics import ForwardModel
 
         draw = self.draw(rng)
-        fine = self.tank.fine
-        mesh = moved_electrodes(fine.mesh, draw["shifts"]) if self.shift > 0 else fine.mesh
-        model = ForwardModel(mesh, fine.protocol, electrode_model="cem", contact_impedance=draw["contact_impedance"])
-        points = element_quadrature_points(mesh.nodes / ktc.TANK_RADIUS, mesh.elements, self.quadrature)
-        water = np.full(mesh.n_elements, self.tank.sigma_bg)
-        return model.forward(water * (1 + draw["drift"]) * phantom.on_elements(points)) - model.forward(water)
+        model, points, u_water = self.tank.fine, self.quad_points, self.tank.u_water
+        water = np.full(model.mesh.n_elements, self.tank.sigma_bg)
+        mesh = model.mesh
+        if self.shift > 0:   # moved electrodes: a mesh of their own, and its quadrature
+            mesh = moved_electrodes(mesh, draw["shifts"])
+            points = element_quadrature_points(mesh.nodes / ktc.TANK_RADIUS, mesh.elements, self.quadrature)
+        if self.shift > 0 or self.contact_max > 0:   # a drift alone keeps the tank's model and empty frame
+            model = ForwardModel(mesh, model.protocol, electrode_model="cem",
+                                 contact_impedance=draw["contact_impedance"])
+            u_water = model.forward(water)
+        return model.forward(water * (1 + draw["drift"]) * phantom.on_elements(points)) - u_water

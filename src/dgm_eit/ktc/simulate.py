@@ -103,7 +103,7 @@ class KTCSimulator:
                                                      int(p["quadrature"]))
         self.inside = np.asarray(self.tank.grid.inside, dtype=bool)
         self.nuisances = nuisance.Nuisances(self.tank, nuisance.check(with_added_keys(cfg)["tank"]),
-                                            int(p["quadrature"]))
+                                            self.quad_points, int(p["quadrature"]))
         self._recon = None
 
     @property
