@@ -105,3 +105,37 @@ def test_partial_file_is_not_a_data_set(tmp_path):
     part.close()
     with pytest.raises(InputError, match="incomplete"):
         storage.open_dataset(tmp_path / "x.h5.partial")
+
+
+def test_extra_images_are_stored_where_the_simulator_makes_them_and_their_absence_is_named(tmp_path, tiny_dataset):
+    sizes = {"train": 4, "val": 2, "test": 0}
+    part = storage.PartialFile.create(tmp_path / "x.h5.partial", config_json="{}", identity="x", seed=0, sizes=sizes,
+                                      image_size=4, n_meas=6, chunk_size=3, extra_images=2)
+    with_extra = []
+    for split, chunk, start, stop in part.pending():
+        arrays = _chunk(split, start, stop)
+        with pytest.raises(ValueError, match="has arrays"):   # a chunk without them does not fit this file
+            part.write_chunk(split, chunk, arrays)
+        arrays["gn_extra"] = np.stack([arrays["gn"] + 1, arrays["gn"] + 2], axis=1)
+        part.write_chunk(split, chunk, arrays)
+        with_extra.append((split, start, arrays["gn_extra"]))
+    storage.finalise(part, tmp_path / "x.h5")
+    part.close()
+    for split, start, extra in with_extra:
+        got = storage.read_split(tmp_path / "x.h5", split, ("gn", "gn_extra"))
+        np.testing.assert_array_equal(got["gn_extra"][start:start + len(extra)], extra)
+    assert got["gn_extra"].shape == (2, 2, 4, 4)
+    # the chunks the simulators stack carry them where their samples have them
+    sample = {k: a[0] for k, a in _chunk("train", 0, 1).items()}
+    assert "gn_extra" not in storage.stack_chunk([sample], 0, "train", 0)
+    stacked = storage.stack_chunk([{**sample, "gn_extra": np.zeros((2, 4, 4))}], 0, "train", 0)
+    assert stacked["gn_extra"].shape == (1, 2, 4, 4)
+    with pytest.raises(InputError, match="has no gn_extra images: it was simulated without"):
+        storage.read_split(tiny_dataset, "train", ("gn_extra",))
+
+    def damage(f):
+        del f["val"]["gn_extra"]
+        f["val"].create_dataset("gn_extra", data=np.zeros((2, 2, 3, 3), np.float32))
+    _edit(tmp_path / "x.h5", damage)
+    with pytest.raises(InputError, match=r"val/gn_extra has shape \(2, 2, 3, 3\), expected \(N, K, H, H\)"):
+        storage.open_dataset(tmp_path / "x.h5")

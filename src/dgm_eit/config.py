@@ -54,7 +54,8 @@ _ABSENT = "<absent>"
 ADDED_KEYS = {"mesh.radius": 1.0, "mesh.first_electrode_angle": 0.0, "run.calibration_images": 0,
               "unet.output": "regression",
               "run.best_of": 1, "run.best_of_methods": [], "tank.data_std": 0.0,
-              "tank.electrode_shift": 0.0, "tank.contact_max": 0.0, "tank.drift_std": 0.0}
+              "tank.electrode_shift": 0.0, "tank.contact_max": 0.0, "tank.drift_std": 0.0,
+              "linear.extra_images": [], "unet.inputs": ["gn"]}
 
 
 def with_added_keys(cfg: dict) -> dict:

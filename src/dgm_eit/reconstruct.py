@@ -34,8 +34,10 @@ def _sync(device: torch.device) -> None:
 
 
 def reconstruct_arrays(model, v: np.ndarray, gn: np.ndarray | None = None, *, n_samples: int | None = None,
-                       seed: int = 0, batch_size: int = 64, progress: bool = False, **opts) -> dict:
-    """Run ``model.reconstruct`` over ``v`` (N,M) in batches.
+                       seed: int = 0, batch_size: int = 64, progress: bool = False,
+                       extra: np.ndarray | None = None, **opts) -> dict:
+    """Run ``model.reconstruct`` over ``v`` (N,M) in batches (``extra``: the classical images at
+    other settings, (N,K,H,W), for a model that reads them).
 
     Returns ``{"recon": (N,H,W) f32, "recon_std"?: (N,H,W) f32, "nfe": int,
     "seconds_per_image": float}``; the time counts the model calls only."""
@@ -51,6 +53,8 @@ def reconstruct_arrays(model, v: np.ndarray, gn: np.ndarray | None = None, *, n_
         raise InputError(f"no voltage vectors to reconstruct (shape {v.shape})")
     if model.needs_gn and gn is None:
         raise InputError(f"model {model.name!r} needs the Gauss-Newton image 'gn' for each voltage vector")
+    if model.needs_extra and (extra is None or len(extra) != len(v)):
+        raise InputError(f"model {model.name!r} needs the extra classical images 'gn_extra' for each voltage vector")
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if n_samples is not None:
@@ -71,6 +75,8 @@ def reconstruct_arrays(model, v: np.ndarray, gn: np.ndarray | None = None, *, n_
         batch = {"v": torch.from_numpy(v[start:start + batch_size]).to(device)}
         if gn is not None:
             batch["gn"] = torch.from_numpy(np.asarray(gn[start:start + batch_size], dtype=np.float32)).to(device)
+        if model.needs_extra:
+            batch["gn_extra"] = torch.from_numpy(np.asarray(extra[start:start + batch_size], dtype=np.float32)).to(device)
         _sync(device)
         t0 = time.perf_counter()
         out = model.reconstruct(batch, generator=generator, **opts)
@@ -211,6 +217,8 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
     keys = ["v"]
     if model.needs_gn or _has_array(data_path, split, "gn"):
         keys.append("gn")
+    if model.needs_extra:
+        keys.append("gn_extra")
     arrays = read_split(data_path, split, keys=tuple(keys))
     if limit is not None:
         arrays = {k: a[:limit] for k, a in arrays.items()}
@@ -227,7 +235,7 @@ def reconstruct_split(run_dir, data_path, split: str = "test", out=None, *, n_sa
     if sampler is not None:
         opts["sampler"] = sampler
     result = reconstruct_arrays(model, arrays["v"], arrays.get("gn"), n_samples=n_samples, seed=seed,
-                                batch_size=batch_size, progress=progress, **opts)
+                                batch_size=batch_size, progress=progress, extra=arrays.get("gn_extra"), **opts)
     if out is not None:
         # the thread count too: a reduction split over other threads adds in another order
         attrs = {**(attrs or {}), "method": model.name, "split": split, "seed": int(seed), "data": str(Path(data_path).resolve()),

@@ -30,6 +30,7 @@ class Simulator(Protocol):
     data_sections: ClassVar[tuple[str, ...]]
     image_size: int
     n_meas: int
+    extra_images: int   # classical images at other settings per sample (the gn_extra array; 0: none)
 
     def __init__(self, cfg: dict) -> None: ...
 

@@ -380,10 +380,10 @@ class Trainer:
 
     # -- set-up --------------------------------------------------------------------
     def _load_data(self) -> None:
-        keys = tuple(self.model_cls.data_keys)
+        keys = tuple(self.model_cls.data_keys_for(self.cfg[self.model_name]))
         need = tuple(dict.fromkeys(("sigma", "v") + keys))   # DataInfo needs sigma and v
         train = read_split(self.data_path, "train", keys=need)
-        self.info = DataInfo.from_arrays(train["sigma"], train["v"])
+        self.info = DataInfo.from_arrays(train["sigma"], train["v"], train.get("gn_extra"))
         val = read_split(self.data_path, "val", keys=keys)
         # a NaN in the data would surface later as a NaN loss with advice to lower the lr
         for split, arrays in (("train", train), ("val", val)):

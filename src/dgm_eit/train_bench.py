@@ -60,7 +60,7 @@ def _arrays(path, keys, device):
     need = tuple(dict.fromkeys(("sigma", "v") + tuple(keys)))
     train = read_split(path, "train", keys=need)
     val = read_split(path, "val", keys=tuple(keys))
-    info = DataInfo.from_arrays(train["sigma"], train["v"])
+    info = DataInfo.from_arrays(train["sigma"], train["v"], train.get("gn_extra"))
 
     def tensors(split):
         return {k: torch.from_numpy(np.ascontiguousarray(split[k], dtype=np.float32)).to(device) for k in keys}
@@ -84,7 +84,7 @@ def measure(cfg: dict, data: str, model_name: str, stage: str, variant: str, *, 
     tcfg = {**cfg["train"], **(BASELINE if VARIANTS[variant] is not None else {}), **keys}
     speed = Speed.from_config(tcfg, dev)
     cls = MODELS[model_name]
-    info, train, val = _arrays(data, cls.data_keys, dev)
+    info, train, val = _arrays(data, cls.data_keys_for(cfg[model_name]), dev)
     torch.manual_seed(seed)
     model = cls(cfg[model_name], info).to(dev)
     if speed.channels_last:

@@ -73,6 +73,7 @@ class Simulator:
 
     data_sections = ("mesh", "simulation", "data", "phantom", "gn")
     apply_settings = staticmethod(apply_gn_settings)
+    extra_images = 0
 
     @staticmethod
     def check_config(cfg: dict, seed: int) -> None:
@@ -457,7 +458,7 @@ def _simulate_locked(cfg, out: Path, sizes, *, seed, workers, overwrite, schedul
         partial = storage.PartialFile.create(
             partial_path, config_json=cfg_json, identity=identity, seed=int(seed), sizes=sizes,
             image_size=sim.image_size, n_meas=sim.n_meas, chunk_size=int(chunk_size or DEFAULT_CHUNK_SIZE),
-            gn_settings=json.dumps(settings, sort_keys=True))
+            gn_settings=json.dumps(settings, sort_keys=True), extra_images=sim.extra_images)
     try:
         # workers make the GN images with the settings fixed when the file was started
         cfg_json = json.dumps(apply_settings(cfg, partial.gn_settings), sort_keys=True)

@@ -9,6 +9,8 @@ Layout of a finished file (docs/DESIGN.md)::
         v        (N, M)    float32   noisy voltages
         v_clean  (N, M)    float32   noiseless voltages
         gn       (N, H, W) float32   Gauss-Newton image on the same grid
+        gn_extra (N, K, H, W) float32   only where the simulator makes them: the classical image
+                                        at K other settings (extra input channels of a model)
 
 ``sigma`` is gzip-compressed per image (piecewise constant: about 50x smaller); the other
 arrays are stored plainly (noise does not compress).
@@ -41,6 +43,7 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 SPLIT_INDEX = {split: k for k, split in enumerate(SPLITS)}
 ARRAY_KEYS = ("sigma", "v", "v_clean", "gn")
+EXTRA_KEY = "gn_extra"           # the one array a data set may lack
 IMAGE_KEYS = ("sigma", "gn")
 DONE_GROUP = "_done"
 
@@ -58,13 +61,20 @@ def sample_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.
 
 
 def stack_chunk(samples: list[dict], seed: int, split: str, start: int) -> dict[str, np.ndarray]:
-    """Samples ``start, start + 1, ...`` of a split -> one chunk of :data:`ARRAY_KEYS` arrays
-    (float32); a value that is not finite names its sample instead of entering the file."""
+    """Samples ``start, start + 1, ...`` of a split -> one chunk of :data:`ARRAY_KEYS` arrays, and
+    ``gn_extra`` where the samples have it (float32); a value that is not finite names its sample
+    instead of entering the file."""
     for index, sample in enumerate(samples, start):
         for key, value in sample.items():
             if not np.all(np.isfinite(value)):
                 raise RuntimeError(f"sample {split}[{index}] (seed {seed}): {key} is not finite")
-    return {key: np.stack([s[key] for s in samples]).astype(np.float32) for key in ARRAY_KEYS}
+    keys = ARRAY_KEYS + ((EXTRA_KEY,) if samples and EXTRA_KEY in samples[0] else ())
+    return {key: np.stack([s[key] for s in samples]).astype(np.float32) for key in keys}
+
+
+def _keys(group: h5py.Group) -> tuple[str, ...]:
+    """The arrays a split of this file holds."""
+    return ARRAY_KEYS + ((EXTRA_KEY,) if EXTRA_KEY in group else ())
 
 
 def _open_h5(path: Path, mode: str = "r") -> h5py.File:
@@ -116,6 +126,12 @@ def _validate(f: h5py.File, path: Path, require_complete: bool = True) -> None:
         for key in ("v", "v_clean"):
             if group[key].ndim != 2:
                 raise InputError(f"{path}: {split}/{key} has shape {group[key].shape}, expected (N, M)")
+        if EXTRA_KEY in group:
+            extra, (n_images, *image) = group[EXTRA_KEY], group["gn"].shape
+            if (not isinstance(extra, h5py.Dataset) or extra.ndim != 4 or extra.shape[0] != n_images
+                    or list(extra.shape[2:]) != image):
+                raise InputError(f"{path}: {split}/{EXTRA_KEY} has shape {getattr(extra, 'shape', None)}, "
+                                 f"expected (N, K, H, H) with the gn images' N, H, H {(n_images, *image)}")
         shapes[split] = (group["sigma"].shape[1:], group["v"].shape[1])
     if len(set(shapes.values())) != 1:
         raise InputError(f"{path}: splits disagree on image size or number of measurements: {shapes}")
@@ -162,9 +178,9 @@ def _check_split_keys(split: str, keys: Iterable[str]) -> tuple[str, ...]:
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     keys = tuple(keys)
-    unknown = [k for k in keys if k not in ARRAY_KEYS]
+    unknown = [k for k in keys if k not in ARRAY_KEYS + (EXTRA_KEY,)]
     if unknown:
-        raise InputError(f"unknown data-set array(s) {unknown}; choose from {', '.join(ARRAY_KEYS)}")
+        raise InputError(f"unknown data-set array(s) {unknown}; choose from {', '.join(ARRAY_KEYS + (EXTRA_KEY,))}")
     return keys
 
 
@@ -174,6 +190,9 @@ def read_split(path: str | Path, split: str, keys: Sequence[str] = ("sigma", "v"
     keys = _check_split_keys(split, keys)
     with open_dataset(path) as f:
         group = f[split]
+        if EXTRA_KEY in keys and EXTRA_KEY not in group:
+            raise InputError(f"{path} has no {EXTRA_KEY} images: it was simulated without extra classical "
+                             "images (linear.extra_images)")
         n = group["v"].shape[0]
         if indices is None:
             selection = slice(None)
@@ -230,7 +249,8 @@ class PartialFile:
 
     @classmethod
     def create(cls, path: Path, *, config_json: str, identity: str, seed: int, sizes: dict[str, int],
-               image_size: int, n_meas: int, chunk_size: int, gn_settings: str = "{}") -> "PartialFile":
+               image_size: int, n_meas: int, chunk_size: int, gn_settings: str = "{}",
+               extra_images: int = 0) -> "PartialFile":
         if chunk_size < 1:
             raise InputError(f"chunk size must be >= 1, got {chunk_size}")
         # built under another name and renamed once flushed, so an existing .partial file
@@ -252,7 +272,9 @@ class PartialFile:
                 group = f.create_group(split)
                 shapes = {"sigma": (n, image_size, image_size), "gn": (n, image_size, image_size),
                           "v": (n, n_meas), "v_clean": (n, n_meas)}
-                for key in ARRAY_KEYS:
+                if extra_images:
+                    shapes[EXTRA_KEY] = (n, int(extra_images), image_size, image_size)
+                for key in shapes:
                     _create_preallocated(group, key, shapes[key], np.float32, np.nan)
                 _create_preallocated(done, split, (n_chunks(n, chunk_size),), np.uint8, 0)
         except BaseException:
@@ -316,7 +338,9 @@ class PartialFile:
     def write_chunk(self, split: str, chunk: int, arrays: dict[str, np.ndarray]) -> None:
         start, stop = self.chunk_bounds(split, chunk)
         group = self.f[split]
-        for key in ARRAY_KEYS:
+        if set(arrays) != set(_keys(group)):
+            raise ValueError(f"chunk {split}[{start}:{stop}] has arrays {sorted(arrays)}, the file {sorted(_keys(group))}")
+        for key in _keys(group):
             values = np.asarray(arrays[key], dtype=np.float32)
             if values.shape != (stop - start,) + group[key].shape[1:]:
                 raise ValueError(f"chunk {split}[{start}:{stop}] {key} has shape {values.shape}")
@@ -372,7 +396,7 @@ def _write_finished(src: h5py.File, tmp: Path, partial_path: Path, block: int) -
         dst.attrs["complete"] = False
         for split in SPLITS:
             sgroup, dgroup = src[split], dst.create_group(split)
-            for key in ARRAY_KEYS:
+            for key in _keys(sgroup):
                 data = sgroup[key]
                 n = data.shape[0]
                 if key == "sigma" and n > 0:

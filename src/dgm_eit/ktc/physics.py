@@ -63,6 +63,10 @@ class TankPhysics:
         """The linearised image of each row: what the data set's ``gn`` holds for its samples."""
         return np.stack([self.sim.recon.linear(d, m) for d, m in zip(dv, masks)])
 
+    def extra_images(self, dv: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """(N, K, H, W): what the data set's ``gn_extra`` holds for its samples."""
+        return self.sim.extra(dv, masks)
+
     def classical(self, kind: str, dv, masks, settings: dict) -> np.ndarray:
         return self._kind(kind)[0](dv, masks, settings)
 

@@ -15,7 +15,8 @@ so the file does not depend on workers or interruptions). One sample:
 4. arrays: ``sigma`` = the truth as relative conductivity clipped to [0, 2] (water 1,
    plastic ~0, metal 2) on the model grid, ``v``, ``v_clean``, and ``gn`` = the linearised
    difference image (the conditioning input of every model, as GN's image is in the paper's
-   study).
+   study), and where ``linear.extra_images`` lists them, ``gn_extra`` = the same step at
+   other priors (extra input channels of the U-Net, as in KTC2023's winning design).
 
 The linearised step's prior (std x correlation length) is chosen on the validation split by
 the challenge's own score after threshold segmentation (:func:`tune_linear`), recorded in
@@ -52,6 +53,21 @@ def linear_settings(cfg: dict) -> dict:
     return {"prior_std": float(lin["prior_std"]), "corr_length": float(lin["corr_length"])}
 
 
+def extra_image_factors(cfg: dict) -> list[tuple[float, float]]:
+    """``linear.extra_images``: ``(prior std factor, correlation length factor)`` pairs, each
+    making one more linearised image with the chosen prior scaled by them."""
+    from dgm_eit.config import with_added_keys
+
+    pairs = with_added_keys(cfg)["linear"]["extra_images"]
+    ok = isinstance(pairs, list) and all(
+        isinstance(p, list) and len(p) == 2
+        and all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in p) for p in pairs)
+    if not ok:
+        raise InputError("linear.extra_images must list [prior std factor, correlation length factor] pairs of "
+                         f"positive numbers, got {pairs!r}")
+    return [(float(a), float(b)) for a, b in pairs]
+
+
 def apply_linear_settings(cfg: dict, settings: dict) -> dict:
     """A copy of ``cfg`` whose ``[linear]`` holds the chosen prior, with nothing left to tune."""
     import copy
@@ -79,6 +95,7 @@ class KTCSimulator:
         for index in range(3):
             sampler.sample(sample_rng(seed, "train", index))
         check_levels(cfg["tank"]["train_levels"])
+        extra_image_factors(cfg)
         if cfg["linear"]["tune_prior_std"] and int(cfg["data"]["n_val"]) < 1:
             raise InputError("tuning the linearised step (linear.tune_prior_std) needs data.n_val >= 1")
 
@@ -104,7 +121,9 @@ class KTCSimulator:
         self.inside = np.asarray(self.tank.grid.inside, dtype=bool)
         self.nuisances = nuisance.Nuisances(self.tank, nuisance.check(with_added_keys(cfg)["tank"]),
                                             self.quad_points, int(p["quadrature"]))
-        self._recon = None
+        self.extra_factors = extra_image_factors(cfg)
+        self.extra_images = len(self.extra_factors)
+        self._recon, self._extra_recons = None, None
 
     @property
     def recon(self):
@@ -114,6 +133,19 @@ class KTCSimulator:
             s = linear_settings(self.cfg)
             self._recon = DifferenceReconstructor(self.tank, s["prior_std"], s["corr_length"])
         return self._recon
+
+    def extra(self, dv: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        """The linearised images at the ``linear.extra_images`` priors: (K, H, W) for one
+        measurement, (N, K, H, W) for rows of ``dv`` and ``masks``."""
+        from dgm_eit.ktc.tank import DifferenceReconstructor
+
+        if self._extra_recons is None:
+            s = linear_settings(self.cfg)
+            self._extra_recons = [DifferenceReconstructor(self.tank, s["prior_std"] * a, s["corr_length"] * b)
+                                  for a, b in self.extra_factors]
+        if np.ndim(dv) == 1:
+            return np.stack([r.linear(dv, masks) for r in self._extra_recons])
+        return np.stack([self.extra(d, m) for d, m in zip(dv, masks)])
 
     def phantom(self, seed: int, split: str, index: int):
         from dgm_eit.data.storage import sample_rng
@@ -146,7 +178,10 @@ class KTCSimulator:
 
     def sample(self, seed: int, split: str, index: int) -> dict[str, np.ndarray]:
         out = self.measure(seed, split, index)
-        out["gn"] = self.recon.linear(out["v"], out.pop("mask"))
+        mask = out.pop("mask")
+        out["gn"] = self.recon.linear(out["v"], mask)
+        if self.extra_images:
+            out["gn_extra"] = self.extra(out["v"], mask)
         return out
 
     def chunk(self, seed: int, split: str, start: int, stop: int) -> dict[str, np.ndarray]:

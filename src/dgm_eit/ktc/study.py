@@ -167,7 +167,8 @@ class Methods:
             opts.update(config=method.configure(self.cfg), sampler=sampler, t0=float(csd["t0"]),
                         n_steps=int(csd["n_steps"]))
         v = np.where(masks, np.nan_to_num(dv), 0.0)
-        out = reconstruct_arrays(model, v, start, seed=seed, **opts)
+        extra = self.physics.extra_images(dv, masks) if model.needs_extra else None
+        out = reconstruct_arrays(model, v, start, seed=seed, extra=extra, **opts)
         return {k: out[k] for k in ("recon", "recon_std") if k in out}
 
 

@@ -34,9 +34,10 @@ class DataInfo:
     sigma_std: float
     sigma_min: float | None = None    # the training images' range (None in runs made before it was recorded)
     sigma_max: float | None = None
+    extra_images: int = 0             # classical images at other settings per sample (gn_extra)
 
     @classmethod
-    def from_arrays(cls, sigma: np.ndarray, v: np.ndarray) -> "DataInfo":
+    def from_arrays(cls, sigma: np.ndarray, v: np.ndarray, extra: np.ndarray | None = None) -> "DataInfo":
         sigma = np.asarray(sigma, dtype=np.float64)
         v = np.asarray(v, dtype=np.float64)
         v_std = v.std(axis=0)
@@ -51,6 +52,7 @@ class DataInfo:
             sigma_std=float(sigma.std() or 1.0),
             sigma_min=float(sigma.min()),
             sigma_max=float(sigma.max()),
+            extra_images=0 if extra is None else int(extra.shape[1]),
         )
 
     def save(self, path: str | Path) -> None:
@@ -78,6 +80,13 @@ class GenerativeModel(nn.Module):
     needs_gn: ClassVar[bool] = False
     # split arrays the trainer loads into batches (drop the ones a model never reads)
     data_keys: ClassVar[tuple[str, ...]] = ("sigma", "v", "gn")
+    # reconstruct() reads batch["gn_extra"] (the data set's classical images at other settings)
+    needs_extra: bool = False
+
+    @classmethod
+    def data_keys_for(cls, cfg: dict) -> tuple[str, ...]:
+        """The split arrays a model of this config reads (``cfg``: its config section)."""
+        return cls.data_keys
 
     def __init__(self, cfg: dict, info: DataInfo):
         super().__init__()

@@ -12,8 +12,11 @@ set's ``gn``: GN on the disk, the linearised step on the tank) goes in, and eith
   the classes at 1, 0 and 2 (``1 - p_resistive + p_conductive``), so that a study segments it
   as any other image.
 
-It is deterministic (one image, no std map) and never sees the voltages except through the
-classical image.
+``inputs`` lists its input channels: the classical image ``gn``, and with ``extra`` the data
+set's classical images at other settings (``gn_extra``; on the tank, the linearised step at
+other priors, as in KTC2023's winning design). No constant plane (such as the difficulty
+level): every convolution block's group normalisation would subtract it again. It is
+deterministic (one image, no std map) and never sees the voltages.
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ OUTPUTS = ("regression", "classes")
 # conductive: the midpoints between water (1) and the clipped extremes of the tank's images (0, 2)
 CLASS_CUTS = (0.5, 1.5)
 CLASS_VALUES = (1.0, 0.0, 2.0)   # water, resistive, conductive
+INPUTS = (["gn"], ["gn", "extra"])
+
+
+def check_inputs(cfg: dict) -> list[str]:
+    """``unet.inputs``: ``["gn"]`` or ``["gn", "extra"]``."""
+    inputs = cfg.get("inputs", ["gn"])   # a run trained before unet.inputs existed took gn alone
+    if inputs not in INPUTS:
+        raise InputError(f"unet.inputs must be {' or '.join(map(str, INPUTS))}, got {inputs!r}")
+    return inputs
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -43,14 +55,14 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNetBackbone(nn.Module):
-    """Images (B,1,H,W) -> (B,1,H,W): one resolution level per entry of ``channels`` (average-pool
+    """Images (B,C,H,W) -> (B,out,H,W): one resolution level per entry of ``channels`` (average-pool
     down, nearest up, skip connections), the output layer zeroed so that training starts from
     the identity of the residual it predicts."""
 
-    def __init__(self, channels: list[int], out_channels: int = 1):
+    def __init__(self, channels: list[int], out_channels: int = 1, in_channels: int = 1):
         super().__init__()
         self.down = nn.ModuleList()
-        cin = 1
+        cin = in_channels
         for c in channels:
             self.down.append(_conv_block(cin, c))
             cin = c
@@ -83,6 +95,10 @@ class UNetPostProcessing(GenerativeModel):
     needs_gn: ClassVar[bool] = True
     data_keys: ClassVar[tuple[str, ...]] = ("sigma", "gn")
 
+    @classmethod
+    def data_keys_for(cls, cfg: dict) -> tuple[str, ...]:
+        return cls.data_keys + ("gn_extra",) * ("extra" in check_inputs(cfg))
+
     def __init__(self, cfg: dict, info: DataInfo):
         super().__init__(cfg, info)
         channels = [int(c) for c in cfg["channels"]]
@@ -95,32 +111,47 @@ class UNetPostProcessing(GenerativeModel):
         self.output = cfg.get("output", "regression")
         if self.output not in OUTPUTS:
             raise InputError(f"unet.output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
-        self.net = UNetBackbone(channels, 1 if self.output == "regression" else len(CLASS_VALUES))
+        self.needs_extra = "extra" in check_inputs(cfg)
+        if self.needs_extra and not info.extra_images:
+            raise InputError("unet.inputs has 'extra', but the data set has no extra classical images "
+                             "(linear.extra_images is empty)")
+        in_channels = 1 + info.extra_images * self.needs_extra
+        self.net = UNetBackbone(channels, 1 if self.output == "regression" else len(CLASS_VALUES), in_channels)
         self.register_buffer("sigma_mean", torch.tensor(float(info.sigma_mean)))
         self.register_buffer("sigma_std", torch.tensor(float(info.sigma_std)))
         # derived from the image size, so not saved with the weights
         self.register_buffer("inside", disk_mask(info.image_size).float(), persistent=False)
 
-    def _images(self, batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    def _images(self, batch: dict[str, torch.Tensor], key: str, channels: int = 0) -> torch.Tensor:
+        """``batch[key]`` normalised, (B,1,H,W) or, with ``channels``, (B,channels,H,W)."""
         if key not in batch:
             raise InputError(f"the U-Net post-processes the Gauss-Newton image: the batch needs {key!r}")
         size = self.info.image_size
         images = batch[key]
-        if images.dim() != 3 or tuple(images.shape[-2:]) != (size, size):
-            raise InputError(f"batch[{key!r}] has shape {tuple(images.shape)}, the model expects (B,{size},{size})")
-        return ((images - self.sigma_mean) / self.sigma_std)[:, None]
+        shape = (channels, size, size) if channels else (size, size)
+        if tuple(images.shape[1:]) != shape:
+            raise InputError(f"batch[{key!r}] has shape {tuple(images.shape)}, the model expects "
+                             f"(B,{','.join(map(str, shape))})")
+        images = (images - self.sigma_mean) / self.sigma_std
+        return images if channels else images[:, None]
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The network's input channels (B,C,H,W): ``gn``, then ``gn_extra`` where ``inputs`` has it."""
+        x = [self._images(batch, "gn")]
+        if self.needs_extra:
+            x.append(self._images(batch, "gn_extra", self.info.extra_images))
+        return torch.cat(x, dim=1)
 
     def _predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised images (B,1,H,W), 0 outside the disk."""
-        gn = self._images(batch, "gn")
-        return (gn + self.net(gn)) * self.inside
+        return (self._images(batch, "gn") + self.net(self._inputs(batch))) * self.inside
 
 
     def loss(self, batch: dict[str, torch.Tensor], stage: str = "regression") -> torch.Tensor:
         if stage != "regression":
             raise InputError(f"the U-Net has one training stage 'regression', got {stage!r}")
         if self.output == "classes":
-            logits = self.net(self._images(batch, "gn"))
+            logits = self.net(self._inputs(batch))
             self._images(batch, "sigma")   # checks its shape
             sigma = batch["sigma"]         # relative conductivity: the background is 1
             target = ((sigma < CLASS_CUTS[0]) * 1 + (sigma > CLASS_CUTS[1]) * 2).long()
@@ -137,7 +168,7 @@ class UNetPostProcessing(GenerativeModel):
         self.eval()
         try:
             if self.output == "classes":
-                p = torch.softmax(self.net(self._images(batch, "gn")), dim=1)
+                p = torch.softmax(self.net(self._inputs(batch)), dim=1)
                 values = torch.tensor(CLASS_VALUES, dtype=p.dtype, device=p.device)
                 return {"recon": torch.einsum("bchw,c->bhw", p, values) * self.inside, "nfe": 1}
             x = self._predict(batch)[:, 0]
