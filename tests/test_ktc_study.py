@@ -297,7 +297,7 @@ def test_simulated_tank_data_set(tmp_path):
     paths = [tmp_path / "a.h5", tmp_path / "b.h5"]
     for p in paths:
         simulate_dataset(cfg, p, seed=3, workers=1, progress=False)
-    a, b = (read_split(p, "val", keys=("sigma", "v", "gn")) for p in paths)
+    a, b = (read_split(p, "val", keys=("sigma", "v", "gn", "gn_extra")) for p in paths)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     settings = dataset_gn_settings(paths[0])
@@ -312,16 +312,37 @@ def test_simulated_tank_data_set(tmp_path):
         assert np.all(a["v"][i][~m["mask"]] == 0)
         np.testing.assert_allclose(a["gn"][i], sim.recon.linear(m["v"], m["mask"]), atol=1e-5)
         assert sim.truth_classes(3, "val", i).shape == (256, 256)
+    # the profile's extra images: the same step with the chosen prior scaled by each pair of factors
+    assert sim.extra_factors == [(0.25, 1.0), (4.0, 1.0), (1.0, 3.0)] and a["gn_extra"].shape == (8, 3, 16, 16)
+    m = sim.measure(3, "val", 5)
+    for k, (std, length) in enumerate(sim.extra_factors):
+        rec = DifferenceReconstructor(sim.tank, settings["prior_std"] * std, settings["corr_length"] * length)
+        np.testing.assert_allclose(a["gn_extra"][5, k], rec.linear(m["v"], m["mask"]), atol=1e-5)
+    masks = np.stack([sim.measure(3, "val", i)["mask"] for i in range(8)])
+    np.testing.assert_allclose(sim.extra(a["v"], masks), a["gn_extra"], atol=1e-5)   # what the study feeds the U-Net
+    assert not np.allclose(a["gn_extra"][:, 0], a["gn_extra"][:, 1])
+    # none without them; a bad list is refused naming the key
+    simulate_dataset(small_cfg("data.n_train=2", "data.n_val=2", "data.n_test=0", "linear.extra_images=[]"),
+                     tmp_path / "c.h5", seed=3, workers=1, progress=False)
+    with pytest.raises(InputError, match="has no gn_extra images"):
+        read_split(tmp_path / "c.h5", "val", keys=("gn_extra",))
+    for bad in ("[[1.0]]", "[[0.0, 1.0]]", "[1.0, 2.0]"):
+        with pytest.raises(InputError, match="linear.extra_images must list"):
+            KTCSimulator.check_config(small_cfg(f"linear.extra_images={bad}"), 0)
 
 
 def test_ktc_run_and_entry_point(ktc_tiny_study, tmp_path, capsys):
-    from dgm_eit.ktc.study import load_study
+    from dgm_eit.ktc.study import Methods, load_study
 
     out, args = ktc_tiny_study
     report = (out / "report.md").read_text()
     assert "Nothing here was tuned on the real targets" in report and "| CSD* |" in report
     cfg, chosen = load_study(out)
     assert f"- {nuisance.describe(cfg['tank'])}." in report
+    assert "- The same step at 3 other priors (std, correlation length: (" in report
+    # the U-Net of the profile reads them, trained and run on the tank alike
+    model = Methods(cfg, out).model(get_method("unet"))
+    assert model.needs_extra and model.info.extra_images == 3 and model.net.down[0][0].in_channels == 4
     # the sim-to-real agreement: the rank correlation of the validation scores and the targets' totals
     val, total = {m: chosen[m]["score"] for m in chosen}, dict.fromkeys(chosen, 0.0)
     for method, _, _, _, score in (r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:]):

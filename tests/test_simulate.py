@@ -48,7 +48,7 @@ class _Interrupted(Exception):
 class _StandIn:
     """Arrays that encode (seed, split, index), so misplaced or repeated samples show."""
 
-    image_size, n_meas = 4, 5
+    image_size, n_meas, extra_images = 4, 5, 0
 
     def __init__(self, fail_after=None):
         self.calls = []

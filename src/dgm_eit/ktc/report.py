@@ -13,6 +13,7 @@ from dgm_eit.errors import InputError
 from dgm_eit.files import atomic_path, write_text
 from dgm_eit.ktc import nuisance
 from dgm_eit.ktc.physics import recorded_linear_model
+from dgm_eit.ktc.simulate import extra_image_factors
 from dgm_eit.methods import get_method
 from dgm_eit.stats import rank_agreement
 
@@ -212,6 +213,11 @@ def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, man
         lines.append(f"- Linearised step (every model's conditioning image): Gaussian smoothness prior, std "
                      f"{lin['prior_std']:g}, correlation length {lin['corr_length']:g} m, chosen on "
                      f"{lin['tuned_on']} from {len(lin['candidates'])} candidates (val score {lin['val_score']:.3f}).")
+    extra = extra_image_factors(cfg)
+    if extra and lin.get("prior_std"):
+        priors = ", ".join(f"({lin['prior_std'] * a:g}, {lin['corr_length'] * b:g} m)" for a, b in extra)
+        lines.append(f"- The same step at {len(extra)} other priors (std, correlation length: {priors}; "
+                     "`linear.extra_images`, set a priori): input channels of the U-Net where `unet.inputs` has them.")
     lines += ["", "| method | own settings | low / high threshold | val score | val resistive | val conductive |",
               "|---|---|---|---|---|---|"]
     for m in results["methods"]:

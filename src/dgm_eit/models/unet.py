@@ -14,9 +14,8 @@ set's ``gn``: GN on the disk, the linearised step on the tank) goes in, and eith
 
 ``inputs`` lists its input channels: the classical image ``gn``, and with ``extra`` the data
 set's classical images at other settings (``gn_extra``; on the tank, the linearised step at
-other priors, as in KTC2023's winning design). No constant plane (such as the difficulty
-level): every convolution block's group normalisation would subtract it again. It is
-deterministic (one image, no std map) and never sees the voltages.
+other priors, as in KTC2023's winning design). It is deterministic (one image, no std map) and
+never sees the voltages.
 """
 
 from __future__ import annotations
