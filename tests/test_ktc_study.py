@@ -343,6 +343,9 @@ def test_ktc_run_and_entry_point(ktc_tiny_study, tmp_path, capsys):
     # the U-Net of the profile reads them, trained and run on the tank alike
     model = Methods(cfg, out).model(get_method("unet"))
     assert model.needs_extra and model.info.extra_images == 3 and model.net.down[0][0].in_channels == 4
+    from dgm_eit.reconstruct import reconstruct_voltages   # raw voltages need the tank's own entry point
+    with pytest.raises(InputError, match="no \\[mesh\\] to make the GN images of raw voltages.*dgm-eit ktc"):
+        reconstruct_voltages(out / "runs" / "unet" / "seed0", np.full((1, ktc.N_MEAS), 1e-3), device="cpu")
     # the sim-to-real agreement: the rank correlation of the validation scores and the targets' totals
     val, total = {m: chosen[m]["score"] for m in chosen}, dict.fromkeys(chosen, 0.0)
     for method, _, _, _, score in (r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:]):

@@ -334,6 +334,10 @@ def reconstruct_voltages(run_dir, v: np.ndarray, *, n_samples: int | None = None
     if len(v) == 0:
         raise InputError(f"no voltage vectors to reconstruct (shape {v.shape})")
     _warn(check_voltages(v, info, source))
+    if model.needs_gn and "mesh" not in cfg:
+        raise InputError(f"{run_dir} was trained on another study's data (its config has no [mesh] to make the GN "
+                         "images of raw voltages): reconstruct its data set with --data, or KTC tank measurements "
+                         "with dgm-eit ktc")
     gn = gn_images(cfg, v, info.image_size) if model.needs_gn else None
     opts = run_options(run_dir, cfg, opts)
     if sampler is not None:
