@@ -9,7 +9,20 @@ classes by cross-entropy) on four inputs:
 - ``gn+level``: plus a constant plane (level - 1) / 6, the difficulty level;
 - ``priors``: plus the linearised step at the priors of ``linear.extra_images`` (the profile's
   factors of the data set's chosen prior, whatever the study's own key says);
-- ``priors+level``: both.
+- ``priors+level``: both;
+- ``priors@64``: the ``priors`` inputs (32 x 32), class output at 64 x 64: the U-Net's output
+  is upsampled (nearest) beside the bilinearly upsampled inputs, one more convolution block
+  makes the logits, trained on the phantoms' classes at 64 x 64 pixel centres (the segmentation
+  then upsamples 64 -> 256 instead of 32 -> 256).
+
+``--train-from FILE`` trains on the training split of another data set of the study's seed and
+linearised step with more samples (``dgm-eit simulate --profile ktc --set data.n_train=18000 --seed 0
+--out FILE``): its first rows must be the study's own, so only the added samples differ (use another
+``--out``: its inputs are cached there; ``--compare-with`` the first ``--out`` pairs the two).
+
+``--ceiling`` prints what the image grid alone costs: the challenge score of the validation
+phantoms themselves rasterised at 32, 48 and 64 pixels (thresholds chosen on those images), the
+score a perfect model on that grid would get.
 
 Thresholds are chosen on ``val[:48]`` (the study's rule), scores are on ``val[48:]``, which no
 choice saw; each variant's difference to ``gn`` is paired over those images, per training seed
@@ -37,18 +50,22 @@ from dgm_eit.config import load_config
 from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.ktc import segment
 from dgm_eit.ktc.simulate import KTCSimulator, apply_linear_settings
+from dgm_eit.ktc.phantoms import class_map
 from dgm_eit.ktc.study import load_study, real_targets
 from dgm_eit.ktc.tank import level_masks, public_dir
 from dgm_eit.models.base import disk_mask
-from dgm_eit.models.unet import CLASS_CUTS, CLASS_VALUES, UNetBackbone
+from dgm_eit.models.unet import CLASS_CUTS, CLASS_VALUES, UNetBackbone, _conv_block
 from dgm_eit.stats import mean_interval
 
-VARIANTS = {"gn": (False, False), "gn+level": (False, True), "priors": (True, False), "priors+level": (True, True)}
+# name: (the extra priors as inputs, the level plane as an input, output pixels)
+VARIANTS = {"gn": (False, False, 32), "gn+level": (False, True, 32), "priors": (True, False, 32),
+            "priors+level": (True, True, 32), "priors@64": (True, False, 64)}
 CHOICE = 48   # validation images the thresholds are chosen on
 
 
-def inputs(run: Path, out: Path) -> dict:
-    """Every variant's input arrays, from the study's data set (cached in ``out/inputs.npz``)."""
+def inputs(run: Path, out: Path, train_from: Path | None = None) -> dict:
+    """Every variant's input arrays, from the study's data set, the training split from
+    ``train_from`` where given (cached in ``out/inputs.npz``)."""
     path = out / "inputs.npz"
     if path.is_file():
         return dict(np.load(path))
@@ -56,6 +73,13 @@ def inputs(run: Path, out: Path) -> dict:
     with h5py.File(run / "data" / "ktc.h5") as f:
         settings, seed = json.loads(f.attrs["gn_settings"]), int(f.attrs["seed"])
         arrays = {s: {k: f[f"{s}/{k}"][:] for k in ("sigma", "v", "gn")} for s in ("train", "val")}
+    if train_from is not None:
+        with h5py.File(train_from) as f:
+            more = {k: f[f"train/{k}"][:] for k in ("sigma", "v", "gn")}
+        n = len(arrays["train"]["v"])
+        if len(more["v"]) < n or any(not np.array_equal(more[k][:n], arrays["train"][k]) for k in ("sigma", "v")):
+            raise SystemExit(f"{train_from}: its first {n} training samples are not those of {run} (another seed or tank)")
+        arrays["train"] = more   # its gn is checked below: the same linearised step
     cfg = apply_linear_settings(cfg, settings)
     cfg["linear"]["extra_images"] = load_config("ktc")["linear"]["extra_images"]
     sim = KTCSimulator(cfg)
@@ -94,7 +118,7 @@ def save(path: Path, arrays: dict) -> None:
 
 def features(d: dict, prefix: str, variant: str, mean: float, std: float) -> torch.Tensor:
     """The network's input channels (N, C, H, W) of one variant, normalised as the package's U-Net does."""
-    priors, level = VARIANTS[variant]
+    priors, level, _ = VARIANTS[variant]
     x = [(d[f"{prefix}_gn"][:, None] - mean) / std]
     if priors:
         x.append((d[f"{prefix}_extra"] - mean) / std)
@@ -104,12 +128,55 @@ def features(d: dict, prefix: str, variant: str, mean: float, std: float) -> tor
     return torch.from_numpy(np.concatenate(x, axis=1).astype(np.float32))
 
 
-def train(x: torch.Tensor, sigma: torch.Tensor, seed: int, epochs: int = 10, batch: int = 32,
+class FinerOutput(nn.Module):
+    """The profile's U-Net with its output upsampled ``factor`` times: nearest-upsampled features
+    and bilinearly upsampled inputs -> one convolution block -> class logits."""
+
+    def __init__(self, in_channels: int, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.body = UNetBackbone([16, 32, 64], 16, in_channels=in_channels)
+        nn.init.normal_(self.body.out.weight, std=0.1)   # it feeds the head: not the backbone's zero start
+        self.head = _conv_block(16 + in_channels, 16)
+        self.out = nn.Conv2d(16, len(CLASS_VALUES), 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.interpolate(self.body(x), scale_factor=self.factor, mode="nearest")
+        up = F.interpolate(x, scale_factor=self.factor, mode="bilinear", align_corners=False)
+        return self.out(self.head(torch.cat([h, up], dim=1)))
+
+
+def fine_classes(run: Path, out: Path, size: int, sigma: np.ndarray) -> np.ndarray:
+    """The classes at ``size`` pixels of the training phantoms whose images are ``sigma`` (cached
+    in ``out/classes<size>.npz``)."""
+    path = out / f"classes{size}.npz"
+    if path.is_file():
+        return np.load(path)["train"]
+    cfg, _ = load_study(run)
+    with h5py.File(run / "data" / "ktc.h5") as f:
+        seed = int(f.attrs["seed"])
+    sim = KTCSimulator(cfg)
+    phantoms = [sim.phantom(seed, "train", i)[1] for i in range(len(sigma))]
+    # the phantoms are the data set's: their classes on its grid are those of its sigma (inside the disk)
+    inside = disk_mask(sigma.shape[-1]).numpy()
+    coarse = (sigma < CLASS_CUTS[0]) * 1 + (sigma > CLASS_CUTS[1]) * 2
+    if any((class_map(p, sigma.shape[-1]) != c)[inside].any() for p, c in zip(phantoms[:50], coarse)):
+        raise SystemExit(f"{run}: the phantoms remade from the data set's seed are not its images")
+    classes = np.stack([class_map(p, size) for p in phantoms])
+    save(path, {"train": classes})
+    return classes
+
+
+def train(x: torch.Tensor, target: torch.Tensor, seed: int, epochs: int = 10, batch: int = 32,
           lr: float = 1e-3) -> nn.Module:
+    """``target``: (N, S, S) classes; S > the inputs' size trains :class:`FinerOutput`."""
     torch.manual_seed(seed)
-    net = UNetBackbone([16, 32, 64], len(CLASS_VALUES), in_channels=x.shape[1])
-    inside = disk_mask(x.shape[-1]).float()
-    target = ((sigma < CLASS_CUTS[0]) * 1 + (sigma > CLASS_CUTS[1]) * 2).long()
+    size = target.shape[-1]
+    net = (UNetBackbone([16, 32, 64], len(CLASS_VALUES), in_channels=x.shape[1]) if size == x.shape[-1]
+           else FinerOutput(x.shape[1], size // x.shape[-1]))
+    inside = disk_mask(size).float()
     opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)   # the trainer's optimizer_kernel
     order = torch.Generator().manual_seed(seed)
     steps, step = epochs * (len(x) // batch), 0
@@ -133,7 +200,23 @@ def train(x: torch.Tensor, sigma: torch.Tensor, seed: int, epochs: int = 10, bat
 def image(net: nn.Module, x: torch.Tensor) -> np.ndarray:
     net.eval()
     p = torch.softmax(net(x), dim=1)
-    return (torch.einsum("bchw,c->bhw", p, torch.tensor(CLASS_VALUES)) * disk_mask(x.shape[-1]).float()).numpy()
+    return (torch.einsum("bchw,c->bhw", p, torch.tensor(CLASS_VALUES)) * disk_mask(p.shape[-1]).float()).numpy()
+
+
+def ceiling(run: Path) -> None:
+    """The score of the validation phantoms themselves on coarser grids."""
+    cfg, _ = load_study(run)
+    with h5py.File(run / "data" / "ktc.h5") as f:
+        seed, n = int(f.attrs["seed"]), len(f["val/sigma"])
+    sim = KTCSimulator(cfg)
+    phantoms = [sim.phantom(seed, "val", i)[1] for i in range(n)]
+    truths = np.stack([class_map(p, ktc.IMAGE_SIZE) for p in phantoms])
+    for size in (32, 48, 64):
+        images = np.stack([np.clip(p.rasterise(size, 1, inside=disk_mask(size).numpy()), 0.0, 2.0) for p in phantoms])
+        best = segment.tune_thresholds(segment.upsample(images), truths)
+        print(f"the {n} validation phantoms at {size} x {size} pixels: score {best['score']:.3f} "
+              f"(resistive {best['resistive']:.3f}, conductive {best['conductive']:.3f}; thresholds "
+              f"{best['low']:g} / {best['high']:g})", flush=True)
 
 
 def scores(images, low, high, truths) -> np.ndarray:
@@ -150,6 +233,20 @@ def evaluate(d: dict, images: dict) -> tuple[dict, np.ndarray, list[float]]:
     return chosen, held, public
 
 
+def held_out(d: dict, folder: Path, variants: list[str], seeds: list[int]) -> dict:
+    """Per (variant, seed or ensemble) of the images in ``folder``: its val[48:] scores (its figures printed)."""
+    held = {}
+    for variant in variants:
+        runs = [dict(np.load(folder / f"img_{variant}_s{seed}.npz")) for seed in seeds]
+        ensemble = {k: np.mean([r[k] for r in runs], axis=0) for k in runs[0]}
+        for tag, images in [*((f"seed {s}", r) for s, r in zip(seeds, runs)), ("ensemble", ensemble)]:
+            chosen, held[variant, tag], public = evaluate(d, images)
+            print(f"{variant:13s} {tag:8s} thresholds {chosen['low']:.1f} / {chosen['high']:.1f}  "
+                  f"val[{CHOICE}:] {held[variant, tag].mean():.3f}  public {sum(public):.2f} "
+                  f"(levels {' '.join(f'{x:.2f}' for x in public)})", flush=True)
+    return held
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished dgm-eit run --profile ktc directory")
@@ -157,13 +254,19 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}; the first is the baseline")
     ap.add_argument("--seeds", default="0,1", help="training seeds")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (one per process: run two side by side)")
+    ap.add_argument("--ceiling", action="store_true", help="print the grid's own ceiling first")
+    ap.add_argument("--train-from", type=Path, help="a data set of the same seed with more training samples")
+    ap.add_argument("--compare-with", type=Path, help="another --out: its images of the same variants and seeds, "
+                    "paired with these on val[48:]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    d = inputs(args.run, args.out)
+    if args.ceiling:
+        ceiling(args.run)
+    d = inputs(args.run, args.out, args.train_from)
     mean, std = float(d["train_sigma"].mean()), float(d["train_sigma"].std())
     for variant in variants:
         for seed in seeds:
@@ -171,26 +274,26 @@ def main() -> None:
             if path.is_file():
                 continue
             started = time.perf_counter()
-            net = train(features(d, "train", variant, mean, std), torch.from_numpy(d["train_sigma"]), seed)
+            size, sigma = VARIANTS[variant][2], d["train_sigma"]
+            target = (torch.from_numpy(fine_classes(args.run, args.out, size, sigma).astype(np.int64)) if size != sigma.shape[-1]
+                      else torch.from_numpy((sigma < CLASS_CUTS[0]) * 1 + (sigma > CLASS_CUTS[1]) * 2).long())
+            net = train(features(d, "train", variant, mean, std), target, seed)
             images = {"val": image(net, features(d, "val", variant, mean, std))}
             images.update({f"pub{level}": image(net, features(d, f"pub{level}", variant, mean, std))
                            for level in ktc.LEVELS})
             save(path, images)
             print(f"{variant} seed {seed}: trained in {time.perf_counter() - started:.0f} s", flush=True)
-    held = {}
-    for variant in variants:
-        runs = [dict(np.load(args.out / f"img_{variant}_s{seed}.npz")) for seed in seeds]
-        ensemble = {k: np.mean([r[k] for r in runs], axis=0) for k in runs[0]}
-        for tag, images in [*((f"seed {s}", r) for s, r in zip(seeds, runs)), ("ensemble", ensemble)]:
-            chosen, held[variant, tag], public = evaluate(d, images)
-            print(f"{variant:13s} {tag:8s} thresholds {chosen['low']:.1f} / {chosen['high']:.1f}  "
-                  f"val[{CHOICE}:] {held[variant, tag].mean():.3f}  public {sum(public):.2f} "
-                  f"(levels {' '.join(f'{x:.2f}' for x in public)})", flush=True)
+    held = held_out(d, args.out, variants, seeds)
     for variant in variants[1:]:
         for tag in [f"seed {s}" for s in seeds] + ["ensemble"]:
             iv = mean_interval(held[variant, tag] - held[variants[0], tag], seed=0)
             print(f"{variant:13s} {tag:8s} minus {variants[0]}: {iv.change:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]")
-
+    if args.compare_with:
+        print(f"the same variants and seeds in {args.compare_with}:")
+        other = held_out(d, args.compare_with, variants, seeds)
+        for key, scores in held.items():
+            iv = mean_interval(scores - other[key], seed=0)
+            print(f"{key[0]:13s} {key[1]:8s} minus {args.compare_with}: {iv.change:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]")
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ from dgm_eit.datasets import ktc2023 as ktc
 from dgm_eit.errors import InputError
 from dgm_eit.ktc import nuisance, segment
 from dgm_eit.methods import get_method
-from dgm_eit.stats import rank_agreement
+from dgm_eit.stats import order_agreement, rank_agreement
 from dgm_eit.ktc.tank import DifferenceReconstructor, Tank, public_dir
 
 # coarse meshes and a 16-pixel grid: every test here takes seconds
@@ -332,7 +332,7 @@ def test_simulated_tank_data_set(tmp_path):
 
 
 def test_ktc_run_and_entry_point(ktc_tiny_study, tmp_path, capsys):
-    from dgm_eit.ktc.study import Methods, load_study
+    from dgm_eit.ktc.study import Methods, load_study, validation_pairs
 
     out, args = ktc_tiny_study
     report = (out / "report.md").read_text()
@@ -351,6 +351,13 @@ def test_ktc_run_and_entry_point(ktc_tiny_study, tmp_path, capsys):
     for method, _, _, _, score in (r.split(",") for r in (out / "scores.csv").read_text().splitlines()[1:]):
         total[method] += float(score)
     assert f"rank correlation of {rank_agreement(val, total):.2f} " in report
+    # ... and which pairs validation separates (paired over its images), and how many the targets order alike
+    pairs = validation_pairs(chosen, resamples=int(cfg["run"]["bootstrap_resamples"]))
+    split = order_agreement(pairs, total)
+    assert len(pairs) == 15 and sum(map(len, split.values())) == 15
+    assert (f"Of the 15 pairs of methods, validation separates {len(split['agree']) + len(split['disagree'])} "
+            f"(the paired 95% interval") in report
+    assert f"order {len(split['agree'])} of them the same way" in report
     scores = (out / "scores.csv").read_text().splitlines()
     assert len(scores) == 1 + 6 * 2 * 4    # methods x levels x targets
     assert set(chosen) == {"linear", "gn", "cvae", "cnf", "csd", "unet"} and chosen["gn"]["iterations"] == 2

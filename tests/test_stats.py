@@ -5,7 +5,8 @@ import pytest
 
 from dgm_eit.errors import InputError
 from dgm_eit.reconstruct import pool_members
-from dgm_eit.stats import Interval, rank_agreement, ranks, relative_change, spread_verdict, std_interval, win_rate
+from dgm_eit.stats import (Interval, mean_interval, order_agreement, paired_interval, rank_agreement, ranks,
+                           relative_change, spread_verdict, std_interval, win_rate)
 
 
 def _reference(n=200, seed=0):
@@ -122,3 +123,31 @@ def test_a_spread_goal_is_met_or_missed_only_when_the_whole_interval_says_so():
     assert spread_verdict(1.0, 2.9, 3.0) == "met"
     assert spread_verdict(3.1, 9.0, 3.0) == "missed"
     assert spread_verdict(1.7, 20.8, 3.0) == "undecided"
+
+
+def test_paired_interval_resamples_images_and_seed_pairs():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.8, 0.1, size=(2, 40)), rng.normal(0.7, 0.1, size=40)
+    # one row each: the bootstrap of the per-image difference
+    assert paired_interval(a[0], b, resamples=300, seed=1) == mean_interval(a[0] - b, resamples=300, seed=1)
+    # two seeds against one: a row per seed pair, the mean is the mean over them
+    iv = paired_interval(a, b, resamples=300, seed=1)
+    assert iv == mean_interval(a - b[None], resamples=300, seed=1)
+    assert iv.change == pytest.approx((a.mean(axis=0) - b).mean()) and iv.low < iv.change < iv.high
+    # pairing: a shared per-image offset leaves the difference, and so the interval, unchanged
+    offset = rng.normal(0, 5, size=40)
+    shifted = paired_interval(a + offset, b + offset, resamples=300, seed=1)
+    np.testing.assert_allclose([shifted.change, shifted.low, shifted.high], [iv.change, iv.low, iv.high], atol=1e-12)
+    with pytest.raises(InputError, match="same images"):
+        paired_interval(a, b[:39])
+
+
+def test_order_agreement_splits_the_pairs():
+    pairs = {("gn", "cvae"): Interval(0.05, 0.01, 0.09),      # validation: GN ahead
+             ("gn", "cnf"): Interval(-0.04, -0.07, -0.01),     # validation: the CNF ahead
+             ("cvae", "cnf"): Interval(0.01, -0.02, 0.04)}     # validation cannot tell
+    real = {"gn": 21.0, "cvae": 20.0, "cnf": 20.0}
+    split = order_agreement(pairs, real)
+    assert split == {"agree": [("gn", "cvae")], "disagree": [("gn", "cnf")], "tied": [("cvae", "cnf")]}
+    # a tie on the real targets is not agreement
+    assert order_agreement(pairs, dict.fromkeys(real, 20.0))["agree"] == []

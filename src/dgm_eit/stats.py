@@ -118,6 +118,37 @@ def mean_interval(values, *, resamples: int = 2000, seed: int = 0, level: float 
     return Interval(point, *_percentiles(_resampled_mean(values, images, seeds), point, level))
 
 
+def paired_interval(first, second, *, resamples: int = 2000, seed: int = 0, level: float = LEVEL) -> Interval:
+    """The mean of ``first - second`` with a paired percentile-bootstrap interval: (K1, N) and
+    (K2, N) values (seeds, images) of the same N images. Every pair of their seeds is one row of
+    the difference, so a resample draws images (the same for both) and seed pairs."""
+    a, b = (np.asarray(x, dtype=np.float64) for x in (first, second))
+    a, b = (x[None] if x.ndim == 1 else x for x in (a, b))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise InputError(f"a paired difference needs (seeds, images) values of the same images, got shapes "
+                         f"{np.shape(first)} and {np.shape(second)}")
+    difference = (a[:, None, :] - b[None, :, :]).reshape(-1, a.shape[1])
+    return mean_interval(difference, resamples=resamples, seed=seed, level=level)
+
+
+def order_agreement(pairs: Mapping[tuple[str, str], Interval], scores: Mapping[str, float]) -> dict[str, list]:
+    """Which of the pairs one source separates another orders alike (higher is better in both).
+
+    ``pairs[a, b]``: the interval of ``a - b`` on the first source (say, paired validation
+    scores); ``scores``: one number per method on the second (the real targets' totals). Returns
+    the pairs as ``agree`` (the interval excludes 0 and the second source orders them the same
+    way), ``disagree`` (it excludes 0, the second source orders them the other way or ties them)
+    and ``tied`` (the interval holds 0: the first source cannot order them)."""
+    out = {"agree": [], "disagree": [], "tied": []}
+    for (a, b), iv in pairs.items():
+        if iv.low <= 0.0 <= iv.high:
+            out["tied"].append((a, b))
+        else:
+            same = (scores[a] - scores[b]) * (1.0 if iv.low > 0 else -1.0) > 0
+            out["agree" if same else "disagree"].append((a, b))
+    return out
+
+
 def std_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
     """``(std, low, high)``: the sample std (ddof 1) of ``values`` with its chi-square
     confidence interval, for values drawn from one normal distribution. With 3 values (2

@@ -15,7 +15,7 @@ from dgm_eit.ktc import nuisance
 from dgm_eit.ktc.physics import recorded_linear_model
 from dgm_eit.ktc.simulate import extra_image_factors
 from dgm_eit.methods import get_method
-from dgm_eit.stats import rank_agreement
+from dgm_eit.stats import order_agreement, rank_agreement
 
 LEADERBOARD = ("all-background prediction 6.70 / 21; official linearised baseline + Otsu 10.31; "
                "1st place (post-processing UNet, Bremen/UCL) 15.24 (all 7 levels of the hidden evaluation "
@@ -136,8 +136,10 @@ def _figure(path: Path, results: dict, level: int) -> None:
     save_figure(fig, path)
 
 
-def _agreement(val: dict, real: dict) -> list[str]:
-    """How well the simulated validation ranks the methods as the real targets do."""
+def _agreement(val: dict, real: dict, pairs: dict | None = None) -> list[str]:
+    """How well the simulated validation ranks the methods as the real targets do: the rank
+    correlation, and which of the pairs that validation separates (``pairs``: paired intervals
+    of the score differences, :func:`dgm_eit.ktc.study.validation_pairs`) the targets order alike."""
     try:
         rho = rank_agreement(val, real)
     except InputError:   # fewer than 3 methods, or a score that ties them all: no order to compare
@@ -146,10 +148,22 @@ def _agreement(val: dict, real: dict) -> list[str]:
     def order(scores: dict) -> str:
         return " > ".join(_name(m) for m in sorted(scores, key=lambda m: -scores[m]))
 
-    return ["", f"**Sim-to-real agreement:** over the {len(val)} methods, the validation score and the real targets' "
+    def listed(which: list) -> str:
+        return _listed([f"{_name(a)} vs {_name(b)}" for a, b in which])
+
+    text = (f"**Sim-to-real agreement:** over the {len(val)} methods, the validation score and the real targets' "
             f"total have a Spearman rank correlation of {rho:.2f} (1: the same order). "
-            f"Validation orders them {order(val)}; the targets {order(real)}. The targets only check this: no "
-            "choice is made on them."]
+            f"Validation orders them {order(val)}; the targets {order(real)}.")
+    if pairs:
+        split = order_agreement(pairs, real)
+        separated = len(split["agree"]) + len(split["disagree"])
+        text += (f" Of the {len(pairs)} pairs of methods, validation separates {separated} (the paired 95% interval "
+                 "of their score difference, over the same images and the seeds, excludes 0), and the targets' "
+                 f"totals order {len(split['agree'])} of them the same way")
+        text += f"; not {listed(split['disagree'])}." if split["disagree"] else "."
+        if split["tied"]:
+            text += f" Validation cannot order {listed(split['tied'])}."
+    return ["", text + " The targets only check this: no choice is made on them."]
 
 
 def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, manifest: dict) -> dict:
@@ -193,7 +207,8 @@ def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, man
               f"(and the seeds; {manifest['resamples']} resamples, bootstrap seed 0).", "",
               f"**Default method of `dgm-eit ktc`: {_name(default)}** — {why}."]
     lines += _agreement({m: manifest["val_intervals"][m].change for m in results["seeds"]},
-                        {m: float(np.mean(_totals(runs, levels)[1])) for m, runs in results["seeds"].items()})
+                        {m: float(np.mean(_totals(runs, levels)[1])) for m, runs in results["seeds"].items()},
+                        manifest.get("val_pairs"))
     lines += ["", f"Maximum {len(numbers)} per level, {len(numbers) * len(levels)} in total. For orientation, the "
               "organisers' linearised baseline scores 2.99 / 4 on these targets at level 1 (our count). Leaderboard "
               f"(hidden targets): {LEADERBOARD}.", "", f"## Level {levels[0]}, per target", ""]
@@ -245,6 +260,7 @@ def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, man
               "`dgm-eit ktc-score --pred DIR --truth TRUTH_DIR`. Per-target scores: `scores.csv`."]
     write_text(out / "report.md", "\n".join(lines) + "\n")
     with atomic_path(out / "timings.json") as tmp:
-        Path(tmp).write_text(json.dumps({**{k: v for k, v in manifest.items() if k != "val_intervals"},
+        Path(tmp).write_text(json.dumps({**{k: v for k, v in manifest.items()
+                                            if k not in ("val_intervals", "val_pairs")},
                                          "seconds_per_image": _seconds_per_image(results)}, indent=2))
     return {"report": out / "report.md", "scores": out / "scores.csv", "figure": figure}

@@ -294,6 +294,18 @@ def validation_intervals(chosen: dict, *, resamples: int, seed: int = 0) -> dict
     return {m: mean_interval(image_scores(r), resamples=resamples, seed=seed) for m, r in chosen.items()}
 
 
+def validation_pairs(chosen: dict, *, resamples: int, seed: int = 0) -> dict:
+    """Per pair of methods ``(a, b)`` (in ``chosen``'s order): the mean validation score of
+    ``a`` minus ``b`` with a paired 95% bootstrap interval over the images and seed pairs
+    (:func:`dgm_eit.stats.paired_interval`)."""
+    from itertools import combinations
+
+    from dgm_eit.stats import paired_interval
+
+    return {(a, b): paired_interval(image_scores(chosen[a]), image_scores(chosen[b]), resamples=resamples, seed=seed)
+            for a, b in combinations(chosen, 2)}
+
+
 def default_method(chosen: dict, *, resamples: int, seed: int = 0) -> tuple[str, str]:
     """The method ``dgm-eit ktc`` uses without ``--method``, and why (one line).
 
@@ -400,7 +412,8 @@ class Study(StudyPlan):
         mine = {m.key: chosen[m.key] for m in self.methods_list}
         manifest = {"seed": self.seed, "timings": {TIMINGS[step]: t for step, t in seconds.items()},
                     "resamples": resamples, "default": default_method(mine, resamples=resamples),
-                    "val_intervals": validation_intervals(mine, resamples=resamples)}
+                    "val_intervals": validation_intervals(mine, resamples=resamples),
+                    "val_pairs": validation_pairs(mine, resamples=resamples)}
         paths = write_report(self.root, self.cfg, self.methods, chosen, self.results, manifest)
         return {"chosen": chosen, "results": self.results, "paths": paths}
 
