@@ -54,7 +54,7 @@ from dgm_eit.ktc.phantoms import class_map
 from dgm_eit.ktc.study import load_study, real_targets
 from dgm_eit.ktc.tank import level_masks, public_dir
 from dgm_eit.models.base import disk_mask
-from dgm_eit.models.unet import CLASS_CUTS, CLASS_VALUES, UNetBackbone, _conv_block
+from dgm_eit.models.unet import CLASS_VALUES, UNetBackbone, _conv_block, class_targets
 from dgm_eit.stats import mean_interval
 
 # name: (the extra priors as inputs, the level plane as an input, output pixels)
@@ -148,20 +148,25 @@ class FinerOutput(nn.Module):
         return self.out(self.head(torch.cat([h, up], dim=1)))
 
 
+def study_phantoms(run: Path, split: str, n: int) -> list:
+    """The first ``n`` phantoms of a split of the study's data set, remade from its seed."""
+    cfg, _ = load_study(run)
+    with h5py.File(run / "data" / "ktc.h5") as f:
+        seed = int(f.attrs["seed"])
+    sim = KTCSimulator(cfg)
+    return [sim.phantom(seed, split, i)[1] for i in range(n)]
+
+
 def fine_classes(run: Path, out: Path, size: int, sigma: np.ndarray) -> np.ndarray:
     """The classes at ``size`` pixels of the training phantoms whose images are ``sigma`` (cached
     in ``out/classes<size>.npz``)."""
     path = out / f"classes{size}.npz"
     if path.is_file():
         return np.load(path)["train"]
-    cfg, _ = load_study(run)
-    with h5py.File(run / "data" / "ktc.h5") as f:
-        seed = int(f.attrs["seed"])
-    sim = KTCSimulator(cfg)
-    phantoms = [sim.phantom(seed, "train", i)[1] for i in range(len(sigma))]
+    phantoms = study_phantoms(run, "train", len(sigma))
     # the phantoms are the data set's: their classes on its grid are those of its sigma (inside the disk)
     inside = disk_mask(sigma.shape[-1]).numpy()
-    coarse = (sigma < CLASS_CUTS[0]) * 1 + (sigma > CLASS_CUTS[1]) * 2
+    coarse = class_targets(sigma)
     if any((class_map(p, sigma.shape[-1]) != c)[inside].any() for p, c in zip(phantoms[:50], coarse)):
         raise SystemExit(f"{run}: the phantoms remade from the data set's seed are not its images")
     classes = np.stack([class_map(p, size) for p in phantoms])
@@ -205,11 +210,9 @@ def image(net: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 def ceiling(run: Path) -> None:
     """The score of the validation phantoms themselves on coarser grids."""
-    cfg, _ = load_study(run)
     with h5py.File(run / "data" / "ktc.h5") as f:
-        seed, n = int(f.attrs["seed"]), len(f["val/sigma"])
-    sim = KTCSimulator(cfg)
-    phantoms = [sim.phantom(seed, "val", i)[1] for i in range(n)]
+        n = len(f["val/sigma"])
+    phantoms = study_phantoms(run, "val", n)
     truths = np.stack([class_map(p, ktc.IMAGE_SIZE) for p in phantoms])
     for size in (32, 48, 64):
         images = np.stack([np.clip(p.rasterise(size, 1, inside=disk_mask(size).numpy()), 0.0, 2.0) for p in phantoms])
@@ -276,7 +279,7 @@ def main() -> None:
             started = time.perf_counter()
             size, sigma = VARIANTS[variant][2], d["train_sigma"]
             target = (torch.from_numpy(fine_classes(args.run, args.out, size, sigma).astype(np.int64)) if size != sigma.shape[-1]
-                      else torch.from_numpy((sigma < CLASS_CUTS[0]) * 1 + (sigma > CLASS_CUTS[1]) * 2).long())
+                      else torch.from_numpy(class_targets(sigma)).long())
             net = train(features(d, "train", variant, mean, std), target, seed)
             images = {"val": image(net, features(d, "val", variant, mean, std))}
             images.update({f"pub{level}": image(net, features(d, f"pub{level}", variant, mean, std))

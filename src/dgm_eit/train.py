@@ -341,6 +341,14 @@ def _batches(arrays: dict[str, torch.Tensor], idx: torch.Tensor, device) -> dict
     return {k: v[idx.to(v.device)].to(device, non_blocking=True) for k, v in arrays.items()}
 
 
+def read_training_data(path, keys: tuple[str, ...]) -> tuple[DataInfo, dict, dict]:
+    """The :class:`DataInfo` of a data set's train split, its arrays ``keys`` plus ``sigma`` and
+    ``v`` (which the info needs whatever the model reads), and the val arrays ``keys``."""
+    train = read_split(path, "train", keys=tuple(dict.fromkeys(("sigma", "v") + tuple(keys))))
+    info = DataInfo.from_arrays(train["sigma"], train["v"], train.get("gn_extra"))
+    return info, train, read_split(path, "val", keys=tuple(keys))
+
+
 class Trainer:
     def __init__(self, model_name: str, data_path, out_dir, cfg: dict, *, seed: int = 0,
                  device: str = "auto", max_minutes: float | None = None,
@@ -381,10 +389,7 @@ class Trainer:
     # -- set-up --------------------------------------------------------------------
     def _load_data(self) -> None:
         keys = tuple(self.model_cls.data_keys_for(self.cfg[self.model_name]))
-        need = tuple(dict.fromkeys(("sigma", "v") + keys))   # DataInfo needs sigma and v
-        train = read_split(self.data_path, "train", keys=need)
-        self.info = DataInfo.from_arrays(train["sigma"], train["v"], train.get("gn_extra"))
-        val = read_split(self.data_path, "val", keys=keys)
+        self.info, train, val = read_training_data(self.data_path, keys)
         # a NaN in the data would surface later as a NaN loss with advice to lower the lr
         for split, arrays in (("train", train), ("val", val)):
             for key, a in arrays.items():

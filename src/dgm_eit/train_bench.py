@@ -54,13 +54,9 @@ JSON_KEYS = ("profile", "device", "threads", "torch_threads", "blas", "omp_num_t
 def _arrays(path, keys, device):
     import torch
 
-    from dgm_eit.data.storage import read_split
-    from dgm_eit.models.base import DataInfo
+    from dgm_eit.train import read_training_data
 
-    need = tuple(dict.fromkeys(("sigma", "v") + tuple(keys)))
-    train = read_split(path, "train", keys=need)
-    val = read_split(path, "val", keys=tuple(keys))
-    info = DataInfo.from_arrays(train["sigma"], train["v"], train.get("gn_extra"))
+    info, train, val = read_training_data(path, tuple(keys))
 
     def tensors(split):
         return {k: torch.from_numpy(np.ascontiguousarray(split[k], dtype=np.float32)).to(device) for k in keys}

@@ -177,10 +177,10 @@ def dataset_seed(path: str | Path) -> int | None:
 def _check_split_keys(split: str, keys: Iterable[str]) -> tuple[str, ...]:
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    keys = tuple(keys)
-    unknown = [k for k in keys if k not in ARRAY_KEYS + (EXTRA_KEY,)]
+    keys, known = tuple(keys), ARRAY_KEYS + (EXTRA_KEY,)
+    unknown = [k for k in keys if k not in known]
     if unknown:
-        raise InputError(f"unknown data-set array(s) {unknown}; choose from {', '.join(ARRAY_KEYS + (EXTRA_KEY,))}")
+        raise InputError(f"unknown data-set array(s) {unknown}; choose from {', '.join(known)}")
     return keys
 
 

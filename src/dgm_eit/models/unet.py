@@ -40,6 +40,11 @@ CLASS_VALUES = (1.0, 0.0, 2.0)   # water, resistive, conductive
 INPUTS = (["gn"], ["gn", "extra"])
 
 
+def class_targets(sigma):
+    """Relative-conductivity images (array or tensor) -> their classes: 0 water, 1 resistive, 2 conductive."""
+    return (sigma < CLASS_CUTS[0]) * 1 + (sigma > CLASS_CUTS[1]) * 2
+
+
 def check_inputs(cfg: dict) -> list[str]:
     """``unet.inputs``: ``["gn"]`` or ``["gn", "extra"]``."""
     inputs = cfg.get("inputs", ["gn"])   # a run trained before unet.inputs existed took gn alone
@@ -153,7 +158,7 @@ class UNetPostProcessing(GenerativeModel):
             logits = self.net(self._inputs(batch))
             self._images(batch, "sigma")   # checks its shape
             sigma = batch["sigma"]         # relative conductivity: the background is 1
-            target = ((sigma < CLASS_CUTS[0]) * 1 + (sigma > CLASS_CUTS[1]) * 2).long()
+            target = class_targets(sigma).long()
             per_pixel = F.cross_entropy(logits, target, reduction="none")
             return (per_pixel * self.inside).sum() / (self.inside.sum() * len(per_pixel))
         target = self._images(batch, "sigma") * self.inside
