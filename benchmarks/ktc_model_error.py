@@ -1,12 +1,24 @@
 """Which model errors does the KTC2023 tank have that our simulation lacks? Probes for issue 20.
 
-Two parts; each prints its figures (nothing is written):
+Four parts; each prints its figures (nothing is written):
 
 ``reference``: how much of the misfit of ``ref.mat`` (the empty tank) each nuisance explains,
 by least squares on the simulation mesh (only the reference frame is used, as every
 evaluation set ships one): the homogeneous fit the study uses (background and one contact
 impedance), then per-electrode contact impedances, per-electrode positions (the mesh deformed
 smoothly, so the fit stays differentiable), positions and widths.
+
+``mesh``: the simulation mesh's own error: the ktc profile's phantoms (validation split of
+``--seed``) simulated on meshes of ``--h0s`` (each with the background and contact impedance
+fitted to ``ref.mat`` on it, as the study's tank does), every clean difference-voltage vector
+compared with the finest mesh's: relative rms error and rms error in units of the noise model.
+
+``targets``: the four public targets' measured difference voltages (level 1) against the
+simulation of their truths (each class map on the simulation mesh's element centres, plastic and
+metal at ``--resistive`` / ``--conductive`` x the water), the relative misfit as it is, with the
+best scalar gain, and with the best change of the water's conductivity in the target's frame
+(a grid of ``--drifts``), beside each target's share of the disk covered by objects (what a water
+level raised by them would predict). It reads the truths: a diagnosis, never a setting.
 
 ``study --run DIR``: on a finished ``dgm-eit run --profile ktc`` study, with the linearised
 step's prior and every threshold chosen on ``val[:48]`` (as the study does) and scores on
@@ -22,6 +34,8 @@ step's prior and every threshold chosen on ``val[:48]`` (as the study does) and 
   both); linearised step only, its prior re-chosen on validation.
 
     python benchmarks/ktc_model_error.py reference
+    python benchmarks/ktc_model_error.py mesh --h0s 0.003,0.002,0.0015,0.001
+    python benchmarks/ktc_model_error.py targets
     python benchmarks/ktc_model_error.py study --run runs/ktc --methods linear,cvae,cnf
 """
 
@@ -231,10 +245,91 @@ def run_study(args) -> None:
               f"public {public(reconstruct, seg['low'], seg['high']):.2f}", flush=True)
 
 
+# --- mesh -------------------------------------------------------------------------------
+
+def run_mesh(args) -> None:
+    import copy
+
+    from dgm_eit.config import load_config
+    from dgm_eit.ktc.simulate import KTCSimulator
+
+    h0s = sorted(args.h0s, reverse=True)
+    clean, noise = {}, None
+    for h0 in h0s:
+        cfg = copy.deepcopy(load_config("ktc"))
+        cfg["tank"]["sim_h0"] = h0
+        start = time.perf_counter()
+        sim = KTCSimulator(cfg)
+        clean[h0] = np.stack([sim.measure(args.seed, "val", i)["v_clean"] for i in range(args.samples)])
+        noise = sim.tank.noise_std if noise is None else noise
+        print(f"sim_h0 {h0:g} m: {sim.tank.fine.mesh.n_nodes} nodes, background {sim.tank.sigma_bg:.4f} S/m, "
+              f"fit to ref.mat {sim.tank.fit.residual:.4f}, {args.samples} samples in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    finest = clean[h0s[-1]]
+    rms_finest, rms_noise = np.sqrt((finest ** 2).mean(axis=1)), np.sqrt((noise ** 2).mean())
+    for h0 in h0s[:-1]:
+        err = np.sqrt(((clean[h0] - finest) ** 2).mean(axis=1))
+        rel = err / rms_finest
+        print(f"sim_h0 {h0:g} m vs {h0s[-1]:g} m: difference voltages off by {np.median(rel):.1%} rms (median; "
+              f"{np.percentile(rel, 10):.1%}-{np.percentile(rel, 90):.1%} for 80% of samples), "
+              f"{np.median(err) / rms_noise:.1f} x the noise model's rms")
+
+
+# --- targets ----------------------------------------------------------------------------
+
+def run_targets(args) -> None:
+    from dgm_eit.config import load_config
+    from dgm_eit.ktc.simulate import KTCSimulator
+    from dgm_eit.ktc.study import real_targets
+    from dgm_eit.ktc.tank import public_dir
+
+    sim = KTCSimulator(load_config("ktc"))
+    tank, mesh = sim.tank, sim.tank.fine.mesh
+    centres = mesh.nodes[mesh.elements].mean(axis=1) / ktc.TANK_RADIUS
+    # the truths' pixel grid: row 0 at the top (y = +R), as the challenge's images
+    col = np.clip(((centres[:, 0] + 1) / 2 * ktc.IMAGE_SIZE).astype(int), 0, ktc.IMAGE_SIZE - 1)
+    row = np.clip(((1 - centres[:, 1]) / 2 * ktc.IMAGE_SIZE).astype(int), 0, ktc.IMAGE_SIZE - 1)
+    numbers, real = real_targets(public_dir(), [1])
+    level = real["levels"][1]
+    disk = np.pi * (ktc.IMAGE_SIZE / 2) ** 2
+    for k, n in enumerate(numbers):
+        truth = real["truths"][n]
+        classes = truth[row, col]
+        relative = np.where(classes == 1, args.resistive, np.where(classes == 2, args.conductive, 1.0))
+        keep = level["masks"][k]
+        measured = level["dv"][k][keep]
+        norm = np.linalg.norm(measured)
+
+        def simulated(drift: float) -> np.ndarray:
+            return (tank.fine.forward(tank.sigma_bg * (1 + drift) * relative) - tank.u_water)[keep]
+
+        plain = simulated(0.0)
+        gain = plain @ measured / (plain @ plain)
+        misfits = [(np.linalg.norm(simulated(d) - measured) / norm, d) for d in args.drifts]
+        best, drift = min(misfits)
+        share = (truth > 0).sum() / disk
+        print(f"target {n}: |dv| rms {np.sqrt((measured ** 2).mean()) * 1e3:.1f} mV, simulated truth misfits by "
+              f"{np.linalg.norm(plain - measured) / norm:.1%} ({np.sqrt(((plain - measured) ** 2).mean()) / np.sqrt((tank.noise_std[keep] ** 2).mean()):.0f} x the noise); "
+              f"best gain {gain:.3f}: {np.linalg.norm(gain * plain - measured) / norm:.1%}; best water change "
+              f"{drift:+.1%}: {best:.1%}; objects cover {share:.1%} of the disk (a water level they raise: "
+              f"{share / (1 - share):+.1%})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="part", required=True)
     sub.add_parser("reference", help="nuisance fits to ref.mat")
+    me = sub.add_parser("mesh", help="the simulation mesh's error in the difference voltages")
+    me.add_argument("--h0s", type=lambda t: [float(h) for h in t.split(",")], default=[0.003, 0.002, 0.0015, 0.001],
+                    help="mesh sizes (m); the finest is the reference")
+    me.add_argument("--samples", type=int, default=40, help="validation phantoms")
+    me.add_argument("--seed", type=int, default=0, help="the data set's seed (its validation phantoms)")
+    ta = sub.add_parser("targets", help="the public targets' data against the simulation of their truths")
+    ta.add_argument("--resistive", type=float, default=0.001, help="plastic's conductivity / the water's")
+    ta.add_argument("--conductive", type=float, default=100.0, help="metal's conductivity / the water's")
+    ta.add_argument("--drifts", type=lambda t: [float(d) for d in t.split(",")],
+                    default=[round(d, 3) + 0.0 for d in np.arange(-0.05, 0.2001, 0.005)],
+                    help="relative changes of the water's conductivity tried for the target's frame")
     st = sub.add_parser("study", help="gain and approximation-error probes on a finished KTC study")
     st.add_argument("--run", required=True, help="a finished dgm-eit run --profile ktc directory")
     st.add_argument("--study-seed", type=int, default=0, help="the study's --seed (its validation data)")
@@ -249,7 +344,7 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):
-        (run_reference if args.part == "reference" else run_study)(args)
+        {"reference": run_reference, "mesh": run_mesh, "targets": run_targets, "study": run_study}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,14 @@ linearised step with more samples (``dgm-eit simulate --profile ktc --set data.n
 --out FILE``): its first rows must be the study's own, so only the added samples differ (use another
 ``--out``: its inputs are cached there; ``--compare-with`` the first ``--out`` pairs the two).
 
+``--data FILE`` trains and validates on another simulation of the study's phantoms instead (the
+same seed; say ``--set tank.sim_h0=0.0015`` or ``--set tank.drift_std=0.05``), through the linearised
+step of its own config; ``--epochs`` trains longer or shorter. Every network is kept in ``--out``
+(``net_<variant>_s<seed>.pt``), so ``--score-on FILE`` can score them later on the validation split
+of any data set of the same seed (the study's first validation phantoms, any number after them:
+thresholds on its first 48, scores on the rest), each through its own linearised step, paired
+against ``--compare-with``'s networks.
+
 ``--ceiling`` prints what the image grid alone costs: the challenge score of the validation
 phantoms themselves rasterised at 32, 48 and 64 pixels (thresholds chosen on those images), the
 score a perfect model on that grid would get.
@@ -31,6 +39,8 @@ development check, never a choice. Images go to ``--out`` (one file per variant 
 file there is reused, so an interrupted run resumes):
 
     python benchmarks/ktc_unet_inputs.py --run runs/ktc --out bench/unet_inputs --variants gn,priors --seeds 0,1
+    python benchmarks/ktc_unet_inputs.py --run runs/ktc --out bench/long --epochs 30 --variants priors --seeds 0,1 \
+        --score-on drift.h5 --compare-with bench/unet_inputs
 """
 
 import argparse
@@ -52,7 +62,7 @@ from dgm_eit.ktc import segment
 from dgm_eit.ktc.simulate import KTCSimulator, apply_linear_settings
 from dgm_eit.ktc.phantoms import class_map
 from dgm_eit.ktc.study import load_study, real_targets
-from dgm_eit.ktc.tank import level_masks, public_dir
+from dgm_eit.ktc.tank import level_masks, public_dir, row_levels
 from dgm_eit.models.base import disk_mask
 from dgm_eit.models.unet import CLASS_VALUES, UNetBackbone, _conv_block, class_targets
 from dgm_eit.stats import mean_interval
@@ -63,16 +73,49 @@ VARIANTS = {"gn": (False, False, 32), "gn+level": (False, True, 32), "priors": (
 CHOICE = 48   # validation images the thresholds are chosen on
 
 
-def inputs(run: Path, out: Path, train_from: Path | None = None) -> dict:
-    """Every variant's input arrays, from the study's data set, the training split from
-    ``train_from`` where given (cached in ``out/inputs.npz``)."""
+def data_simulator(data: Path):
+    """The simulator of a data set's own config, its linearised step at its chosen prior, the
+    profile's extra priors (whatever the data set's own key says)."""
+    with h5py.File(data) as f:
+        cfg, settings = json.loads(f.attrs["config"]), json.loads(f.attrs["gn_settings"])
+    cfg = apply_linear_settings(cfg, settings)
+    cfg["linear"]["extra_images"] = load_config("ktc")["linear"]["extra_images"]
+    return KTCSimulator(cfg)
+
+
+def split_inputs(sim, split: str, a: dict, source) -> dict:
+    """``split``'s arrays for the networks: the linearised image ``gn`` (checked to be ``sim``'s
+    of ``v`` where ``a`` has it, else made), the extra priors' images and the level."""
+    masks = level_masks(sim.tank.ref.injections, sim.tank.ref.pattern)
+    levels = row_levels(a["v"], masks)
+    gn = np.zeros((len(levels), sim.image_size, sim.image_size), np.float32)
+    extra = np.zeros((len(levels), sim.extra_images, sim.image_size, sim.image_size), np.float32)
+    for level in np.unique(levels):
+        rows = np.flatnonzero(levels == level)
+        dv, keep = a["v"][rows].astype(np.float64), np.broadcast_to(masks[level], (len(rows), len(masks[level])))
+        gn[rows] = sim.recon.linear(dv, masks[level])
+        if "gn" in a:
+            if np.abs(gn[rows] - a["gn"][rows]).max() > 1e-4:
+                raise SystemExit(f"{source}: the data set's gn is not the linearised image of its v")
+            gn[rows] = a["gn"][rows]
+        extra[rows] = sim.extra(dv, keep)
+    return {f"{split}_sigma": a["sigma"], f"{split}_gn": gn, f"{split}_extra": extra, f"{split}_level": levels}
+
+
+def inputs(run: Path, out: Path, train_from: Path | None = None, data: Path | None = None) -> dict:
+    """Every variant's input arrays, from the study's data set (or ``data``: another simulation
+    of the same phantoms), the training split from ``train_from`` where given (cached in
+    ``out/inputs.npz``, with the data set's path: its simulator makes the inputs of ``--score-on``)."""
     path = out / "inputs.npz"
     if path.is_file():
         return dict(np.load(path))
-    cfg, _ = load_study(run)
+    source = data or run / "data" / "ktc.h5"
     with h5py.File(run / "data" / "ktc.h5") as f:
-        settings, seed = json.loads(f.attrs["gn_settings"]), int(f.attrs["seed"])
+        seed, study_val = int(f.attrs["seed"]), f["val/sigma"][:]
+    with h5py.File(source) as f:
         arrays = {s: {k: f[f"{s}/{k}"][:] for k in ("sigma", "v", "gn")} for s in ("train", "val")}
+        if int(f.attrs["seed"]) != seed or not np.array_equal(arrays["val"]["sigma"], study_val):
+            raise SystemExit(f"{source}: its validation phantoms are not those of {run} (another seed or phantom prior)")
     if train_from is not None:
         with h5py.File(train_from) as f:
             more = {k: f[f"train/{k}"][:] for k in ("sigma", "v", "gn")}
@@ -80,23 +123,10 @@ def inputs(run: Path, out: Path, train_from: Path | None = None) -> dict:
         if len(more["v"]) < n or any(not np.array_equal(more[k][:n], arrays["train"][k]) for k in ("sigma", "v")):
             raise SystemExit(f"{train_from}: its first {n} training samples are not those of {run} (another seed or tank)")
         arrays["train"] = more   # its gn is checked below: the same linearised step
-    cfg = apply_linear_settings(cfg, settings)
-    cfg["linear"]["extra_images"] = load_config("ktc")["linear"]["extra_images"]
-    sim = KTCSimulator(cfg)
-    masks = level_masks(sim.tank.ref.injections, sim.tank.ref.pattern)
-    level_of = {int(m.sum()): level for level, m in masks.items()}   # a dropped measurement is 0 in v
-    result = {}
+    sim = data_simulator(source)
+    result = {"source": np.array(str(source.resolve()))}
     for split, a in arrays.items():
-        levels = np.array([level_of[int(k)] for k in (a["v"] != 0).sum(axis=1)])
-        extra = np.zeros((len(levels), sim.extra_images) + a["gn"].shape[1:], np.float32)
-        for level in np.unique(levels):
-            rows = np.flatnonzero(levels == level)
-            dv, keep = a["v"][rows].astype(np.float64), np.broadcast_to(masks[level], (len(rows), len(masks[level])))
-            if np.abs(sim.recon.linear(dv, masks[level]) - a["gn"][rows]).max() > 1e-4:
-                raise SystemExit(f"{run}: the data set's gn is not the linearised image of its v")
-            extra[rows] = sim.extra(dv, keep)
-        result.update({f"{split}_sigma": a["sigma"], f"{split}_gn": a["gn"], f"{split}_extra": extra,
-                       f"{split}_level": levels})
+        result.update(split_inputs(sim, split, a, source))
     result["val_truths"] = np.stack([sim.truth_classes(seed, "val", i) for i in range(len(arrays["val"]["v"]))])
     numbers, real = real_targets(public_dir(), ktc.LEVELS)
     for level, d in real["levels"].items():
@@ -250,6 +280,57 @@ def held_out(d: dict, folder: Path, variants: list[str], seeds: list[int]) -> di
     return held
 
 
+def score_on(data: Path, outs: list[Path], variants: list[str], seeds: list[int]) -> None:
+    """The networks of each of ``outs`` on ``data``'s validation measurements (thresholds on its
+    val[:48], scores on the rest: it may hold more validation samples than the study), paired
+    against the first of ``outs``."""
+    with h5py.File(data) as f:
+        val, seed = {k: f[f"val/{k}"][:] for k in ("sigma", "v")}, int(f.attrs["seed"])
+    finer = [v for v in variants if VARIANTS[v][2] != 32]
+    if finer:
+        raise SystemExit(f"--score-on scores the 32-pixel variants, not {', '.join(finer)}")
+    truths = None
+    held = {}
+    for out in outs:
+        d = dict(np.load(out / "inputs.npz"))
+        n = len(d["val_sigma"])
+        if len(val["sigma"]) < n or not np.array_equal(val["sigma"][:n], d["val_sigma"]):
+            raise SystemExit(f"{data}: its first validation phantoms are not those of {out}")
+        cache = out / f"score_on_{data.parent.name}_{data.stem}.npz"
+        if cache.is_file():
+            ins = dict(np.load(cache))
+        else:
+            ins = split_inputs(data_simulator(Path(str(d["source"]))), "val", val, data)
+            save(cache, ins)
+        if truths is None:
+            sim = data_simulator(data)
+            truths = np.concatenate([d["val_truths"], [sim.truth_classes(seed, "val", i) for i in range(n, len(val["v"]))]])
+        ins["val_truths"] = truths
+        mean, std = float(d["train_sigma"].mean()), float(d["train_sigma"].std())
+        ins.update({k: v for k, v in d.items() if k.startswith("pub")})
+        for variant in variants:
+            runs = []
+            for training_seed in seeds:
+                net_path = out / f"net_{variant}_s{training_seed}.pt"
+                if not net_path.is_file():
+                    raise SystemExit(f"{out} has no {net_path.name}: its images were made before networks were kept; "
+                                     "train them again in another --out")
+                net = UNetBackbone([16, 32, 64], len(CLASS_VALUES), in_channels=features(ins, "val", variant, 0, 1).shape[1])
+                net.load_state_dict(torch.load(net_path))
+                runs.append({"val": image(net, features(ins, "val", variant, mean, std)),
+                             **{k: v for k, v in np.load(out / f"img_{variant}_s{training_seed}.npz").items() if k != "val"}})
+            ensemble = {k: np.mean([r[k] for r in runs], axis=0) for k in runs[0]}
+            for tag, images in [*((f"seed {s}", r) for s, r in zip(seeds, runs)), ("ensemble", ensemble)]:
+                chosen, held[out, variant, tag], public = evaluate(ins, images)
+                print(f"{str(out):24s} {variant:8s} {tag:8s} on {data.name} val[{CHOICE}:] {held[out, variant, tag].mean():.3f} "
+                      f"(thresholds {chosen['low']:.1f} / {chosen['high']:.1f})  public {sum(public):.2f}", flush=True)
+    for out in outs[1:]:
+        for variant in variants:
+            for tag in [f"seed {s}" for s in seeds] + ["ensemble"]:
+                iv = mean_interval(held[outs[0], variant, tag] - held[out, variant, tag], seed=0)
+                print(f"on {data.name}: {outs[0]} minus {out}, {variant} {tag}: {iv.change:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished dgm-eit run --profile ktc directory")
@@ -257,8 +338,13 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}; the first is the baseline")
     ap.add_argument("--seeds", default="0,1", help="training seeds")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (one per process: run two side by side)")
+    ap.add_argument("--epochs", type=int, default=10, help="training epochs (the profile's: 10)")
     ap.add_argument("--ceiling", action="store_true", help="print the grid's own ceiling first")
     ap.add_argument("--train-from", type=Path, help="a data set of the same seed with more training samples")
+    ap.add_argument("--data", type=Path, help="train and validate on this data set instead of the study's: another "
+                    "simulation (dgm-eit simulate --seed of the study) of the same phantoms")
+    ap.add_argument("--score-on", type=Path, help="score the networks of --out (and --compare-with) on the validation "
+                    "split of this data set (the same phantoms, another simulation): each through its own linearised step")
     ap.add_argument("--compare-with", type=Path, help="another --out: its images of the same variants and seeds, "
                     "paired with these on val[48:]")
     args = ap.parse_args()
@@ -269,7 +355,7 @@ def main() -> None:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if args.ceiling:
         ceiling(args.run)
-    d = inputs(args.run, args.out, args.train_from)
+    d = inputs(args.run, args.out, args.train_from, args.data)
     mean, std = float(d["train_sigma"].mean()), float(d["train_sigma"].std())
     for variant in variants:
         for seed in seeds:
@@ -280,12 +366,16 @@ def main() -> None:
             size, sigma = VARIANTS[variant][2], d["train_sigma"]
             target = (torch.from_numpy(fine_classes(args.run, args.out, size, sigma).astype(np.int64)) if size != sigma.shape[-1]
                       else torch.from_numpy(class_targets(sigma)).long())
-            net = train(features(d, "train", variant, mean, std), target, seed)
+            net = train(features(d, "train", variant, mean, std), target, seed, epochs=args.epochs)
+            torch.save(net.state_dict(), args.out / f"net_{variant}_s{seed}.pt")   # before the images: they mark it done
             images = {"val": image(net, features(d, "val", variant, mean, std))}
             images.update({f"pub{level}": image(net, features(d, f"pub{level}", variant, mean, std))
                            for level in ktc.LEVELS})
             save(path, images)
             print(f"{variant} seed {seed}: trained in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.score_on:
+        score_on(args.score_on, [args.out] + ([args.compare_with] if args.compare_with else []), variants, seeds)
+        return
     held = held_out(d, args.out, variants, seeds)
     for variant in variants[1:]:
         for tag in [f"seed {s}" for s in seeds] + ["ensemble"]:

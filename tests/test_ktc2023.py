@@ -221,6 +221,19 @@ def test_level_masks_match_the_organisers_rule(ref):
     assert counts[-1] == 513   # level 7: the 513 voltages a published KTC2023 study (Tyni et al., BIEM) reports
 
 
+def test_row_levels_read_a_data_sets_level_from_its_zeros(ref):
+    from dgm_eit.ktc.tank import level_masks, row_levels
+
+    masks = level_masks(ref.injections, ref.pattern)
+    rng = np.random.default_rng(0)
+    levels = [3, 1, 7, 7, 2]
+    v = np.stack([np.where(masks[k], rng.standard_normal(len(masks[k])), 0.0) for k in levels])
+    assert row_levels(v, masks).tolist() == levels
+    v[0, np.flatnonzero(masks[3])[0]] = 0.0   # one kept measurement lost: no level keeps that many
+    with pytest.raises(InputError, match="match no level"):
+        row_levels(v, masks)
+
+
 @pytest.mark.parametrize("level", [0, 8, 1.5, "two"])
 def test_bad_levels_are_refused(ref, level):
     with pytest.raises(InputError, match="level"):

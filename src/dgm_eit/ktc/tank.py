@@ -139,6 +139,19 @@ def level_masks(inj, mpat) -> dict[int, np.ndarray]:
     return {level: ktc.level_mask(level, inj, mpat) for level in ktc.LEVELS}
 
 
+def row_levels(v, masks: dict[int, np.ndarray]) -> np.ndarray:
+    """The level of each row of simulated difference voltages (a data set's ``v``: a level's
+    dropped measurements are 0, its kept ones noisy, so never exactly 0), from how many it keeps:
+    every level of ``masks`` keeps a different number."""
+    by_count = {int(m.sum()): level for level, m in masks.items()}
+    counts = (np.atleast_2d(v) != 0).sum(axis=1)
+    unknown = sorted({int(c) for c in counts} - set(by_count))
+    if unknown:
+        raise InputError(f"rows with {unknown} nonzero measurements match no level's mask "
+                         f"(the levels keep {sorted(by_count)})")
+    return np.array([by_count[int(c)] for c in counts])
+
+
 class DifferenceReconstructor:
     """Linearised (and iterated) difference reconstruction on the tank's coarse mesh."""
 
