@@ -204,13 +204,19 @@ def fine_classes(run: Path, out: Path, size: int, sigma: np.ndarray) -> np.ndarr
     return classes
 
 
+def network(in_channels: int, factor: int = 1) -> nn.Module:
+    """The profile's U-Net design, its class output ``factor`` times finer than its inputs."""
+    if factor == 1:
+        return UNetBackbone([16, 32, 64], len(CLASS_VALUES), in_channels=in_channels)
+    return FinerOutput(in_channels, factor)
+
+
 def train(x: torch.Tensor, target: torch.Tensor, seed: int, epochs: int = 10, batch: int = 32,
           lr: float = 1e-3) -> nn.Module:
     """``target``: (N, S, S) classes; S > the inputs' size trains :class:`FinerOutput`."""
     torch.manual_seed(seed)
     size = target.shape[-1]
-    net = (UNetBackbone([16, 32, 64], len(CLASS_VALUES), in_channels=x.shape[1]) if size == x.shape[-1]
-           else FinerOutput(x.shape[1], size // x.shape[-1]))
+    net = network(x.shape[1], size // x.shape[-1])
     inside = disk_mask(size).float()
     opt = torch.optim.Adam(net.parameters(), lr=lr, fused=True)   # the trainer's optimizer_kernel
     order = torch.Generator().manual_seed(seed)
@@ -266,13 +272,18 @@ def evaluate(d: dict, images: dict) -> tuple[dict, np.ndarray, list[float]]:
     return chosen, held, public
 
 
+def with_ensemble(runs: list[dict], seeds: list[int]) -> list[tuple[str, dict]]:
+    """Each training seed's images, tagged, then their seed ensemble (the mean image)."""
+    ensemble = {k: np.mean([r[k] for r in runs], axis=0) for k in runs[0]}
+    return [*((f"seed {s}", r) for s, r in zip(seeds, runs)), ("ensemble", ensemble)]
+
+
 def held_out(d: dict, folder: Path, variants: list[str], seeds: list[int]) -> dict:
     """Per (variant, seed or ensemble) of the images in ``folder``: its val[48:] scores (its figures printed)."""
     held = {}
     for variant in variants:
         runs = [dict(np.load(folder / f"img_{variant}_s{seed}.npz")) for seed in seeds]
-        ensemble = {k: np.mean([r[k] for r in runs], axis=0) for k in runs[0]}
-        for tag, images in [*((f"seed {s}", r) for s, r in zip(seeds, runs)), ("ensemble", ensemble)]:
+        for tag, images in with_ensemble(runs, seeds):
             chosen, held[variant, tag], public = evaluate(d, images)
             print(f"{variant:13s} {tag:8s} thresholds {chosen['low']:.1f} / {chosen['high']:.1f}  "
                   f"val[{CHOICE}:] {held[variant, tag].mean():.3f}  public {sum(public):.2f} "
@@ -315,20 +326,19 @@ def score_on(data: Path, outs: list[Path], variants: list[str], seeds: list[int]
                 if not net_path.is_file():
                     raise SystemExit(f"{out} has no {net_path.name}: its images were made before networks were kept; "
                                      "train them again in another --out")
-                net = UNetBackbone([16, 32, 64], len(CLASS_VALUES), in_channels=features(ins, "val", variant, 0, 1).shape[1])
+                x = features(ins, "val", variant, mean, std)
+                net = network(x.shape[1])
                 net.load_state_dict(torch.load(net_path))
-                runs.append({"val": image(net, features(ins, "val", variant, mean, std)),
+                runs.append({"val": image(net, x),
                              **{k: v for k, v in np.load(out / f"img_{variant}_s{training_seed}.npz").items() if k != "val"}})
-            ensemble = {k: np.mean([r[k] for r in runs], axis=0) for k in runs[0]}
-            for tag, images in [*((f"seed {s}", r) for s, r in zip(seeds, runs)), ("ensemble", ensemble)]:
+            for tag, images in with_ensemble(runs, seeds):
                 chosen, held[out, variant, tag], public = evaluate(ins, images)
                 print(f"{str(out):24s} {variant:8s} {tag:8s} on {data.name} val[{CHOICE}:] {held[out, variant, tag].mean():.3f} "
                       f"(thresholds {chosen['low']:.1f} / {chosen['high']:.1f})  public {sum(public):.2f}", flush=True)
     for out in outs[1:]:
-        for variant in variants:
-            for tag in [f"seed {s}" for s in seeds] + ["ensemble"]:
-                iv = mean_interval(held[outs[0], variant, tag] - held[out, variant, tag], seed=0)
-                print(f"on {data.name}: {outs[0]} minus {out}, {variant} {tag}: {iv.change:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]")
+        for first, variant, tag in [key for key in held if key[0] == outs[0]]:
+            iv = mean_interval(held[first, variant, tag] - held[out, variant, tag], seed=0)
+            print(f"on {data.name}: {first} minus {out}, {variant} {tag}: {iv.change:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]")
 
 
 def main() -> None:
@@ -377,10 +387,9 @@ def main() -> None:
         score_on(args.score_on, [args.out] + ([args.compare_with] if args.compare_with else []), variants, seeds)
         return
     held = held_out(d, args.out, variants, seeds)
-    for variant in variants[1:]:
-        for tag in [f"seed {s}" for s in seeds] + ["ensemble"]:
-            iv = mean_interval(held[variant, tag] - held[variants[0], tag], seed=0)
-            print(f"{variant:13s} {tag:8s} minus {variants[0]}: {iv.change:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]")
+    for variant, tag in [key for key in held if key[0] != variants[0]]:
+        iv = mean_interval(held[variant, tag] - held[variants[0], tag], seed=0)
+        print(f"{variant:13s} {tag:8s} minus {variants[0]}: {iv.change:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]")
     if args.compare_with:
         print(f"the same variants and seeds in {args.compare_with}:")
         other = held_out(d, args.compare_with, variants, seeds)
