@@ -21,7 +21,8 @@ linearised step with more samples (``dgm-eit simulate --profile ktc --set data.n
 ``--out``: its inputs are cached there; ``--compare-with`` the first ``--out`` pairs the two).
 
 ``--data FILE`` trains and validates on another simulation of the study's phantoms instead (the
-same seed; say ``--set tank.sim_h0=0.0015`` or ``--set tank.drift_std=0.05``), through the linearised
+same seed; say ``--set tank.sim_h0=0.0015``, ``--set tank.drift_std=0.05`` or ``--set tank.noise_scale=30``;
+its validation split may be longer than the study's, the study's phantoms first), through the linearised
 step of its own config; ``--epochs`` trains longer or shorter. Every network is kept in ``--out``
 (``net_<variant>_s<seed>.pt``), so ``--score-on FILE`` can score them later on the validation split
 of any data set of the same seed (the study's first validation phantoms, any number after them:
@@ -114,7 +115,8 @@ def inputs(run: Path, out: Path, train_from: Path | None = None, data: Path | No
         seed, study_val = int(f.attrs["seed"]), f["val/sigma"][:]
     with h5py.File(source) as f:
         arrays = {s: {k: f[f"{s}/{k}"][:] for k in ("sigma", "v", "gn")} for s in ("train", "val")}
-        if int(f.attrs["seed"]) != seed or not np.array_equal(arrays["val"]["sigma"], study_val):
+        # a longer validation split is allowed: its first phantoms must be the study's
+        if int(f.attrs["seed"]) != seed or not np.array_equal(arrays["val"]["sigma"][:len(study_val)], study_val):
             raise SystemExit(f"{source}: its validation phantoms are not those of {run} (another seed or phantom prior)")
     if train_from is not None:
         with h5py.File(train_from) as f:
@@ -315,7 +317,8 @@ def score_on(data: Path, outs: list[Path], variants: list[str], seeds: list[int]
             save(cache, ins)
         if truths is None:
             sim = data_simulator(data)
-            truths = np.concatenate([d["val_truths"], [sim.truth_classes(seed, "val", i) for i in range(n, len(val["v"]))]])
+            more = [sim.truth_classes(seed, "val", i) for i in range(n, len(val["v"]))]
+            truths = np.concatenate([d["val_truths"], *([np.stack(more)] if more else [])])
         ins["val_truths"] = truths
         mean, std = float(d["train_sigma"].mean()), float(d["train_sigma"].std())
         ins.update({k: v for k, v in d.items() if k.startswith("pub")})
