@@ -317,8 +317,7 @@ def score_on(data: Path, outs: list[Path], variants: list[str], seeds: list[int]
             save(cache, ins)
         if truths is None:
             sim = data_simulator(data)
-            more = [sim.truth_classes(seed, "val", i) for i in range(n, len(val["v"]))]
-            truths = np.concatenate([d["val_truths"], *([np.stack(more)] if more else [])])
+            truths = np.stack([*d["val_truths"], *(sim.truth_classes(seed, "val", i) for i in range(n, len(val["v"])))])
         ins["val_truths"] = truths
         mean, std = float(d["train_sigma"].mean()), float(d["train_sigma"].std())
         ins.update({k: v for k, v in d.items() if k.startswith("pub")})
