@@ -20,8 +20,11 @@ targets' totals of the study's ``scores.csv`` beside them, the rank correlation 
 how many of the pairs of methods the set separates the targets order the same way
 (:func:`dgm_eit.stats.paired_interval`, :func:`dgm_eit.stats.order_agreement`: the measures of the
 study's report). Scores are cached per data set, method and seed in ``--out`` (a run resumes).
+``--compare-with OTHER`` (another study's ``--out`` on the same data sets and images) adds, per
+method both studies have, the paired difference this study minus the other.
 
     python benchmarks/ktc_methods_shift.py --run runs/ktc --data plain.h5,drift.h5 --out shift
+    python benchmarks/ktc_methods_shift.py --run runs/ktc2 --data plain.h5,drift.h5 --out shift2 --compare-with shift
 """
 
 import argparse
@@ -40,7 +43,7 @@ from dgm_eit.ktc.segment import segment_images
 from dgm_eit.ktc.study import Methods, load_study, validation_pairs
 from dgm_eit.ktc.tank import level_masks, row_levels
 from dgm_eit.methods import get_method
-from dgm_eit.stats import mean_interval, order_agreement, rank_agreement
+from dgm_eit.stats import mean_interval, order_agreement, paired_interval, rank_agreement
 
 
 def validation_rows(methods: Methods, data: Path, first: int, n: int) -> dict:
@@ -93,6 +96,14 @@ def public_totals(run: Path) -> dict[str, float]:
     return {m: float(np.mean(list(by_seed.values()))) for m, by_seed in totals.items()}
 
 
+def cached_scores(cache: Path, key: str) -> np.ndarray | None:
+    """(seeds, images) scores of one method cached by another run of this script, or None."""
+    rows = []
+    while (cache / f"{key}_s{len(rows)}.npy").is_file():
+        rows.append(np.load(cache / f"{key}_s{len(rows)}.npy"))
+    return np.stack(rows) if rows else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished dgm-eit run --profile ktc directory")
@@ -100,6 +111,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="where the scores are cached")
     ap.add_argument("--first", type=int, default=100, help="first validation sample scored")
     ap.add_argument("--images", type=int, default=200, help="validation samples scored")
+    ap.add_argument("--compare-with", type=Path, help="another study's --out of this script on the same data")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the intervals")
     args = ap.parse_args()
     cfg, chosen = load_study(args.run)
@@ -124,6 +136,11 @@ def main() -> None:
         print(f"  rank correlation with the public totals {rank_agreement(means, public):.2f}; of {len(pairs)} pairs "
               f"it separates {separated}, the targets order {len(split['agree'])} alike; not "
               f"{', '.join(f'{a} vs {b}' for a, b in split['disagree']) or '-'}", flush=True)
+        for key, s in scores.items() if args.compare_with else ():
+            other = cached_scores(args.compare_with / cache.name, key)
+            if other is not None:
+                iv = paired_interval(s, other, resamples=args.resamples)
+                print(f"  {key:9s} minus {args.compare_with}: {iv.change:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]")
 
 
 if __name__ == "__main__":

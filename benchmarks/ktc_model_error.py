@@ -1,6 +1,6 @@
 """Which model errors does the KTC2023 tank have that our simulation lacks? Probes for issue 20.
 
-Four parts; each prints its figures (nothing is written):
+Five parts; each prints its figures (nothing is written):
 
 ``reference``: how much of the misfit of ``ref.mat`` (the empty tank) each nuisance explains,
 by least squares on the simulation mesh (only the reference frame is used, as every
@@ -20,6 +20,12 @@ best scalar gain, and with the best change of the water's conductivity in the ta
 (a grid of ``--drifts``), beside each target's share of the disk covered by objects (what a water
 level raised by them would predict). It reads the truths: a diagnosis, never a setting.
 
+``noise``: a size for ``tank.noise_scale`` from the reference frame alone: the homogeneous model
+misfits ``ref.mat`` by a relative residual eps (7.8%); if the difference voltages carry the same
+relative model error, its rms over ``--samples`` training phantoms of the profile, ``eps x rms(dv)``,
+in units of the organisers' noise model's rms is the scale the simulated noise needs to be as large
+as that error (per sample: how much it varies with the phantom). No target is read.
+
 ``study --run DIR``: on a finished ``dgm-eit run --profile ktc`` study, with the linearised
 step's prior and every threshold chosen on ``val[:48]`` (as the study does) and scores on
 ``val[48:]``, which no choice saw; the four public targets are a development check only:
@@ -36,6 +42,7 @@ step's prior and every threshold chosen on ``val[:48]`` (as the study does) and 
     python benchmarks/ktc_model_error.py reference
     python benchmarks/ktc_model_error.py mesh --h0s 0.003,0.002,0.0015,0.001
     python benchmarks/ktc_model_error.py targets
+    python benchmarks/ktc_model_error.py noise --samples 1000
     python benchmarks/ktc_model_error.py study --run runs/ktc --methods linear,cvae,cnf
 """
 
@@ -275,6 +282,28 @@ def run_mesh(args) -> None:
               f"{np.median(err) / rms_noise:.1f} x the noise model's rms")
 
 
+# --- noise ------------------------------------------------------------------------------
+
+def run_noise(args) -> None:
+    from dgm_eit.config import load_config
+    from dgm_eit.ktc.simulate import KTCSimulator
+
+    cfg = load_config("ktc")
+    cfg["tank"]["noise_scale"] = 1.0   # the organisers' model, the unit of the scale
+    sim = KTCSimulator(cfg)
+    tank = sim.tank
+    clean = np.stack([sim.measure(args.seed, "train", i)["v_clean"] for i in range(args.samples)])
+    eps, rms_noise = tank.fit.residual, np.sqrt((tank.noise_std ** 2).mean())
+    per_sample = eps * np.sqrt((clean ** 2).mean(axis=1)) / rms_noise
+    print(f"ref.mat: relative residual eps {eps:.2%}, {np.sqrt(np.mean((tank.ref.voltages - tank.u_water) ** 2)) * 1e3:.1f} mV "
+          f"rms, {np.sqrt(np.mean((tank.ref.voltages - tank.u_water) ** 2)) / rms_noise:.0f} x the noise model's rms "
+          f"({rms_noise * 1e3:.3f} mV)")
+    print(f"{args.samples} training phantoms: difference voltages {np.sqrt((clean ** 2).mean()) * 1e3:.1f} mV rms; "
+          f"eps x that = {eps * np.sqrt((clean ** 2).mean()) / rms_noise:.1f} x the noise model's rms "
+          f"(per sample: median {np.median(per_sample):.1f}, 10-90% {np.percentile(per_sample, 10):.1f}-"
+          f"{np.percentile(per_sample, 90):.1f})")
+
+
 # --- targets ----------------------------------------------------------------------------
 
 def run_targets(args) -> None:
@@ -330,6 +359,9 @@ def main() -> None:
     ta.add_argument("--drifts", type=lambda t: [float(d) for d in t.split(",")],
                     default=[round(d, 3) + 0.0 for d in np.arange(-0.05, 0.2001, 0.005)],
                     help="relative changes of the water's conductivity tried for the target's frame")
+    no = sub.add_parser("noise", help="a noise scale from the reference frame's relative misfit")
+    no.add_argument("--samples", type=int, default=1000, help="training phantoms")
+    no.add_argument("--seed", type=int, default=0, help="the data set's seed (its training phantoms)")
     st = sub.add_parser("study", help="gain and approximation-error probes on a finished KTC study")
     st.add_argument("--run", required=True, help="a finished dgm-eit run --profile ktc directory")
     st.add_argument("--study-seed", type=int, default=0, help="the study's --seed (its validation data)")
@@ -344,7 +376,7 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):
-        {"reference": run_reference, "mesh": run_mesh, "targets": run_targets, "study": run_study}[args.part](args)
+        {"reference": run_reference, "mesh": run_mesh, "targets": run_targets, "noise": run_noise, "study": run_study}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_a_missing_file_and_an_unknown_format_version_are_refused(damaged, tmp_p
         reconstruct_folder(public_dir(), 1, damaged)
 
 
-def test_first_seeds_drop_the_other_seeds_and_keep_the_ensembles_only_with_every_seed():
+def test_first_seeds_drop_the_other_seeds_and_keep_the_ensembles_only_with_every_seed(tmp_path):
     cfg = {"run": {"seeds": 2}}
     chosen = {"linear": {"score": 0.6}, "cnf": {"seeds": [{"score": 0.8}, {"score": 0.7}], "score": 0.75},
               "cnf-ens": {"score": 0.85, "members": [{}, {}]}}
@@ -139,6 +139,17 @@ def test_first_seeds_drop_the_other_seeds_and_keep_the_ensembles_only_with_every
     shipped_cfg, shipped = bundle.first_seeds({"run": {"seeds": 1}}, chosen, 2)
     assert shipped_cfg == cfg and shipped["cnf-ens"] == chosen["cnf-ens"]
     assert shipped["cnf"]["score"] == pytest.approx(0.75) and shipped["cnf"]["seed_std"] == pytest.approx(0.0707, abs=1e-4)
+    # the packed scores.csv: the packed methods' rows of the packed seeds only
+    study_scores = ("method,seed,level,target,score\nlinear,-,1,1,0.800000\ncnf,0,1,1,0.700000\n"
+                    "cnf,1,1,1,0.600000\ncnf-ens,-,1,1,0.750000\n")
+    scores_csv = tmp_path / "scores.csv"
+    scores_csv.write_text(study_scores)
+    rows = bundle.read_scores(scores_csv)
+    assert bundle.scores_text(rows, {"linear", "cnf", "cnf-ens"}, 2) == study_scores
+    assert bundle.scores_text(rows, {"linear", "cnf"}, 1) == "method,seed,level,target,score\nlinear,-,1,1,0.800000\ncnf,0,1,1,0.700000\n"
+    scores_csv.write_text(study_scores[:-12])
+    with pytest.raises(InputError, match="scores.csv is missing or damaged"):
+        bundle.read_scores(scores_csv)
 
 
 def test_ktc_pack_round_trips_a_tiny_study(ktc_tiny_study, tmp_path, capsys):
@@ -162,6 +173,8 @@ def test_ktc_pack_round_trips_a_tiny_study(ktc_tiny_study, tmp_path, capsys):
         assert scores["level_1"] == pytest.approx(sum(s for level, s in mine if level == "1"), abs=1e-5)
         assert scores["all_levels"] == pytest.approx(sum(s for _, s in mine), abs=1e-5)
         assert scores["levels"] == [1, 4]
+    # every public-target score of the packed (here: the only) seed comes along, byte for byte
+    assert (packed / bundle.SCORES).read_bytes() == (tiny_study / "scores.csv").read_bytes()
     # the packed folder, without the data set, makes the study's own submissions (CSD*: its data
     # model from methods.json; every method: the linearised settings from linear_settings.json)
     for method in ("cvae", "csd", "unet"):

@@ -56,9 +56,11 @@ def inclusion_dv(tank, value, centre=(0.05, 0.0), radius=0.025):
 def test_tank_is_fitted_to_the_shipped_reference(tank):
     assert 0.6 < tank.sigma_bg < 0.9 and tank.fit.residual < 0.12
     assert tank.noise_std.shape == (ktc.N_MEAS,) and np.all(tank.noise_std > 0)
-    # the organisers' model: 0.05 % of |U_ref| and 0.01 % of its maximum
+    # the organisers' model, 0.05 % of |U_ref| and 0.01 % of its maximum, times tank.noise_scale
     u = tank.ref.voltages
-    assert tank.noise_std[0] == pytest.approx(np.hypot(5e-4 * abs(u[0]), 1e-4 * np.abs(u).max()))
+    organisers = Tank(small_cfg("tank.noise_scale=1.0")).noise_std
+    assert organisers[0] == pytest.approx(np.hypot(5e-4 * abs(u[0]), 1e-4 * np.abs(u).max()))
+    np.testing.assert_allclose(tank.noise_std, small_cfg()["tank"]["noise_scale"] * organisers, rtol=1e-12)
     assert "fitted to ref.mat" in tank.describe()
     for key, value in (("tank.sim_h0", 0.01), ("tank.noise_scale", -1), ("tank.data_std", -0.1)):
         with pytest.raises(InputError, match=key):

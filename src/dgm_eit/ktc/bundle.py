@@ -10,6 +10,7 @@ they read the study itself::
     run.json              the study's {"seed", "config"}
     methods.json          every method's settings chosen on validation (per packed seed; CSD*'s linear data model)
     linear_settings.json  the data set's linearised-step settings (read instead of data/ktc.h5)
+    scores.csv            the study's public-target scores (method, seed, level, target) of the packed seeds
     runs/<label>/seed<k>/ model.safetensors, config.json, data_info.json, done
 
 ``--seeds N`` packs the first N training seeds of a study trained with ``--seeds K`` (default 1;
@@ -41,6 +42,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PROVENANCE = "provenance.json"
 METHODS_FILE = "methods.json"
+SCORES = "scores.csv"
 RUN_FILES = ("model.safetensors", "config.json", "data_info.json", "done")
 REQUIRED = (PROVENANCE, STUDY_MANIFEST, METHODS_FILE, LINEAR_SETTINGS)
 SHIPPED_ADVICE = ("reinstall dgm-eit (pip install --force-reinstall dgm-eit), or pass --run DIR with a study "
@@ -129,26 +131,39 @@ def first_seeds(cfg: dict, chosen: dict, n: int = 1) -> tuple[dict, dict]:
     return cfg, kept
 
 
-def public_scores(scores_csv: Path, methods) -> dict:
-    """Per method (seed 0 of a trained one): its level-1 and all-levels challenge-score totals
-    over the public targets, and its level-1 score per target, from the study's ``scores.csv``."""
+def read_scores(scores_csv: Path) -> list[dict]:
+    """The rows of a study's ``scores.csv``: method, seed, level (int), target, score (float)."""
     try:
         with open(scores_csv, newline="") as f:
-            table = [(r["method"], r["seed"], int(r["level"]), r["target"], float(r["score"]))
-                     for r in csv.DictReader(f)]
+            rows = [{"method": r["method"], "seed": r["seed"], "level": int(r["level"]), "target": r["target"],
+                     "score": float(r["score"])} for r in csv.DictReader(f)]
     except (OSError, KeyError, TypeError, ValueError) as err:
         raise InputError(f"{scores_csv} is missing or damaged ({err}); re-run the same dgm-eit run command "
                          "to write it again") from None
+    return rows
+
+
+def public_scores(rows: list[dict], methods) -> dict:
+    """Per method (seed 0 of a trained one): its level-1 and all-levels challenge-score totals
+    over the public targets, and its level-1 score per target, from the rows of :func:`read_scores`."""
     out = {}
     for m in methods:
-        mine = [(level, target, score) for method, seed, level, target, score in table
-                if method == m and seed in ("0", "-")]
+        mine = [(r["level"], r["target"], r["score"]) for r in rows if r["method"] == m and r["seed"] in ("0", "-")]
         if not mine:
-            raise InputError(f"{scores_csv} has no scores of method {m!r}; re-run the same dgm-eit run command")
+            raise InputError(f"the study's {SCORES} has no scores of method {m!r}; re-run the same dgm-eit run command")
         level1 = {target: score for level, target, score in mine if level == 1}
         out[m] = {"level_1": round(sum(level1.values()), 6), "all_levels": round(sum(s for *_, s in mine), 6),
                   "levels": sorted({level for level, _, _ in mine}), "level_1_targets": level1}
     return out
+
+
+def scores_text(rows: list[dict], methods, seeds: int) -> str:
+    """The rows of ``methods`` and of the first ``seeds`` training seeds, as a ``scores.csv``."""
+    kept = {"-", *(str(k) for k in range(seeds))}
+    lines = ["method,seed,level,target,score"]
+    lines += [f"{r['method']},{r['seed']},{r['level']},{r['target']},{r['score']:.6f}" for r in rows
+              if r["method"] in methods and r["seed"] in kept]
+    return "\n".join(lines) + "\n"
 
 
 def _utc(seconds: float) -> str:
@@ -208,6 +223,7 @@ def pack_study(study_dir, out, *, seeds: int = 1, overwrite: bool = False, commi
                              "dgm-eit run command to finish the study")
     resamples = int(shipped_cfg["run"]["bootstrap_resamples"])
     default, why = default_method({m.key: shipped[m.key] for m in methods}, resamples=resamples)
+    scores = read_scores(source / SCORES)
     timings, seed = source / "timings.json", int(read_json(source / STUDY_MANIFEST)["seed"])
     provenance = {
         "format_version": FORMAT_VERSION,
@@ -226,7 +242,7 @@ def pack_study(study_dir, out, *, seeds: int = 1, overwrite: bool = False, commi
         "study_seconds": read_json(timings).get("timings") if timings.is_file() else None,
         "default_method": default,
         "default_why": why,
-        "public_scores": public_scores(source / "scores.csv", [m.key for m in methods]),
+        "public_scores": public_scores(scores, [m.key for m in methods]),
     }
     tmp = temp_sibling(out, "partial")
     try:
@@ -234,6 +250,7 @@ def pack_study(study_dir, out, *, seeds: int = 1, overwrite: bool = False, commi
                                                     indent=2, sort_keys=True))
         write_text(tmp / METHODS_FILE, json.dumps(shipped, indent=2))
         write_text(tmp / LINEAR_SETTINGS, json.dumps(settings, indent=2, sort_keys=True))
+        write_text(tmp / SCORES, scores_text(scores, {m.key for m in methods}, seeds))
         for model, k in runs:
             src, dst = run_dir(source, model, k), run_dir(tmp, model, k)
             dst.mkdir(parents=True)
