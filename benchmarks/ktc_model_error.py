@@ -294,14 +294,13 @@ def run_noise(args) -> None:
     tank = sim.tank
     clean = np.stack([sim.measure(args.seed, "train", i)["v_clean"] for i in range(args.samples)])
     eps, rms_noise = tank.fit.residual, np.sqrt((tank.noise_std ** 2).mean())
+    misfit, rms_dv = np.sqrt(np.mean((tank.ref.voltages - tank.u_water) ** 2)), np.sqrt((clean ** 2).mean())
     per_sample = eps * np.sqrt((clean ** 2).mean(axis=1)) / rms_noise
-    print(f"ref.mat: relative residual eps {eps:.2%}, {np.sqrt(np.mean((tank.ref.voltages - tank.u_water) ** 2)) * 1e3:.1f} mV "
-          f"rms, {np.sqrt(np.mean((tank.ref.voltages - tank.u_water) ** 2)) / rms_noise:.0f} x the noise model's rms "
-          f"({rms_noise * 1e3:.3f} mV)")
-    print(f"{args.samples} training phantoms: difference voltages {np.sqrt((clean ** 2).mean()) * 1e3:.1f} mV rms; "
-          f"eps x that = {eps * np.sqrt((clean ** 2).mean()) / rms_noise:.1f} x the noise model's rms "
-          f"(per sample: median {np.median(per_sample):.1f}, 10-90% {np.percentile(per_sample, 10):.1f}-"
-          f"{np.percentile(per_sample, 90):.1f})")
+    print(f"ref.mat: relative residual eps {eps:.2%}, {misfit * 1e3:.1f} mV rms, {misfit / rms_noise:.0f} x the "
+          f"noise model's rms ({rms_noise * 1e3:.3f} mV)")
+    print(f"{args.samples} training phantoms: difference voltages {rms_dv * 1e3:.1f} mV rms; eps x that = "
+          f"{eps * rms_dv / rms_noise:.1f} x the noise model's rms (per sample: median {np.median(per_sample):.1f}, "
+          f"10-90% {np.percentile(per_sample, 10):.1f}-{np.percentile(per_sample, 90):.1f})")
 
 
 # --- targets ----------------------------------------------------------------------------
@@ -376,7 +375,9 @@ def main() -> None:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):
-        {"reference": run_reference, "mesh": run_mesh, "targets": run_targets, "noise": run_noise, "study": run_study}[args.part](args)
+        parts = {"reference": run_reference, "mesh": run_mesh, "targets": run_targets, "noise": run_noise,
+                 "study": run_study}
+        parts[args.part](args)
 
 
 if __name__ == "__main__":

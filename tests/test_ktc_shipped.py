@@ -146,7 +146,7 @@ def test_first_seeds_drop_the_other_seeds_and_keep_the_ensembles_only_with_every
     scores_csv.write_text(study_scores)
     rows = bundle.read_scores(scores_csv)
     assert bundle.scores_text(rows, {"linear", "cnf", "cnf-ens"}, 2) == study_scores
-    assert bundle.scores_text(rows, {"linear", "cnf"}, 1) == "method,seed,level,target,score\nlinear,-,1,1,0.800000\ncnf,0,1,1,0.700000\n"
+    assert bundle.scores_text(rows, {"linear", "cnf"}, 1) == study_scores[:study_scores.index("cnf,1")]
     scores_csv.write_text(study_scores[:-12])
     with pytest.raises(InputError, match="scores.csv is missing or damaged"):
         bundle.read_scores(scores_csv)
