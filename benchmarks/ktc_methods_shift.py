@@ -28,7 +28,6 @@ method both studies have, the paired difference this study minus the other.
 """
 
 import argparse
-import csv
 import os
 import time
 from collections import defaultdict
@@ -38,6 +37,7 @@ import h5py
 import numpy as np
 
 from dgm_eit.datasets import ktc2023 as ktc
+from dgm_eit.ktc.bundle import SCORES, read_scores
 from dgm_eit.ktc.physics import recorded_linear_model
 from dgm_eit.ktc.segment import segment_images
 from dgm_eit.ktc.study import Methods, load_study, validation_pairs
@@ -65,6 +65,11 @@ def validation_rows(methods: Methods, data: Path, first: int, n: int) -> dict:
     return {"dv": v, "masks": keep, "truths": truths}
 
 
+def cache_file(cache: Path, key: str, k: int) -> Path:
+    """Where one method's per-image scores of training seed ``k`` are cached."""
+    return cache / f"{key}_s{k}.npy"
+
+
 def method_scores(methods: Methods, chosen: dict, val: dict, cache: Path) -> dict[str, np.ndarray]:
     """Per method of ``chosen``: (seeds, images) challenge scores with its own settings and thresholds."""
     out = {}
@@ -72,7 +77,7 @@ def method_scores(methods: Methods, chosen: dict, val: dict, cache: Path) -> dic
         method = get_method(key)
         rows = []
         for k, choice in enumerate(record["seeds"] if method.seeded else [record]):
-            path = cache / f"{key}_s{k}.npy"
+            path = cache_file(cache, key, k)
             if not path.is_file():
                 started = time.perf_counter()
                 images = methods.reconstruct(method, val["dv"], val["masks"], choice, k)["recon"]
@@ -90,17 +95,16 @@ def method_scores(methods: Methods, chosen: dict, val: dict, cache: Path) -> dic
 def public_totals(run: Path) -> dict[str, float]:
     """Per method: the public targets' total (over levels and targets), the mean over its seeds."""
     totals = defaultdict(lambda: defaultdict(float))
-    with open(run / "scores.csv") as f:
-        for row in csv.DictReader(f):
-            totals[row["method"]][row["seed"]] += float(row["score"])
+    for row in read_scores(run / SCORES):
+        totals[row["method"]][row["seed"]] += row["score"]
     return {m: float(np.mean(list(by_seed.values()))) for m, by_seed in totals.items()}
 
 
 def cached_scores(cache: Path, key: str) -> np.ndarray | None:
     """(seeds, images) scores of one method cached by another run of this script, or None."""
     rows = []
-    while (cache / f"{key}_s{len(rows)}.npy").is_file():
-        rows.append(np.load(cache / f"{key}_s{len(rows)}.npy"))
+    while cache_file(cache, key, len(rows)).is_file():
+        rows.append(np.load(cache_file(cache, key, len(rows))))
     return np.stack(rows) if rows else None
 
 

@@ -35,6 +35,7 @@ from dgm_eit import __version__
 from dgm_eit.errors import InputError
 from dgm_eit.files import read_json, temp_sibling, write_text
 from dgm_eit.ktc.physics import TankPhysics, recorded_linear_model
+from dgm_eit.ktc.report import SCORE_COLUMNS
 from dgm_eit.ktc.study import (LINEAR_SETTINGS, MANIFEST as STUDY_MANIFEST, as_method, check_methods, default_method,
                                linear_settings, load_study, run_dir, seed_record, seeded)
 
@@ -160,7 +161,7 @@ def public_scores(rows: list[dict], methods) -> dict:
 def scores_text(rows: list[dict], methods, seeds: int) -> str:
     """The rows of ``methods`` and of the first ``seeds`` training seeds, as a ``scores.csv``."""
     kept = {"-", *(str(k) for k in range(seeds))}
-    lines = ["method,seed,level,target,score"]
+    lines = [",".join(SCORE_COLUMNS)]
     lines += [f"{r['method']},{r['seed']},{r['level']},{r['target']},{r['score']:.6f}" for r in rows
               if r["method"] in methods and r["seed"] in kept]
     return "\n".join(lines) + "\n"

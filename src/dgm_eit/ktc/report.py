@@ -41,12 +41,16 @@ def _sampled(cfg: dict, results: dict) -> str:
             "samples, and their std maps are in the figure.")
 
 
+# the columns of a study's scores.csv (also read and repacked by dgm_eit.ktc.bundle)
+SCORE_COLUMNS = ("method", "seed", "level", "target", "score")
+
+
 def _scores_csv(results: dict) -> str:
     """One row per method, seed, level and target (``seed`` is ``-`` for the methods without one);
     scores only: the same study gives the same bytes (times are in ``timings.json``)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["method", "seed", "level", "target", "score"])
+    writer.writerow(SCORE_COLUMNS)
     for method, runs in results["seeds"].items():
         for k, per_level in enumerate(runs):
             seed = k if get_method(method).seeded else "-"
