@@ -21,7 +21,8 @@ how many of the pairs of methods the set separates the targets order the same wa
 (:func:`dgm_eit.stats.paired_interval`, :func:`dgm_eit.stats.order_agreement`: the measures of the
 study's report). Scores are cached per data set, method and seed in ``--out`` (a run resumes).
 ``--compare-with OTHER`` (another study's ``--out`` on the same data sets and images) adds, per
-method both studies have, the paired difference this study minus the other.
+method both studies have, the paired difference this study minus the other, and per seed;
+``--methods`` scores some of the study's methods only.
 
     python benchmarks/ktc_methods_shift.py --run runs/ktc --data plain.h5,drift.h5 --out shift
     python benchmarks/ktc_methods_shift.py --run runs/ktc2 --data plain.h5,drift.h5 --out shift2 --compare-with shift
@@ -117,12 +118,18 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200, help="validation samples scored")
     ap.add_argument("--compare-with", type=Path, help="another study's --out of this script on the same data")
     ap.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the intervals")
+    ap.add_argument("--methods", help="comma-separated methods of the study to score (default: all of them)")
     args = ap.parse_args()
     cfg, chosen = load_study(args.run)
+    if args.methods:
+        unknown = set(args.methods.split(",")) - set(chosen)
+        if unknown:
+            raise SystemExit(f"--methods: the study did not run {', '.join(sorted(unknown))}; it ran {', '.join(chosen)}")
+        chosen = {key: chosen[key] for key in args.methods.split(",")}
     with h5py.File(args.run / "data" / "ktc.h5") as f:
         seed = int(f.attrs["seed"])
     methods = Methods(cfg, args.run, seed=seed, linear_model=recorded_linear_model(chosen))
-    public = public_totals(args.run)
+    public = {key: total for key, total in public_totals(args.run).items() if key in chosen}
     for data in (Path(p) for p in args.data.split(",")):
         print(f"{data}: validation samples {args.first}-{args.first + args.images - 1}", flush=True)
         cache = args.out / f"{data.parent.name}_{data.stem}_{args.first}_{args.images}"
@@ -144,7 +151,9 @@ def main() -> None:
             other = cached_scores(args.compare_with / cache.name, key)
             if other is not None:
                 iv = paired_interval(s, other, resamples=args.resamples)
-                print(f"  {key:9s} minus {args.compare_with}: {iv.change:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]")
+                seeds = " / ".join(f"{a.mean() - b.mean():+.3f}" for a, b in zip(s, other)) if len(s) > 1 else ""
+                print(f"  {key:9s} minus {args.compare_with}: {iv.change:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
+                      + (f"; per seed {seeds}" if seeds else ""))
 
 
 if __name__ == "__main__":

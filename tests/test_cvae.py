@@ -80,9 +80,9 @@ def test_gn_conditioned_regressor_reads_the_gn_image_not_the_voltages():
     b = model.reconstruct({"v": torch.randn(3, 208), "gn": gn})["recon"]
     c = model.reconstruct({"v": torch.randn(3, 208), "gn": gn.flip(-1)})["recon"]
     assert a.shape == (3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(InputError, match="needs the Gauss-Newton image 'gn'"):
+    with pytest.raises(InputError, match="cvae is conditioned on the classical image: the batch needs 'gn'"):
         model.reconstruct({"v": torch.randn(3, 208)})
-    with pytest.raises(InputError, match="the model expects 16x16"):
+    with pytest.raises(InputError, match=r"batch\['gn'\] has shape \(3, 8, 8\), the model expects \(B,16,16\)"):
         model.reconstruct({"gn": torch.rand(3, 8, 8)})
 
 

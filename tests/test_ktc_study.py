@@ -470,6 +470,19 @@ def test_ktc_entry_point_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_model_told_to_read_extra_images_is_refused_before_any_work_where_it_cannot(tmp_path, capsys):
+    from test_cli import fails
+
+    extra = '["gn","extra"]'
+    fails(capsys, ["run", "--profile", "ktc", "--out", tmp_path / "o", "--seed", "0", "--set", f"cvae.inputs={extra}",
+                   "--set", "linear.extra_images=[]"], "cvae.inputs has 'extra', but linear.extra_images is empty")
+    fails(capsys, ["run", "--profile", "ktc", "--out", tmp_path / "o", "--seed", "0", "--set", f"cvae.inputs={extra}",
+                   "--set", "cvae.condition=v"], "cvae.inputs has 'extra', which only the image regressor reads")
+    fails(capsys, ["run", "--profile", "ktc", "--out", tmp_path / "o", "--seed", "0", "--set", 'cnf.inputs=["extra"]'],
+          "cnf.inputs must be ['gn'] or ['gn', 'extra']")
+    assert not (tmp_path / "o").exists()
+
+
 def test_ktc_study_with_two_seeds_pools_an_ensemble_and_defaults_by_the_stated_rule(tmp_path, capsys):
     from dgm_eit.ktc.study import default_method, load_study
 

@@ -112,6 +112,45 @@ def test_every_model_trains_saves_and_loads_the_same_weights(trained, model):
     assert set(best.state_dict()) == set(first.state_dict())
 
 
+@pytest.mark.parametrize("model", MODEL_NAMES)
+def test_a_model_that_takes_inputs_reads_the_extra_classical_images_where_told(model):
+    """``<model>.inputs = ["gn", "extra"]``: the data set's classical images at other settings are
+    input channels that change the reconstruction; with ``["gn"]`` they are never read."""
+    from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
+
+    cls, cfg = MODELS[model], load_config("ktc")[model]
+    assert ("inputs" in cfg) == (cls.reads_extra.__func__ is not GenerativeModel.reads_extra.__func__)
+    if "inputs" not in cfg:
+        return
+    info = DataInfo(16, 4, [0.0] * 4, [1.0] * 4, sigma_mean=0.8, sigma_std=0.5, sigma_min=0.0, sigma_max=2.0,
+                    extra_images=2)
+    gen = torch.Generator().manual_seed(0)
+    inside = disk_mask(16).float()
+    batch = {"gn": (1 + 0.3 * torch.rand(3, 16, 16, generator=gen)) * inside, "v": torch.randn(3, 4, generator=gen),
+             "gn_extra": torch.rand(3, 2, 16, 16, generator=gen) * inside}
+    other = {**batch, "gn_extra": batch["gn_extra"].flip(-1)}
+
+    def recon(m, b):
+        return m.reconstruct(b, n_samples=2, generator=torch.Generator().manual_seed(1))["recon"]
+
+    for inputs in (["gn"], ["gn", "extra"]):
+        torch.manual_seed(0)
+        m = cls({**cfg, "inputs": inputs}, info)
+        with torch.no_grad():   # off the identity some models start from, so that every input matters
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        extra = inputs == ["gn", "extra"]
+        assert m.needs_extra == extra and ("gn_extra" in cls.data_keys_for(m.cfg)) == extra
+        assert torch.equal(recon(m, batch), recon(m, other)) != extra
+        if extra:
+            with pytest.raises(InputError, match=f"{model} is conditioned on the classical image: the batch needs 'gn_extra'"):
+                recon(m, {k: v for k, v in batch.items() if k != "gn_extra"})
+    with pytest.raises(InputError, match=f"{model}.inputs has 'extra', but the data set has no extra classical images"):
+        cls({**cfg, "inputs": ["gn", "extra"]}, DataInfo(16, 4, [0.0] * 4, [1.0] * 4, 0.8, 0.5))
+    with pytest.raises(InputError, match=rf"{model}.inputs must be \['gn'\] or \['gn', 'extra'\], got \['extra'\]"):
+        cls({**cfg, "inputs": ["extra"]}, info)
+
+
 def _reconstruct_as_the_runner(method, trained, out, seed_index=0):
     """The file ``dgm-eit run`` makes for ``method``: the model's own reconstruction, or for a seed
     ensemble the pool of two seeds' reconstructions."""

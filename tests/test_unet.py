@@ -52,7 +52,7 @@ def test_the_class_output_learns_the_three_classes_and_returns_their_expected_co
     expected = (truth < 0.5) * 1 + (truth > 1.5) * 2
     assert (classes == expected)[:, inside].float().mean() > 0.95
     # the image is 1 - p(resistive) + p(conductive)
-    p = torch.softmax(model.net(model._images(batch, "gn")), dim=1)
+    p = torch.softmax(model.net(model._inputs(batch)), dim=1)
     torch.testing.assert_close(recon, (1 - p[:, 1] + p[:, 2]) * inside)
 
 

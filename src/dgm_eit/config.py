@@ -55,7 +55,7 @@ ADDED_KEYS = {"mesh.radius": 1.0, "mesh.first_electrode_angle": 0.0, "run.calibr
               "unet.output": "regression",
               "run.best_of": 1, "run.best_of_methods": [], "tank.data_std": 0.0,
               "tank.electrode_shift": 0.0, "tank.contact_max": 0.0, "tank.drift_std": 0.0,
-              "linear.extra_images": [], "unet.inputs": ["gn"]}
+              "linear.extra_images": [], "unet.inputs": ["gn"], "cvae.inputs": ["gn"], "cnf.inputs": ["gn"]}
 
 
 def with_added_keys(cfg: dict) -> dict:

@@ -34,6 +34,7 @@ from dgm_eit.files import read_json, write_text
 from dgm_eit.ktc.physics import TankPhysics
 from dgm_eit.ktc.report import write_report
 from dgm_eit.methods import Method, get_method, method_problem, select_methods, trainers
+from dgm_eit.models import MODELS
 from dgm_eit.stages import MANIFEST, StageJob, StudyPlan, dataset_done, simulate_stage, train_stage
 
 # keys a re-run may change: which methods and levels are reported, and how the work is spread
@@ -65,7 +66,10 @@ def check_methods(cfg: dict) -> list[Method]:
         problem = method_problem(m, cfg, TankPhysics.classical_kinds, TankPhysics.data_term_samplers)
         if problem:
             raise InputError(f"run.methods: the KTC study cannot run {m.key!r}: {problem}")
-        m.configure(cfg)   # a method's own config key that the profile lacks is refused here
+        own = m.configure(cfg)   # a method's own config key that the profile lacks is refused here
+        if m.model and MODELS[m.model].reads_extra(own[m.model]) and not own["linear"]["extra_images"]:
+            raise InputError(f"{m.model}.inputs has 'extra', but linear.extra_images is empty: "
+                             "the data set would have no extra classical images")
     return methods
 
 

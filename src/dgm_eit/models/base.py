@@ -13,6 +13,18 @@ from torch import nn
 
 from dgm_eit.errors import InputError
 
+# what a model conditioned on the classical image may take as input channels (``<model>.inputs``):
+# the image ``gn`` alone, or with the data set's classical images at other settings (``gn_extra``)
+INPUTS = (["gn"], ["gn", "extra"])
+
+
+def check_inputs(cfg: dict, section: str) -> list[str]:
+    """``<section>.inputs`` of a model's config section: one of :data:`INPUTS`."""
+    inputs = cfg.get("inputs", ["gn"])   # a run trained before the key existed took gn alone
+    if inputs not in INPUTS:
+        raise InputError(f"{section}.inputs must be {' or '.join(map(str, INPUTS))}, got {inputs!r}")
+    return inputs
+
 
 def disk_mask(size: int) -> torch.Tensor:
     """(size, size) bool: pixels whose centre lies in the closed unit disk, on the [-1,1]^2
@@ -86,7 +98,12 @@ class GenerativeModel(nn.Module):
     @classmethod
     def data_keys_for(cls, cfg: dict) -> tuple[str, ...]:
         """The split arrays a model of this config reads (``cfg``: its config section)."""
-        return cls.data_keys
+        return cls.data_keys + ("gn_extra",) * cls.reads_extra(cfg)
+
+    @classmethod
+    def reads_extra(cls, cfg: dict) -> bool:
+        """Whether a model of this config section takes ``gn_extra`` (override where it can)."""
+        return False
 
     def __init__(self, cfg: dict, info: DataInfo):
         super().__init__()
@@ -94,6 +111,29 @@ class GenerativeModel(nn.Module):
         self.info = info
         self.register_buffer("v_mean", torch.tensor(info.v_mean, dtype=torch.float32))
         self.register_buffer("v_std", torch.tensor(info.v_std, dtype=torch.float32))
+
+    def input_channels(self, cfg: dict, info: DataInfo) -> int:
+        """Sets :attr:`needs_extra` from ``cfg`` (the model's section) and returns how many
+        classical images :meth:`classical_images` stacks: 1, or 1 + the data set's extra ones."""
+        self.needs_extra = self.reads_extra(cfg)
+        if self.needs_extra and not info.extra_images:
+            raise InputError(f"{self.name}.inputs has 'extra', but the data set has no extra classical "
+                             "images (linear.extra_images is empty)")
+        return 1 + info.extra_images * self.needs_extra
+
+    def classical_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,C,H,W) in raw units: ``batch["gn"]``, then ``batch["gn_extra"]`` where the model reads it."""
+        size = self.info.image_size
+        parts = [("gn", (size, size))] + [("gn_extra", (self.info.extra_images, size, size))] * self.needs_extra
+        images = []
+        for key, shape in parts:
+            if key not in batch:
+                raise InputError(f"{self.name} is conditioned on the classical image: the batch needs {key!r}")
+            if tuple(batch[key].shape[1:]) != shape:
+                raise InputError(f"batch[{key!r}] has shape {tuple(batch[key].shape)}, the model expects "
+                                 f"(B,{','.join(map(str, shape))})")
+            images.append(batch[key].reshape(len(batch[key]), -1, size, size))
+        return torch.cat(images, dim=1)
 
     def normalise_v(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape[-1] != self.info.n_meas:

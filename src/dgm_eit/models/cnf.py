@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from dgm_eit.errors import InputError
 from dgm_eit.methods import Method, register_method
-from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
+from dgm_eit.models.base import DataInfo, GenerativeModel, check_inputs, disk_mask
 from dgm_eit.models.flow_layers import FlowStep, InvertibleDownsampling
 
 # the mean of posterior samples, with their std map; conditioned on the GN image alone, as the paper's
@@ -48,7 +48,8 @@ class _ResBlock(nn.Module):
 
 
 class ConditioningNetwork(nn.Module):
-    """ResNet on the normalised GN image (plus the disk mask as a second channel).
+    """ResNet on the normalised classical images (``in_channels``: the GN image, and where the model
+    reads them, the data set's images at other settings), with the disk mask as one more channel.
 
     Returns one feature map per flow level (``channels[l]`` maps at ``size / 2**(l+1)``,
     the resolution of level ``l``) and a ``vector_dim`` vector for the dense couplings.
@@ -57,9 +58,9 @@ class ConditioningNetwork(nn.Module):
     """
 
     def __init__(self, channels: list[int], vector_dim: int, res_blocks: int = 1,
-                 n_meas: int | None = None, v_hidden: int = 256, pool: int = 4):
+                 n_meas: int | None = None, v_hidden: int = 256, pool: int = 4, in_channels: int = 1):
         super().__init__()
-        self.stem = nn.Conv2d(2, channels[0], 3, padding=1)
+        self.stem = nn.Conv2d(in_channels + 1, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.blocks = nn.ModuleList()
         prev = channels[0]
@@ -136,7 +137,7 @@ class CNF(GenerativeModel):
 
         self.cond_net = ConditioningNetwork(
             cond_channels, int(cfg["cond_vector"]), res_blocks=int(cfg["cond_res_blocks"]),
-            n_meas=info.n_meas if cfg["condition_on_v"] else None)
+            n_meas=info.n_meas if cfg["condition_on_v"] else None, in_channels=self.input_channels(cfg, info))
 
         self.downsample = nn.ModuleList()
         self.level_steps = nn.ModuleList()
@@ -178,14 +179,16 @@ class CNF(GenerativeModel):
     def _normalise(self, image: torch.Tensor) -> torch.Tensor:
         return (image - self.sigma_mean) / self.sigma_std
 
+    @classmethod
+    def reads_extra(cls, cfg: dict) -> bool:
+        return "extra" in check_inputs(cfg, "cnf")
+
     def condition(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Feature maps per level and the conditioning vector for a batch (needs ``gn``)."""
-        if "gn" not in batch:
-            raise InputError("the CNF is conditioned on the Gauss-Newton image: batch['gn'] is missing")
-        gn = self._image(batch["gn"], "gn")
-        mask = self.inside.expand_as(gn)
-        # outside the disk the GN image is 0; keep it 0 after normalising, the mask channel says where
-        image = torch.stack([self._normalise(gn) * mask, mask], dim=1)
+        images = self.classical_images(batch).to(self.inside.dtype)
+        mask = self.inside.expand(len(images), 1, self.size, self.size)
+        # outside the disk the classical images are 0; keep them 0 after normalising, the mask channel says where
+        image = torch.cat([self._normalise(images) * mask, mask], dim=1)
         v = None
         if self.cond_net.v_embed is not None:
             if "v" not in batch:

@@ -3,7 +3,8 @@
 Stage ``vae``: a convolutional VAE learns a low-dimensional manifold of conductivity
 images. Stage ``regressor``: with the VAE frozen, an MLP maps normalised voltages to
 the VAE's latent code (``condition = "v"``, the paper), or a conv encoder maps the GN
-image to it (``condition = "gn"``, which carries over from 4 to 2 anomalies in Test 3).
+image to it (``condition = "gn"``, which carries over from 4 to 2 anomalies in Test 3; with
+``inputs = ["gn", "extra"]``, also the data set's classical images at other settings).
 Reconstruction is ``decoder(regressor(input))``: one deterministic pass.
 
 The paper architecture (128 x 128, channels 16-32-64-128, 16-d latent) has about
@@ -20,7 +21,7 @@ from torch import nn
 
 from dgm_eit.errors import InputError
 from dgm_eit.methods import Method, register_method
-from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
+from dgm_eit.models.base import DataInfo, GenerativeModel, check_inputs, disk_mask
 
 # deterministic: one sample per image, no std map. Its regressor reads what [cvae] condition
 # says: the paper's algorithm only where that is the voltages (the paper profile)
@@ -36,10 +37,18 @@ TARGETS = ("mean", "sample")
 CONDITIONS = ("v", "gn")
 
 
-def conv_encoder(channels: list[int], kernel_size: int) -> list[nn.Module]:
-    """[conv k s2 -> LeakyReLU -> BatchNorm] per entry of ``channels``, from one input channel."""
+def check_condition(cfg: dict) -> str:
+    """``cvae.condition``; runs saved before the key existed used the voltage MLP."""
+    condition = cfg.get("condition", "v")
+    if condition not in CONDITIONS:
+        raise InputError(f"cvae.condition must be one of {', '.join(CONDITIONS)}, got {condition!r}")
+    return condition
+
+
+def conv_encoder(channels: list[int], kernel_size: int, in_channels: int = 1) -> list[nn.Module]:
+    """[conv k s2 -> LeakyReLU -> BatchNorm] per entry of ``channels``."""
     layers: list[nn.Module] = []
-    c_in = 1
+    c_in = in_channels
     for c in channels:
         layers += [nn.Conv2d(c_in, c, kernel_size, stride=2, padding=kernel_size // 2), nn.LeakyReLU(),
                    nn.BatchNorm2d(c)]
@@ -109,18 +118,19 @@ class LatentRegressor(nn.Module):
 
 
 class ImageRegressor(nn.Module):
-    """Conv encoder GN image -> latent, the VAE encoder's layout: [conv k s2 -> LeakyReLU ->
-    BatchNorm] x L, then Linear and ``bound * tanh``."""
+    """Conv encoder classical images (B,C,H,W) -> latent, the VAE encoder's layout: [conv k s2
+    -> LeakyReLU -> BatchNorm] x L, then Linear and ``bound * tanh``."""
 
-    def __init__(self, image_size: int, channels: list[int], latent_dim: int, kernel_size: int, bound: float):
+    def __init__(self, image_size: int, channels: list[int], latent_dim: int, kernel_size: int, bound: float,
+                 in_channels: int = 1):
         super().__init__()
         side = image_size // 2 ** len(channels)
-        self.net = nn.Sequential(*conv_encoder(channels, kernel_size), nn.Flatten(),
+        self.net = nn.Sequential(*conv_encoder(channels, kernel_size, in_channels), nn.Flatten(),
                                  nn.Linear(channels[-1] * side * side, latent_dim))
         self.bound = float(bound)
 
-    def forward(self, gn_normalised: torch.Tensor) -> torch.Tensor:
-        return self.bound * torch.tanh(self.net(gn_normalised[:, None]))
+    def forward(self, images_normalised: torch.Tensor) -> torch.Tensor:
+        return self.bound * torch.tanh(self.net(images_normalised))
 
 
 class CVAE(GenerativeModel):
@@ -141,15 +151,14 @@ class CVAE(GenerativeModel):
         if self.input_noise < 0:
             raise InputError(f"cvae.input_noise must be >= 0, got {self.input_noise}")
         self.vae = VAE(info.image_size, list(cfg["channels"]), int(cfg["latent_dim"]), int(cfg["kernel_size"]))
-        self.condition = cfg.get("condition", "v")
-        if self.condition not in CONDITIONS:
-            raise InputError(f"cvae.condition must be one of {', '.join(CONDITIONS)}, got {self.condition!r}")
+        self.condition = check_condition(cfg)
+        in_channels = self.input_channels(cfg, info)
         if self.condition == "v":
             self.regressor = LatentRegressor(info.n_meas, list(cfg["mlp_hidden"]), int(cfg["latent_dim"]),
                                              float(cfg["mlp_dropout"]), float(cfg["latent_bound"]))
         else:
             self.regressor = ImageRegressor(info.image_size, list(cfg["channels"]), int(cfg["latent_dim"]),
-                                            int(cfg["kernel_size"]), float(cfg["latent_bound"]))
+                                            int(cfg["kernel_size"]), float(cfg["latent_bound"]), in_channels)
         self.register_buffer("img_mean", torch.tensor(info.sigma_mean, dtype=torch.float32))
         self.register_buffer("img_std", torch.tensor(info.sigma_std, dtype=torch.float32))
         # derived from the image size, so not saved with the weights
@@ -159,14 +168,18 @@ class CVAE(GenerativeModel):
     def needs_gn(self) -> bool:
         return self.condition == "gn"
 
+    @classmethod
+    def reads_extra(cls, cfg: dict) -> bool:
+        extra = "extra" in check_inputs(cfg, "cvae")
+        if extra and check_condition(cfg) != "gn":
+            raise InputError("cvae.inputs has 'extra', which only the image regressor reads (cvae.condition = 'gn')")
+        return extra
+
     # -- helpers -------------------------------------------------------------------
     def _regressor_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.condition == "v":
             return self.normalise_v(batch["v"])
-        if "gn" not in batch:
-            raise InputError("cvae with condition = 'gn' needs the Gauss-Newton image 'gn' in the batch")
-        self._check_image(batch["gn"])
-        return (batch["gn"] - self.img_mean) / self.img_std
+        return (self.classical_images(batch) - self.img_mean) / self.img_std
 
     def _to_image(self, decoded: torch.Tensor) -> torch.Tensor:
         # the reference decoder ends in ReLU on physical conductivities (>= 0); the images are 0

@@ -28,7 +28,7 @@ from torch import nn
 
 from dgm_eit.errors import InputError
 from dgm_eit.methods import Method, register_method
-from dgm_eit.models.base import DataInfo, GenerativeModel, disk_mask
+from dgm_eit.models.base import DataInfo, GenerativeModel, check_inputs, disk_mask
 
 register_method(Method("unet", "U-Net", model="unet", cost=1))
 
@@ -37,20 +37,11 @@ OUTPUTS = ("regression", "classes")
 # conductive: the midpoints between water (1) and the clipped extremes of the tank's images (0, 2)
 CLASS_CUTS = (0.5, 1.5)
 CLASS_VALUES = (1.0, 0.0, 2.0)   # water, resistive, conductive
-INPUTS = (["gn"], ["gn", "extra"])
 
 
 def class_targets(sigma):
     """Relative-conductivity images (array or tensor) -> their classes: 0 water, 1 resistive, 2 conductive."""
     return (sigma < CLASS_CUTS[0]) * 1 + (sigma > CLASS_CUTS[1]) * 2
-
-
-def check_inputs(cfg: dict) -> list[str]:
-    """``unet.inputs``: ``["gn"]`` or ``["gn", "extra"]``."""
-    inputs = cfg.get("inputs", ["gn"])   # a run trained before unet.inputs existed took gn alone
-    if inputs not in INPUTS:
-        raise InputError(f"unet.inputs must be {' or '.join(map(str, INPUTS))}, got {inputs!r}")
-    return inputs
 
 
 def _conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -100,8 +91,8 @@ class UNetPostProcessing(GenerativeModel):
     data_keys: ClassVar[tuple[str, ...]] = ("sigma", "gn")
 
     @classmethod
-    def data_keys_for(cls, cfg: dict) -> tuple[str, ...]:
-        return cls.data_keys + ("gn_extra",) * ("extra" in check_inputs(cfg))
+    def reads_extra(cls, cfg: dict) -> bool:
+        return "extra" in check_inputs(cfg, "unet")
 
     def __init__(self, cfg: dict, info: DataInfo):
         super().__init__(cfg, info)
@@ -115,53 +106,40 @@ class UNetPostProcessing(GenerativeModel):
         self.output = cfg.get("output", "regression")
         if self.output not in OUTPUTS:
             raise InputError(f"unet.output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
-        self.needs_extra = "extra" in check_inputs(cfg)
-        if self.needs_extra and not info.extra_images:
-            raise InputError("unet.inputs has 'extra', but the data set has no extra classical images "
-                             "(linear.extra_images is empty)")
-        in_channels = 1 + info.extra_images * self.needs_extra
-        self.net = UNetBackbone(channels, 1 if self.output == "regression" else len(CLASS_VALUES), in_channels)
+        self.net = UNetBackbone(channels, 1 if self.output == "regression" else len(CLASS_VALUES),
+                                self.input_channels(cfg, info))
         self.register_buffer("sigma_mean", torch.tensor(float(info.sigma_mean)))
         self.register_buffer("sigma_std", torch.tensor(float(info.sigma_std)))
         # derived from the image size, so not saved with the weights
         self.register_buffer("inside", disk_mask(info.image_size).float(), persistent=False)
 
-    def _images(self, batch: dict[str, torch.Tensor], key: str, channels: int = 0) -> torch.Tensor:
-        """``batch[key]`` normalised, (B,1,H,W) or, with ``channels``, (B,channels,H,W)."""
-        if key not in batch:
-            raise InputError(f"the U-Net post-processes the Gauss-Newton image: the batch needs {key!r}")
+    def _truth(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``batch["sigma"]`` (B,H,W), shape checked."""
         size = self.info.image_size
-        images = batch[key]
-        shape = (channels, size, size) if channels else (size, size)
-        if tuple(images.shape[1:]) != shape:
-            raise InputError(f"batch[{key!r}] has shape {tuple(images.shape)}, the model expects "
-                             f"(B,{','.join(map(str, shape))})")
-        images = (images - self.sigma_mean) / self.sigma_std
-        return images if channels else images[:, None]
+        if "sigma" not in batch:
+            raise InputError("the U-Net trains on the true image: the batch needs 'sigma'")
+        if tuple(batch["sigma"].shape[1:]) != (size, size):
+            raise InputError(f"batch['sigma'] has shape {tuple(batch['sigma'].shape)}, the model expects (B,{size},{size})")
+        return batch["sigma"]
 
     def _inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The network's input channels (B,C,H,W): ``gn``, then ``gn_extra`` where ``inputs`` has it."""
-        x = [self._images(batch, "gn")]
-        if self.needs_extra:
-            x.append(self._images(batch, "gn_extra", self.info.extra_images))
-        return torch.cat(x, dim=1)
+        """The network's input channels (B,C,H,W), normalised: ``gn``, then ``gn_extra`` where ``inputs`` has it."""
+        return (self.classical_images(batch) - self.sigma_mean) / self.sigma_std
 
     def _predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised images (B,1,H,W), 0 outside the disk."""
-        return (self._images(batch, "gn") + self.net(self._inputs(batch))) * self.inside
-
+        x = self._inputs(batch)
+        return (x[:, :1] + self.net(x)) * self.inside
 
     def loss(self, batch: dict[str, torch.Tensor], stage: str = "regression") -> torch.Tensor:
         if stage != "regression":
             raise InputError(f"the U-Net has one training stage 'regression', got {stage!r}")
         if self.output == "classes":
             logits = self.net(self._inputs(batch))
-            self._images(batch, "sigma")   # checks its shape
-            sigma = batch["sigma"]         # relative conductivity: the background is 1
-            target = class_targets(sigma).long()
+            target = class_targets(self._truth(batch)).long()   # relative conductivity: water is 1
             per_pixel = F.cross_entropy(logits, target, reduction="none")
             return (per_pixel * self.inside).sum() / (self.inside.sum() * len(per_pixel))
-        target = self._images(batch, "sigma") * self.inside
+        target = (self._truth(batch)[:, None] - self.sigma_mean) / self.sigma_std * self.inside
         return F.mse_loss(self._predict(batch), target)
 
     @torch.no_grad()
