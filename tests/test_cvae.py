@@ -75,6 +75,9 @@ def test_gn_conditioned_regressor_reads_the_gn_image_not_the_voltages():
         CVAE(dict(cfg, condition="sigma"), _info(16))
     model = CVAE(dict(cfg, condition="gn"), _info(16))
     assert model.needs_gn and not CVAE(cfg, _info(16)).needs_gn
+    # inputs are the image regressor's: the voltage MLP reads no images, whatever they say
+    voltages = CVAE(dict(cfg, inputs=["gn", "extra"]), _info(16))
+    assert not voltages.needs_gn and not voltages.needs_extra and "gn_extra" not in CVAE.data_keys_for(voltages.cfg)
     gn = 1 + 0.3 * torch.rand(3, 16, 16)
     a = model.reconstruct({"v": torch.randn(3, 208), "gn": gn})["recon"]
     b = model.reconstruct({"v": torch.randn(3, 208), "gn": gn})["recon"]

@@ -15,6 +15,7 @@ from dgm_eit.ktc import nuisance
 from dgm_eit.ktc.physics import recorded_linear_model
 from dgm_eit.ktc.simulate import extra_image_factors
 from dgm_eit.methods import get_method
+from dgm_eit.models import MODELS
 from dgm_eit.stats import order_agreement, rank_agreement
 
 LEADERBOARD = ("all-background prediction 6.70 / 21; official linearised baseline + Otsu 10.31; "
@@ -235,8 +236,11 @@ def write_report(out: Path, cfg: dict, methods, chosen: dict, results: dict, man
     extra = extra_image_factors(cfg)
     if extra and lin.get("prior_std"):
         priors = ", ".join(f"({lin['prior_std'] * a:g}, {lin['corr_length'] * b:g} m)" for a, b in extra)
+        models = sorted({get_method(m).model for m in results["methods"]} - {None})
+        readers = [name for name in models if MODELS[name].reads_extra(cfg[name])]
         lines.append(f"- The same step at {len(extra)} other priors (std, correlation length: {priors}; "
-                     "`linear.extra_images`, set a priori): input channels of the U-Net where `unet.inputs` has them.")
+                     "`linear.extra_images`, set a priori): input channels of "
+                     + (", ".join(f"`{name}`" for name in readers) or "no model of the study") + " (`inputs`).")
     lines += ["", "| method | own settings | low / high threshold | val score | val resistive | val conductive |",
               "|---|---|---|---|---|---|"]
     for m in results["methods"]:

@@ -170,10 +170,8 @@ class CVAE(GenerativeModel):
 
     @classmethod
     def reads_extra(cls, cfg: dict) -> bool:
-        extra = "extra" in check_inputs(cfg, "cvae")
-        if extra and check_condition(cfg) != "gn":
-            raise InputError("cvae.inputs has 'extra', which only the image regressor reads (cvae.condition = 'gn')")
-        return extra
+        # inputs are the image regressor's, as mlp_hidden is the voltage MLP's: the other one ignores them
+        return "extra" in check_inputs(cfg, "cvae") and check_condition(cfg) == "gn"
 
     # -- helpers -------------------------------------------------------------------
     def _regressor_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
