@@ -122,10 +122,11 @@ def main() -> None:
     args = ap.parse_args()
     cfg, chosen = load_study(args.run)
     if args.methods:
-        unknown = set(args.methods.split(",")) - set(chosen)
+        keys = args.methods.split(",")
+        unknown = set(keys) - set(chosen)
         if unknown:
             raise SystemExit(f"--methods: the study did not run {', '.join(sorted(unknown))}; it ran {', '.join(chosen)}")
-        chosen = {key: chosen[key] for key in args.methods.split(",")}
+        chosen = {key: chosen[key] for key in keys}
     with h5py.File(args.run / "data" / "ktc.h5") as f:
         seed = int(f.attrs["seed"])
     methods = Methods(cfg, args.run, seed=seed, linear_model=recorded_linear_model(chosen))

@@ -146,7 +146,7 @@ class CVAE(GenerativeModel):
             raise InputError(f"cvae.target must be one of {', '.join(TARGETS)}, got {target!r}")
         self.target = target
         self.beta = float(cfg["beta"])
-        # runs saved before these two keys existed used the voltage MLP without input noise
+        # runs saved before cvae.input_noise existed trained without it
         self.input_noise = float(cfg.get("input_noise", 0.0))
         if self.input_noise < 0:
             raise InputError(f"cvae.input_noise must be >= 0, got {self.input_noise}")
